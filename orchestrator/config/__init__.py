@@ -1,0 +1,29 @@
+"""The files users write: loading, validation with file:line:col diagnostics, and JSON Schema."""
+
+from orchestrator.config.cluster import (
+    Cluster,
+    CommandTask,
+    DirectoryTask,
+    Host,
+    ModelSpec,
+    PlacementSpec,
+    Runtime,
+    Task,
+    TemplateTask,
+)
+from orchestrator.config.load import load_cluster
+from orchestrator.config.schema import json_schemas
+
+__all__ = [
+    "Cluster",
+    "CommandTask",
+    "DirectoryTask",
+    "Host",
+    "ModelSpec",
+    "PlacementSpec",
+    "Runtime",
+    "Task",
+    "TemplateTask",
+    "json_schemas",
+    "load_cluster",
+]

@@ -1,0 +1,102 @@
+"""The validated cluster as the rest of orch sees it: frozen, resolved, with no YAML left in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from orchestrator.errors import Diagnostic
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Host:
+    """One Mac after inventory precedence (host > group > vars > defaults) is applied."""
+
+    name: str
+    address: str
+    ring_ip: str
+    memory_gb: float
+    port: int = 22
+    user: str | None = None
+    identity_file: Path | None = None
+    chip: str | None = None
+    drained: bool = False
+    groups: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Apple's "192 GB" is 192 GiB: hw.memsize reports 206158430208."""
+        return int(self.memory_gb * GIB)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    repo: str | None
+    revision: str | None
+    path: Path | None
+    endpoint: str = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    nodes: Literal["auto"] | tuple[str, ...] = "auto"
+    reserve_gb: float | None = None
+    overhead: float | None = None
+    kv_cache_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    python: str = "python3"
+    packages: tuple[str, ...] = ("mlx==0.32.4", "mlx-lm==0.32.2")
+    api_port: int = 8080
+    ring_port: int = 47100
+    dir: str = ".orch"
+
+
+@dataclass(frozen=True)
+class CommandTask:
+    argv: tuple[str, ...]
+    creates: str | None = None
+    unless: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TemplateTask:
+    src: Path
+    dest: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class DirectoryTask:
+    path: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """A user's own playbook task, resolved: the template path is absolute."""
+
+    name: str
+    action: CommandTask | TemplateTask | DirectoryTask
+    hosts: tuple[str, ...] | None = None  # host or group names; None = every node
+    vars: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""  # "FILE:LINE" where the task was written, for messages
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    file: Path
+    inventory_file: Path | None
+    hosts: dict[str, Host]
+    model: ModelSpec
+    placement: PlacementSpec
+    runtime: Runtime
+    tasks: tuple[Task, ...] = ()
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    warnings: tuple[Diagnostic, ...] = ()

@@ -1,0 +1,318 @@
+"""Load a cluster file and everything it references, checking it all before any host is touched.
+
+Problems are collected across files and reported together: a user fixing a 10-host inventory
+should see every mistake in one run, each pointing at the line they wrote.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from orchestrator.config import models
+from orchestrator.config.cluster import (
+    Cluster,
+    CommandTask,
+    DirectoryTask,
+    Host,
+    ModelSpec,
+    PlacementSpec,
+    Runtime,
+    Task,
+    TemplateTask,
+)
+from orchestrator.config.diagnose import validate
+from orchestrator.config.yamlsrc import DataPath, Document, SourceMap, load_document
+from orchestrator.errors import ConfigError, Diagnostic
+
+T = TypeVar("T")
+PINNED_REVISION = re.compile(r"^[0-9a-f]{40}$")
+
+
+def load_cluster(path: Path) -> Cluster:
+    """Read and check the cluster file, its inventory and playbooks; raise every problem."""
+    path = Path(path).absolute()
+    errors: list[Diagnostic] = []
+    doc = load_document(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([doc.source.diag((), "expected a mapping of cluster settings")])
+    base = path.parent
+    spec = _collect(errors, lambda: validate(models.ClusterFile, doc))
+    if spec is None:
+        # Keep going through the files the cluster file names, so one run shows every mistake.
+        _check_referenced_files(doc, base, errors)
+        raise ConfigError(errors)
+
+    warnings: list[Diagnostic] = []
+    hosts: dict[str, Host] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    inventory_file: Path | None = None
+    if spec.inventory is not None:
+        candidate = (base / spec.inventory).absolute()
+        if candidate.is_file():
+            inventory_file = candidate
+            loaded = _collect(errors, lambda: _load_inventory(candidate))
+            if loaded is not None:
+                hosts, groups = loaded
+        else:
+            errors.append(doc.source.diag(
+                ("inventory",), f"inventory file {spec.inventory!r} does not exist "
+                f"(looked for {candidate}); expected a path relative to this file", at_key=False))
+    else:
+        inline = models.InventoryFile(hosts=spec.hosts or {})
+        hosts, groups = _resolve_hosts(inline, doc.source, ("hosts",), base, errors)
+
+    model = _model(spec.model, doc.source, base, errors, warnings)
+    placement = _placement(spec.placement, doc.source, hosts, errors)
+    tasks = _tasks(spec, doc, base, set(hosts) | set(groups), errors)
+    if errors:
+        raise ConfigError(errors + warnings)
+    return Cluster(
+        name=spec.name,
+        file=path,
+        inventory_file=inventory_file,
+        hosts=hosts,
+        model=model,
+        placement=placement,
+        runtime=Runtime(
+            python=spec.runtime.python,
+            packages=tuple(spec.runtime.packages),
+            api_port=spec.runtime.api_port,
+            ring_port=spec.runtime.ring_port,
+            dir=spec.runtime.dir,
+        ),
+        tasks=tasks,
+        groups=groups,
+        warnings=tuple(sorted(warnings)),
+    )
+
+
+def _check_referenced_files(doc: Document, base: Path, errors: list[Diagnostic]) -> None:
+    """Validate the inventory and playbooks named by a cluster file that itself has errors."""
+    data = doc.data
+    inventory = data.get("inventory")
+    if isinstance(inventory, str) and (base / inventory).is_file():
+        _collect(errors, lambda: _load_inventory((base / inventory).absolute()))
+    playbooks = data.get("playbooks")
+    for name in playbooks if isinstance(playbooks, list) else []:
+        if isinstance(name, str) and (base / name).is_file():
+            file = (base / name).absolute()
+            _collect(errors, lambda file=file: validate(  # type: ignore[misc]
+                models.PlaybookFile, load_document(file)))
+
+
+def _collect(errors: list[Diagnostic], fn: Callable[[], T]) -> T | None:
+    try:
+        return fn()
+    except ConfigError as exc:
+        errors.extend(exc.diagnostics)
+        return None
+
+
+def _load_inventory(path: Path) -> tuple[dict[str, Host], dict[str, tuple[str, ...]]]:
+    doc = load_document(path)
+    if not isinstance(doc.data, dict):
+        raise ConfigError([doc.source.diag((), "expected a mapping with a `hosts` key")])
+    inventory = validate(models.InventoryFile, doc)
+    errors: list[Diagnostic] = []
+    resolved = _resolve_hosts(inventory, doc.source, ("hosts",), path.parent, errors)
+    if errors:
+        raise ConfigError(errors)
+    return resolved
+
+
+def _resolve_hosts(
+    inventory: models.InventoryFile,
+    source: SourceMap,
+    hosts_path: DataPath,
+    base: Path,
+    errors: list[Diagnostic],
+) -> tuple[dict[str, Host], dict[str, tuple[str, ...]]]:
+    """Apply precedence (host > group, in file order > vars), then check uniqueness."""
+    membership: dict[str, list[str]] = {}
+    for group_name, group in inventory.groups.items():
+        if group_name in inventory.hosts:
+            errors.append(source.diag(("groups", group_name),
+                                      f"group {group_name!r} has the name of a host; "
+                                      "expected distinct names"))
+        for i, member in enumerate(group.hosts):
+            if member not in inventory.hosts:
+                errors.append(source.diag(("groups", group_name, "hosts", i),
+                                          f"group member {member!r} is not a host in this "
+                                          f"inventory; expected one of: {_names(inventory.hosts)}",
+                                          at_key=False))
+            membership.setdefault(member, []).append(group_name)
+
+    hosts: dict[str, Host] = {}
+    ring_ips: dict[str, str] = {}
+    endpoints: dict[tuple[str, int], str] = {}
+    for name, entry in inventory.hosts.items():
+        layers = [inventory.vars] + [inventory.groups[g].vars for g in membership.get(name, [])]
+        layers.append(entry)
+        merged: dict[str, object] = {}
+        for layer in layers:
+            merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+        path = (*hosts_path, name)
+        if "memory_gb" not in merged:
+            errors.append(source.diag(path, f"host {name!r} has no `memory_gb`; expected it on "
+                                      "the host, one of its groups or in `vars`"))
+            continue
+        identity = merged.get("identity_file")
+        identity_path = None
+        if isinstance(identity, str):
+            identity_path = (base / Path(identity).expanduser()).absolute()
+            if not identity_path.is_file():
+                errors.append(source.diag(_where_set(source, path, "identity_file"),
+                                          f"identity file {identity!r} does not exist "
+                                          f"(looked for {identity_path})", at_key=False))
+        ring_ip = entry.ring_ip
+        if ring_ip in ring_ips:
+            errors.append(source.diag((*path, "ring_ip"),
+                                      f"ring_ip {ring_ip} is already used by host "
+                                      f"{ring_ips[ring_ip]!r}; each rank needs its own IP",
+                                      at_key=False))
+        ring_ips.setdefault(ring_ip, name)
+        port = int(merged.get("port", 22))  # type: ignore[call-overload]
+        endpoint = (entry.address, port)
+        if endpoint in endpoints:
+            errors.append(source.diag((*path, "address"),
+                                      f"address {entry.address}:{port} is already host "
+                                      f"{endpoints[endpoint]!r}; expected one entry per Mac",
+                                      at_key=False))
+        endpoints.setdefault(endpoint, name)
+        if _looks_like_bad_ip(entry.address):
+            errors.append(source.diag((*path, "address"),
+                                      f"address {entry.address!r} is not a valid IP address; "
+                                      "expected an IP or a hostname", at_key=False))
+        hosts[name] = Host(
+            name=name,
+            address=entry.address,
+            ring_ip=ring_ip,
+            memory_gb=float(merged["memory_gb"]),  # type: ignore[arg-type]
+            port=port,
+            user=merged.get("user"),  # type: ignore[arg-type]
+            identity_file=identity_path,
+            chip=merged.get("chip"),  # type: ignore[arg-type]
+            drained=bool(merged.get("drained", False)),
+            groups=tuple(membership.get(name, [])),
+        )
+    groups = {g: tuple(group.hosts) for g, group in inventory.groups.items()}
+    return hosts, groups
+
+
+def _looks_like_bad_ip(address: str) -> bool:
+    """`10.0.0.300` is a typo for an IP, not a hostname, though DNS syntax would allow it."""
+    if not re.fullmatch(r"[0-9.]+", address):
+        return False
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return True
+    return False
+
+
+def _where_set(source: SourceMap, host_path: DataPath, key: str) -> DataPath:
+    """Point at the host's own key when it set one; else at the host (the value was inherited)."""
+    own = (*host_path, key)
+    return own if own in source.keys else host_path
+
+
+def _names(mapping: Mapping[str, object]) -> str:
+    return ", ".join(mapping) or "(none)"
+
+
+def _model(section: models.ModelSection, source: SourceMap, base: Path,
+           errors: list[Diagnostic], warnings: list[Diagnostic]) -> ModelSpec:
+    path = None
+    if section.path is not None:
+        path = (base / Path(section.path).expanduser()).absolute()
+        if not path.is_dir():
+            errors.append(source.diag(("model", "path"),
+                                      f"model directory {section.path!r} does not exist "
+                                      f"(looked for {path})", at_key=False))
+    if section.repo is not None and section.path is None:
+        if section.revision is None:
+            warnings.append(source.diag(
+                ("model", "repo"), "no `revision`: the Hub's main branch can change under a "
+                "running cluster; pin a 40-hex commit sha", severity="warning"))
+        elif not PINNED_REVISION.match(section.revision):
+            warnings.append(source.diag(
+                ("model", "revision"), f"revision {section.revision!r} is not a commit sha; "
+                "pin a 40-hex commit so every node serves the same weights",
+                at_key=False, severity="warning"))
+    return ModelSpec(repo=section.repo, revision=section.revision, path=path,
+                     endpoint=section.endpoint.rstrip("/"))
+
+
+def _placement(section: models.PlacementSection, source: SourceMap, hosts: dict[str, Host],
+               errors: list[Diagnostic]) -> PlacementSpec:
+    nodes: Literal["auto"] | tuple[str, ...] = (
+        "auto" if section.nodes == "auto" else tuple(section.nodes))
+    if isinstance(nodes, tuple) and hosts:
+        seen: set[str] = set()
+        for i, node in enumerate(nodes):
+            if node not in hosts:
+                errors.append(source.diag(("placement", "nodes", i),
+                                          f"placement node {node!r} is not in the inventory; "
+                                          f"expected one of: {_names(hosts)}", at_key=False))
+            elif node in seen:
+                errors.append(source.diag(("placement", "nodes", i),
+                                          f"placement node {node!r} is listed twice",
+                                          at_key=False))
+            seen.add(node)
+    return PlacementSpec(nodes=nodes,
+                         reserve_gb=section.reserve_gb, overhead=section.overhead,
+                         kv_cache_gb=section.kv_cache_gb)
+
+
+def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str],
+           errors: list[Diagnostic]) -> tuple[Task, ...]:
+    sources: list[tuple[Document, DataPath, list[models.Task], Path]] = [
+        (doc, ("tasks",), spec.tasks, base)]
+    for i, name in enumerate(spec.playbooks):
+        file = (base / name).absolute()
+        if not file.is_file():
+            errors.append(doc.source.diag(("playbooks", i), f"playbook {name!r} does not exist "
+                                          f"(looked for {file})", at_key=False))
+            continue
+
+        def read(file: Path = file) -> tuple[Document, models.PlaybookFile]:
+            playbook_doc = load_document(file)
+            return playbook_doc, validate(models.PlaybookFile, playbook_doc)
+
+        loaded = _collect(errors, read)
+        if loaded is not None:
+            sources.append((loaded[0], ("tasks",), loaded[1].tasks, file.parent))
+
+    tasks: list[Task] = []
+    for task_doc, root, task_list, task_base in sources:
+        for i, task in enumerate(task_list):
+            path = (*root, i)
+            for j, target in enumerate(task.hosts or []):
+                if target not in targets:
+                    errors.append(task_doc.source.diag(
+                        (*path, "hosts", j), f"task target {target!r} is neither a host nor a "
+                        "group of the inventory", at_key=False))
+            action: CommandTask | TemplateTask | DirectoryTask
+            if task.command is not None:
+                action = CommandTask(tuple(task.command), task.creates,
+                                     tuple(task.unless) if task.unless else None)
+            elif task.template is not None:
+                src = (task_base / task.template.src).absolute()
+                if not src.is_file():
+                    errors.append(task_doc.source.diag(
+                        (*path, "template", "src"), f"template {task.template.src!r} does not "
+                        f"exist (looked for {src})", at_key=False))
+                action = TemplateTask(src, task.template.dest, int(task.template.mode, 8))
+            else:
+                assert task.directory is not None
+                action = DirectoryTask(task.directory.path, int(task.directory.mode, 8))
+            mark = task_doc.source.value(path)
+            tasks.append(Task(name=task.name, action=action,
+                              hosts=tuple(task.hosts) if task.hosts is not None else None,
+                              vars=dict(task.vars),
+                              origin=f"{task_doc.source.file}:{mark.line}"))
+    return tuple(tasks)

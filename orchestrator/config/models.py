@@ -1,0 +1,167 @@
+"""The typed shape of the files users write: cluster file, inventory, playbook task lists.
+
+Every model forbids unknown keys and is strict about types ("22" is not a port), because a
+mistyped key that is silently ignored is how a node ends up half-configured. These models
+check shape only; cross-file rules (unique ring IPs, referenced files, placement nodes that
+exist) live in `semantics.py`, where they can point at the line the user wrote.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PINNED_REQUIREMENT = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-z0-9.+!_-]+$")
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address (the ring needs IPs, not hostnames)") from None
+
+
+def _pinned(value: str) -> str:
+    if not PINNED_REQUIREMENT.match(value.replace(" ", "")):
+        raise ValueError(
+            f"{value!r} is not pinned; "
+            "expected NAME==VERSION so every node installs the same build")
+    return value.replace(" ", "")
+
+
+IPAddress = Annotated[str, AfterValidator(_ip)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+HostName = Annotated[str, Field(pattern=NAME_PATTERN)]
+PinnedRequirement = Annotated[str, AfterValidator(_pinned)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class HostVars(_Strict):
+    """Connection and hardware settings that `vars` and groups may supply to many hosts."""
+
+    port: Port | None = Field(None, description="SSH port (default 22)")
+    user: str | None = Field(None, description="SSH user (default: ~/.ssh/config, then local user)")
+    identity_file: str | None = Field(None, description="SSH private key, relative to the file")
+    memory_gb: float | None = Field(None, gt=0, description="RAM in GiB as Apple sells it (192)")
+    chip: str | None = Field(None, description='Apple chip, e.g. "M2 Ultra", "M4 Max"')
+    drained: bool | None = Field(None, description="rolled out of the cluster (orch drain)")
+
+
+class HostEntry(HostVars):
+    """One Mac as written in the inventory; missing fields may come from groups and vars."""
+
+    address: str = Field(description="hostname or IP that SSH connects to")
+    ring_ip: IPAddress = Field(description="IP the MLX ring uses (Thunderbolt or Ethernet)")
+
+
+class Group(_Strict):
+    hosts: list[HostName] = Field(default_factory=list)
+    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+
+
+class InventoryFile(_Strict):
+    """The inventory file: hosts, groups and shared vars (precedence: host > group > vars)."""
+
+    hosts: dict[HostName, HostEntry]
+    groups: dict[HostName, Group] = Field(default_factory=dict)
+    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+
+
+class ModelSection(_Strict):
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$",
+                             description="Hub repository, e.g. mlx-community/DeepSeek-R1-4bit")
+    revision: str | None = Field(None, description="commit sha to pin (a branch is a warning)")
+    path: str | None = Field(None, description="local model directory used instead of the Hub")
+    endpoint: str = Field("https://huggingface.co", pattern=r"^https?://",
+                          description="Hub base URL")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if self.repo is None and self.path is None:
+            raise ValueError("model needs `repo` (a Hub repository) or `path` (a local directory)")
+        return self
+
+
+class PlacementSection(_Strict):
+    nodes: Literal["auto"] | list[HostName] = Field(
+        "auto", description="`auto`, or the host names to use, in ring order")
+    reserve_gb: float | None = Field(
+        None, ge=0, description="memory kept for macOS per node (default: by RAM size)")
+    overhead: float | None = Field(
+        None, ge=0, le=2, description="the guide's O: runtime overhead as a share of weights")
+    kv_cache_gb: float | None = Field(None, ge=0, description="KV cache budget per node")
+
+
+class RuntimeSection(_Strict):
+    python: str = Field("python3", description="interpreter on the nodes that creates the venv")
+    packages: list[PinnedRequirement] = Field(
+        default_factory=lambda: ["mlx==0.32.4", "mlx-lm==0.32.2"],
+        description="pinned requirements installed identically on every node")
+    api_port: Port = Field(8080, description="port of rank 0's OpenAI-compatible API")
+    ring_port: Port = Field(47100, description="port each rank's ring listens on")
+    dir: str = Field(".orch", description="orch's directory on each node, relative to HOME")
+
+
+class TemplateTask(_Strict):
+    src: str = Field(description="jinja2 template, relative to the file that names it")
+    dest: str
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0644"
+
+
+class DirectoryTask(_Strict):
+    path: str
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0755"
+
+
+class Task(_Strict):
+    """One Ansible-style task: exactly one of `command`, `template`, `directory`."""
+
+    name: str
+    hosts: list[HostName] | None = Field(None, description="hosts or groups (default: all nodes)")
+    command: list[str] | None = Field(None, min_length=1, description="argv, never a shell string")
+    creates: str | None = None
+    unless: list[str] | None = Field(None, min_length=1)
+    template: TemplateTask | None = None
+    directory: DirectoryTask | None = None
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Task:
+        kinds = [k for k in ("command", "template", "directory") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a task needs exactly one of `command`, `template`, `directory`")
+        if (self.creates or self.unless) and self.command is None:
+            raise ValueError("`creates` and `unless` guard a `command` task only")
+        return self
+
+
+class PlaybookFile(_Strict):
+    tasks: list[Task]
+
+
+class ClusterFile(_Strict):
+    """The cluster file that `orch apply` reads."""
+
+    name: HostName
+    inventory: str | None = Field(None, description="inventory file, relative to this file")
+    hosts: dict[HostName, HostEntry] | None = Field(None, description="inline hosts")
+    model: ModelSection
+    placement: PlacementSection = Field(default_factory=PlacementSection)  # type: ignore[arg-type]
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)  # type: ignore[arg-type]
+    tasks: list[Task] = Field(default_factory=list)
+    playbooks: list[str] = Field(default_factory=list, description="task-list files, relative")
+
+    @model_validator(mode="after")
+    def _one_inventory(self) -> ClusterFile:
+        if (self.inventory is None) == (self.hosts is None):
+            raise ValueError("give exactly one of `inventory` (a file) or `hosts` (inline)")
+        return self
