@@ -7,6 +7,7 @@ DESIGN.md promises (0 ok, 1 error, 2 changes pending, 3 unreachable, 4 lock held
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import sys
@@ -16,9 +17,13 @@ from typing import Any, TypeVar
 
 import click
 
-from orchestrator import __version__, log
-from orchestrator.config import load_cluster
-from orchestrator.errors import ConfigError, ExitCode, OrchError
+from orchestrator import __version__, engine, log, render
+from orchestrator.apply import HostStatus
+from orchestrator.config import Cluster, load_cluster
+from orchestrator.engine import RunOptions
+from orchestrator.errors import ConfigError, ExitCode, OrchError, PlanError
+from orchestrator.executor import SSHOptions
+from orchestrator.plan import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,9 +82,7 @@ def main(verbose: int, quiet: bool, log_format: str | None) -> None:
 @reports_errors
 def validate(cluster_file: Path) -> None:
     """Check CLUSTER, its inventory and playbooks, offline, reporting every problem at once."""
-    cluster = load_cluster(cluster_file)
-    for warning in cluster.warnings:
-        click.echo(str(warning), err=True)
+    cluster = load(cluster_file)
     nodes = ", ".join(cluster.hosts)
     click.echo(f"{cluster.file.name}: ok ({len(cluster.hosts)} hosts: {nodes})")
 
@@ -94,6 +97,202 @@ def schema(which: str) -> None:
     schemas = json_schemas()
     document = schemas if which == "all" else schemas[which]
     click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+def ssh_options(fn: F) -> F:
+    """The options every command that contacts hosts shares."""
+    options = [
+        click.option("--limit", "limit", multiple=True, metavar="HOST",
+                     help="Only these hosts (repeatable, or comma-separated)."),
+        click.option("--accept-new-host-keys", is_flag=True,
+                     help="Record the key of a host not yet in known_hosts (like OpenSSH's "
+                          "accept-new). A changed key is still refused."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path),
+                     help="known_hosts file (default: ~/.ssh/known_hosts or ~/.ssh/config's)."),
+        click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True,
+                     help="Hosts worked on at once."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0,
+                     show_default=True, help="Seconds to wait for each SSH connection."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def run_options(limit: tuple[str, ...], accept_new_host_keys: bool, known_hosts: Path | None,
+                concurrency: int, connect_timeout: float) -> RunOptions:
+    hosts = tuple(h for item in limit for h in item.split(",") if h)
+    return RunOptions(
+        ssh=SSHOptions(connect_timeout=connect_timeout, known_hosts=known_hosts,
+                       accept_new_host_keys=accept_new_host_keys, concurrency=concurrency),
+        limit=hosts or None,
+    )
+
+
+def load(cluster_file: Path) -> Cluster:
+    cluster = load_cluster(cluster_file)
+    for warning in cluster.warnings:
+        click.echo(str(warning), err=True)
+    return cluster
+
+
+def plan_exit_code(result: Plan, detailed: bool) -> ExitCode:
+    if result.unreachable:
+        return ExitCode.UNREACHABLE
+    if detailed and result.has_changes:
+        return ExitCode.CHANGES_PENDING
+    return ExitCode.OK
+
+
+@main.command("plan")
+@CLUSTER_ARG
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 2 when there are changes (for drift checks): 0 none, 1 error, "
+                   "3 unreachable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the plan as JSON, for `orch apply FILE`.")
+@click.option("--diff", "show_diff", is_flag=True, help="Show file content changes.")
+@ssh_options
+@reports_errors
+def plan_command(cluster_file: Path, detailed_exitcode: bool, as_json: bool, out: Path | None,
+                 show_diff: bool, **ssh: Any) -> None:
+    """Show what `orch apply` would change, touching nothing (read-only on every host)."""
+    cluster = load(cluster_file)
+    result, _ = asyncio.run(engine.plan(cluster, run_options(**ssh)))
+    if out is not None:
+        out.write_text(render.plan_json(result) + "\n")
+    click.echo(render.plan_json(result) if as_json else render.plan_text(result,
+                                                                        show_diff=show_diff))
+    sys.exit(int(plan_exit_code(result, detailed_exitcode)))
+
+
+@main.command("apply")
+@click.argument("target", metavar="CLUSTER|PLAN",
+                type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--check", is_flag=True, help="Only show what would change (like `orch plan`).")
+@click.option("--detailed-exitcode", is_flag=True, help="With --check: exit 2 when changes.")
+@click.option("--diff", "show_diff", is_flag=True, help="Show file content changes.")
+@click.option("--serial", type=click.IntRange(min=1), help="Apply N hosts at a time, in order.")
+@click.option("--fail-fast", is_flag=True, help="Stop starting hosts after the first failure.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan and outcome as JSON.")
+@ssh_options
+@reports_errors
+def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff: bool,
+                  serial: int | None, fail_fast: bool, yes: bool, as_json: bool,
+                  **ssh: Any) -> None:
+    """Converge every host to CLUSTER (or apply a plan saved with `orch plan --out`).
+
+    A host that fails does not stop the others (unless --fail-fast). Exit 0 when every host
+    converged, 1 when one failed, 3 when one was unreachable, 4 when the cluster is locked.
+    """
+    saved: Plan | None = None
+    cluster_file = target
+    if target.suffix == ".json":
+        try:
+            saved = Plan.from_json(json.loads(target.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PlanError(f"{target}: not a plan saved by `orch plan --out`: {exc}") from None
+        cluster_file = Path(saved.cluster_file)
+    cluster = load(cluster_file)
+    options = run_options(**ssh)
+    if check:
+        result, _ = asyncio.run(engine.plan(cluster, options))
+        click.echo(render.plan_json(result) if as_json
+                   else render.plan_text(result, show_diff=show_diff))
+        sys.exit(int(plan_exit_code(result, detailed_exitcode)))
+    if not yes and saved is None:
+        if not sys.stdin.isatty():
+            raise PlanError("refusing to apply without confirmation: pass --yes, or review "
+                            "`orch plan --out plan.json` and run `orch apply plan.json`")
+        preview, _ = asyncio.run(engine.plan(cluster, options))
+        click.echo(render.plan_text(preview, show_diff=show_diff))
+        if not preview.has_changes:
+            sys.exit(int(plan_exit_code(preview, False)))
+        click.confirm("Apply these changes?", abort=True)
+        saved = preview
+    result, report = asyncio.run(engine.apply(cluster, options, saved=saved, serial=serial,
+                                              fail_fast=fail_fast,
+                                              command=" ".join(sys.argv[1:])[:200]))
+    if as_json:
+        click.echo(json.dumps({"plan": result.to_json(), "outcome": render.report_json(report)},
+                              indent=2, sort_keys=True))
+    else:
+        if saved is None:
+            click.echo(render.plan_text(result, show_diff=show_diff))
+        click.echo(render.report_text(report))
+    if report.by_status(HostStatus.FAILED):
+        sys.exit(int(ExitCode.ERROR))
+    if report.by_status(HostStatus.UNREACHABLE):
+        sys.exit(int(ExitCode.UNREACHABLE))
+
+
+@main.command("facts")
+@CLUSTER_ARG
+@click.argument("host", required=False)
+@ssh_options
+@reports_errors
+def facts_command(cluster_file: Path, host: str | None, **ssh: Any) -> None:
+    """Print the facts the planner sees for every host (or HOST), as JSON."""
+    cluster = load(cluster_file)
+    options = run_options(**ssh)
+    if host is not None:
+        options = RunOptions(ssh=options.ssh, limit=(host,))
+    facts = asyncio.run(engine.facts(cluster, options))
+    click.echo(json.dumps(facts, indent=2, sort_keys=True, default=str))
+    if any("unreachable" in v for v in facts.values()):
+        sys.exit(int(ExitCode.UNREACHABLE))
+
+
+@main.command("unlock")
+@CLUSTER_ARG
+@click.option("--force", "nonce", required=True, metavar="NONCE",
+              help="The nonce of the lock to remove, as printed by the run that holds it.")
+@ssh_options
+@reports_errors
+def unlock_command(cluster_file: Path, nonce: str, **ssh: Any) -> None:
+    """Remove a cluster lock left behind by a run that died."""
+    cluster = load(cluster_file)
+    removed = asyncio.run(engine.unlock(cluster, run_options(**ssh), nonce))
+    if removed:
+        click.echo(f"removed lock {nonce} on: {', '.join(removed)}")
+    else:
+        click.echo(f"no lock with nonce {nonce} on any reachable host")
+
+
+@main.command()
+@CLUSTER_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--params", type=float, default=None, metavar="N",
+              help="Size the model from a parameter count (e.g. 671e9) instead of its files: "
+                   "the guide's params × bits/8 × (1+O) estimate. Needs --bits and --layers.")
+@click.option("--bits", type=float, default=None, help="Bits per parameter, with --params.")
+@click.option("--layers", type=int, default=None, help="Number of layers, with --params.")
+@reports_errors
+def place(cluster_file: Path, as_json: bool, params: float | None, bits: float | None,
+          layers: int | None) -> None:
+    """Offline: which Macs, how many layers each, bytes and files per node, and the verdict.
+
+    Reads only the model's config, index and safetensors headers (local `model.path`, or the
+    Hub with HF_TOKEN). Exit 0 when the model fits, 1 when it does not (with the numbers).
+    """
+    from orchestrator import placement
+
+    cluster = load_cluster(cluster_file)
+    if params is not None or bits is not None or layers is not None:
+        if params is None or bits is None or layers is None:
+            raise click.UsageError("--params, --bits and --layers go together")
+        meta = placement.estimated_meta(params, bits, layers,
+                                        source=f"{params:.3g} params × {bits:g} bits (estimate)")
+    else:
+        meta = placement.load_model_meta(cluster.model)
+    result = placement.plan_placement(cluster, meta)
+    if as_json:
+        click.echo(json.dumps(placement.to_json(result), indent=2))
+    else:
+        click.echo(placement.render_table(result), nl=False)
+    exit_with(ExitCode.OK if result.fits else ExitCode.ERROR)
 
 
 def exit_with(code: ExitCode) -> None:

@@ -1,0 +1,825 @@
+#!/usr/bin/env python3
+"""orch agent: the only code orch runs on a node.
+
+Shipped by the controller, cached on the node as ``~/.orch/agent/<sha256-prefix>.py`` and run as
+``python3 <that file> OP`` with a JSON request on the first line of stdin (for ``write``, the raw
+file bytes follow that line). It prints exactly one JSON object on stdout and exits 0, or prints
+``{"error": ...}`` and exits 1.
+
+Why one file, stdlib only, Python >= 3.9: the node's Python is whatever macOS or the user
+installed; the agent must never need the controller's packages. Why ops instead of shell
+snippets: argv lists and JSON never pass through a shell, so no value is ever shell syntax, and
+``facts`` gathers everything a plan needs in one SSH round trip.
+
+Every path in a request may start with ``~/``; it is expanded with ``$HOME`` on the node.
+Requests are strict: an unknown key is an error, so controller/agent skew fails loudly.
+"""
+
+from __future__ import annotations
+
+# os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
+# ruff: noqa: PTH100, PTH101, PTH102, PTH103, PTH105, PTH106, PTH108, PTH111, PTH112, PTH113
+# ruff: noqa: PTH114, PTH202
+# ruff: noqa: PTH116, PTH118, PTH120, PTH123, PTH208
+import errno
+import hashlib
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+CHUNK = 1 << 20  # large files are hashed and written in 1 MiB chunks
+OUTPUT_TAIL = 64 * 1024  # command output kept per stream (the end is what explains failures)
+# A file whose mtime is this close to "now" may still be written within the same timestamp tick,
+# so its hash is reported but not cached (git's "racily clean" problem).
+RACY_SECONDS = 1.0
+CACHE_VERSION = 1
+RUN_TIMEOUT = 600  # the `run` op's default; the controller waits this long plus a grace period
+FALLBACK_PATH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+
+Request = dict[str, Any]
+Response = dict[str, Any]
+
+
+class AgentError(Exception):
+    """A request the agent refuses or cannot carry out; reported as {"error": ...}."""
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def orch_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".orch")
+
+
+def expand(path: str) -> str:
+    """Expand a leading ``~/`` (or a bare ``~``) with $HOME; nothing else is interpreted."""
+    if path == "~" or path.startswith("~/"):
+        return os.path.join(os.path.expanduser("~"), path[2:])
+    return path
+
+
+def fields(req: Request, required: tuple[str, ...], optional: dict[str, Any]) -> list[Any]:
+    """Return the request's values in order (required, then optional); refuse unknown keys."""
+    unknown = sorted(set(req) - set(required) - set(optional))
+    if unknown:
+        raise AgentError("unknown request keys: " + ", ".join(unknown))
+    missing = [k for k in required if k not in req]
+    if missing:
+        raise AgentError("missing request keys: " + ", ".join(missing))
+    return [req[k] for k in required] + [req.get(k, d) for k, d in optional.items()]
+
+
+def check_argv(argv: Any, what: str) -> list[str]:
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise AgentError(what + " must be a non-empty list of strings")
+    return argv
+
+
+def which(name: str) -> str | None:
+    """Find a tool on PATH, then in the system dirs (a non-login SSH PATH may lack sbin)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    return shutil.which(name, path=os.pathsep.join(FALLBACK_PATH))
+
+
+def capture(argv: list[str], timeout: float = 30.0) -> str | None:
+    """stdout of a quick probe, stripped; None when the tool is absent or fails."""
+    tool = which(argv[0])
+    if tool is None:
+        return None
+    try:
+        proc = subprocess.run(
+            [tool, *argv[1:]],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode("utf-8", "replace").strip() or None
+
+
+def status_of(returncode: int) -> int:
+    """Shell-style exit status: a signal N becomes 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def tail(data: bytes) -> str:
+    if len(data) > OUTPUT_TAIL:
+        data = b"...[truncated]...\n" + data[-OUTPUT_TAIL:]
+    return data.decode("utf-8", "replace")
+
+
+def write_temp(path: str, chunks: Iterable[bytes], mode: int) -> tuple[str, str]:
+    """Write chunks to a temp file beside path (same filesystem, so a rename is atomic), fsync
+    and chmod it; return (sha256, temp path). The caller renames it into place or unlinks it."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".orch-", suffix=".tmp")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return digest.hexdigest(), tmp
+
+
+def json_file(path: str, default: Any) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def dump_json_atomic(path: str, value: Any, mode: int = 0o600) -> bool:
+    """Atomically replace path with value as JSON; False (and no write) when unchanged."""
+    data = (json.dumps(value, sort_keys=True, indent=1) + "\n").encode("utf-8")
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
+    except FileNotFoundError:
+        pass
+    _, tmp = write_temp(path, [data], mode)
+    os.replace(tmp, path)
+    return True
+
+
+# ---------------------------------------------------------------------------------- hash cache
+
+
+class HashCache:
+    """sha256 of files keyed by (path, size, mtime_ns, inode), persisted across runs.
+
+    Why: the model files are hundreds of GB; a converged facts call must read no file data.
+    """
+
+    def __init__(self) -> None:
+        self.path = os.path.join(orch_dir(), "hashcache.json")
+        self.entries: dict[str, list[Any]] = {}
+        self.dirty = False
+        self.files_hashed = 0
+        self.bytes_hashed = 0
+        self.hits = 0
+        try:
+            raw = json_file(self.path, {})
+        except ValueError:
+            raw = {}  # a corrupt cache only costs re-hashing
+        if isinstance(raw, dict) and raw.get("version") == CACHE_VERSION:
+            entries = raw.get("entries")
+            if isinstance(entries, dict):
+                self.entries = entries
+
+    @staticmethod
+    def key(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    def sha256(self, path: str, st: os.stat_result) -> str:
+        real = os.path.realpath(path)
+        entry = self.entries.get(real)
+        if entry is not None and entry[:3] == self.key(st):
+            self.hits += 1
+            return str(entry[3])
+        started = time.time()
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                self.bytes_hashed += len(chunk)
+        self.files_hashed += 1
+        sha = digest.hexdigest()
+        after = os.stat(path)
+        if self.key(after) == self.key(st) and st.st_mtime < started - RACY_SECONDS:
+            self.record(real, st, sha)
+        else:
+            self.forget(real)
+        return sha
+
+    def record(self, real: str, st: os.stat_result, sha: str) -> None:
+        self.entries[real] = [*self.key(st), sha]
+        self.dirty = True
+
+    def forget(self, real: str) -> None:
+        if self.entries.pop(real, None) is not None:
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
+            dump_json_atomic(self.path, {"version": CACHE_VERSION, "entries": self.entries})
+            self.dirty = False
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "files_hashed": self.files_hashed,
+            "bytes_hashed": self.bytes_hashed,
+            "hash_cache_hits": self.hits,
+        }
+
+
+# --------------------------------------------------------------------------------------- facts
+
+
+def file_fact(path: str, cache: HashCache) -> dict[str, Any]:
+    full = expand(path)
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        cache.forget(os.path.realpath(full))
+        kind = "other" if os.path.islink(full) else "missing"  # a dangling link is not absent
+        return {"kind": kind, "size": None, "mode": None, "sha256": None}
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISREG(st.st_mode):
+        sha = cache.sha256(full, st)
+        return {"kind": "file", "size": st.st_size, "mode": mode, "sha256": sha}
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "other"
+    return {"kind": kind, "size": None, "mode": mode, "sha256": None}
+
+
+def normalize_name(name: str) -> str:
+    """PEP 503 normalization, so `MLX_LM` and `mlx-lm` are the same package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_metadata(path: str) -> tuple[str | None, str | None]:
+    """Name and Version from a METADATA file's header (stops at the first blank line)."""
+    name = version = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                break
+            if line.startswith("Name:") and name is None:
+                name = line[5:].strip()
+            elif line.startswith("Version:") and version is None:
+                version = line[8:].strip()
+    return name, version
+
+
+def venv_fact(directory: str) -> dict[str, Any]:
+    """What is installed in a venv, read from dist-info METADATA: no subprocess, no pip."""
+    root = expand(directory)
+    cfg = os.path.join(root, "pyvenv.cfg")
+    if not os.path.isfile(cfg):
+        return {"exists": False, "python_version": None, "packages": {}}
+    python_version = None
+    with open(cfg, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition("=")
+            if key.strip() in ("version", "version_info") and python_version is None:
+                python_version = value.strip()
+    packages: dict[str, str] = {}
+    lib = os.path.join(root, "lib")
+    libdirs = sorted(os.listdir(lib)) if os.path.isdir(lib) else []
+    for libdir in libdirs:
+        site = os.path.join(lib, libdir, "site-packages")
+        if not libdir.startswith("python") or not os.path.isdir(site):
+            continue
+        for entry in sorted(os.listdir(site)):
+            if not entry.endswith(".dist-info"):
+                continue
+            meta = os.path.join(site, entry, "METADATA")
+            if not os.path.isfile(meta):
+                continue
+            name, version = read_metadata(meta)
+            if name and version:
+                packages[normalize_name(name)] = version
+    return {"exists": True, "python_version": python_version, "packages": packages}
+
+
+def parse_launchctl_print(text: str) -> dict[str, Any]:
+    """Parse ``launchctl print <service>`` (not a stable format) into scalars and blocks.
+
+    Only the service's own (depth-1) keys count: nested blocks such as ``endpoints`` carry their
+    own ``state``/``active`` keys that must not leak. ``environment = { K => V }`` is kept.
+    """
+    scalars: dict[str, str] = {}
+    blocks: dict[str, list[str]] = {}
+    depth = 0
+    current: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.endswith("{"):
+            depth += 1
+            if depth == 2:
+                current = blocks.setdefault(line[:-1].rstrip(" =").strip(), [])
+            continue
+        if line == "}":
+            depth -= 1
+            if depth < 2:
+                current = None
+            continue
+        if depth == 1 and " = " in line:
+            key, _, value = line.partition(" = ")
+            scalars.setdefault(key.strip(), value.strip())
+        elif depth == 2 and current is not None:
+            current.append(line)
+    return {"scalars": scalars, "blocks": blocks}
+
+
+def launchd_job(text: str) -> dict[str, Any]:
+    """A loaded job's state from its ``launchctl print`` text."""
+    parsed = parse_launchctl_print(text)
+    scalars: dict[str, str] = parsed["scalars"]
+    state = "running" if scalars.get("state") == "running" else "waiting"
+    pid_text = scalars.get("pid", "")
+    pid = int(pid_text) if pid_text.isdigit() else None
+    exit_match = re.match(r"-?\d+", scalars.get("last exit code", ""))
+    # "last terminating signal = Killed: 9": report it the way a shell would, 128 + N.
+    signal_match = re.search(r":\s*(\d+)$", scalars.get("last terminating signal", ""))
+    last_exit = int(exit_match.group(0)) if exit_match else None
+    if signal_match:
+        last_exit = 128 + int(signal_match.group(1))
+    env: dict[str, str] = {}
+    for line in parsed["blocks"].get("environment", []):
+        key, sep, value = line.partition(" => ")
+        if sep:
+            env[key.strip()] = value.strip()
+    return {
+        "state": state,
+        "pid": pid if state == "running" else None,
+        "last_exit": last_exit,
+        "env": env,
+    }
+
+
+NOT_LOADED: Response = {"state": "not_loaded", "pid": None, "last_exit": None, "env": {}}
+
+
+def domain_target(domain: Any) -> str:
+    if domain == "user":
+        return f"user/{os.getuid()}"
+    if domain == "system":
+        return "system"
+    raise AgentError(f"launchd domain must be 'user' or 'system', not {domain!r}")
+
+
+def service_target(domain: Any, label: Any) -> str:
+    if not isinstance(label, str) or not label or "/" in label:
+        raise AgentError("launchd label must be a non-empty string without '/'")
+    return domain_target(domain) + "/" + label
+
+
+def launchctl(
+    args: list[str], *, privileged: bool = False, timeout: float = 60.0
+) -> subprocess.CompletedProcess[bytes]:
+    """Run launchctl. System-domain changes always go through ``sudo -n``: it never prompts
+    (a missing NOPASSWD rule fails instead of hanging), and it is harmless when already root."""
+    tool = which("launchctl")
+    if tool is None:
+        raise AgentError("launchctl not found on this host")
+    argv = [tool, *args]
+    if privileged:
+        argv = ["sudo", "-n", *argv]
+    return subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False
+    )
+
+
+def launchd_print(target: str) -> str | None:
+    proc = launchctl(["print", target])
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.decode("utf-8", "replace")
+
+
+def launchd_fact(spec: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(spec, dict):
+        raise AgentError("launchd entries must be objects")
+    domain, label = fields(spec, ("domain", "label"), {})
+    text = launchd_print(service_target(domain, label))
+    return f"{domain}/{label}", NOT_LOADED if text is None else launchd_job(text)
+
+
+def guard_status(spec: Any) -> tuple[str, int]:
+    if not isinstance(spec, dict):
+        raise AgentError("guards must be objects")
+    gid, argv, timeout = fields(spec, ("id", "argv"), {"timeout": 60})
+    return str(gid), run_status(check_argv(argv, "guard argv"), None, None, timeout)
+
+
+def run_status(argv: list[str], cwd: str | None, env: dict[str, str] | None, timeout: Any) -> int:
+    """Exit status of a command whose output nobody reads (127 absent, 124 timed out)."""
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        return 127
+    except PermissionError:
+        return 126
+    except subprocess.TimeoutExpired:
+        return 124
+    return status_of(proc.returncode)
+
+
+def memory_bytes() -> int | None:
+    """hw.memsize on macOS (or its test stand-in); MemTotal elsewhere."""
+    value = capture(["sysctl", "-n", "hw.memsize"])
+    if value and value.isdigit():
+        return int(value)
+    try:
+        with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def own_version() -> str:
+    streamed = globals().get("ORCH_AGENT_VERSION")  # set when run from stdin, not from a file
+    if isinstance(streamed, str):
+        return streamed
+    with open(os.path.abspath(__file__), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return os.environ.get("USER", "")
+
+
+def string_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AgentError(what + " must be a list of strings")
+    return value
+
+
+def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
+    files, venvs, launchd, sysctls, guards, managed, read_only = fields(
+        req,
+        (),
+        {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "managed": True,
+         "read_only": False},
+    )
+    if not isinstance(launchd, list) or not isinstance(guards, list):
+        raise AgentError("launchd and guards must be lists")
+    cache = HashCache()
+    file_facts = {p: file_fact(p, cache) for p in string_list(files, "files")}
+    if not read_only:  # a plan writes nothing on a host, not even orch's own hash cache
+        cache.save()
+    managed_record: Any = {}
+    if managed:
+        try:
+            managed_record = json_file(os.path.join(orch_dir(), "managed.json"), {})
+        except ValueError as exc:
+            raise AgentError(f"~/.orch/managed.json is not valid JSON: {exc}") from None
+    return {
+        "agent": {"version": own_version()},
+        "os": {
+            "system": platform.system(),
+            "product_version": capture(["sw_vers", "-productVersion"]),
+        },
+        "user": user_name(),
+        "uid": os.getuid(),
+        "home": os.path.expanduser("~"),
+        "python": {"executable": sys.executable, "version": platform.python_version()},
+        "memory_bytes": memory_bytes(),
+        "chip": capture(["sysctl", "-n", "machdep.cpu.brand_string"]),
+        "files": file_facts,
+        "venvs": {v: venv_fact(v) for v in string_list(venvs, "venvs")},
+        "launchd": dict(launchd_fact(s) for s in launchd),
+        "sysctl": {n: capture(["sysctl", "-n", n]) for n in string_list(sysctls, "sysctl")},
+        "guards": dict(guard_status(g) for g in guards),
+        "managed": managed_record,
+        "counters": cache.counters(),
+    }
+
+
+# ------------------------------------------------------------------------------ changing ops
+
+
+def check_mode(mode: Any) -> int:
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+        raise AgentError("mode must be an int between 0 and 0o7777")
+    return mode
+
+
+def stdin_chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def op_write(req: Request, stdin: IO[bytes]) -> Response:
+    """Write stdin's bytes to path atomically, verified against the expected sha256."""
+    path, mode, expected = fields(req, ("path", "mode", "sha256"), {})
+    full = expand(str(path))
+    mode = check_mode(mode)
+    digest, tmp = write_temp(full, stdin_chunks(stdin), mode)
+    if digest != expected:
+        os.unlink(tmp)
+        raise AgentError(f"sha256 mismatch writing {path}: got {digest}, expected {expected}")
+    cache = HashCache()
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        os.unlink(tmp)
+        raise AgentError(f"{path} is a directory")
+    same = st is not None and stat.S_ISREG(st.st_mode) and cache.sha256(full, st) == digest
+    if same and st is not None and stat.S_IMODE(st.st_mode) == mode:
+        os.unlink(tmp)
+        cache.save()
+        return {"sha256": digest, "changed": False}
+    os.replace(tmp, full)
+    cache.record(os.path.realpath(full), os.stat(full), digest)
+    cache.save()
+    return {"sha256": digest, "changed": True}
+
+
+def op_mkdir(req: Request, _stdin: IO[bytes]) -> Response:
+    path, mode = fields(req, ("path", "mode"), {})
+    full = expand(str(path))
+    mode = check_mode(mode)
+    if os.path.isdir(full):
+        if stat.S_IMODE(os.stat(full).st_mode) == mode:
+            return {"changed": False}
+    elif os.path.lexists(full):
+        raise AgentError(f"{path} exists and is not a directory")
+    else:
+        os.makedirs(full, exist_ok=True)
+    os.chmod(full, mode)
+    return {"changed": True}
+
+
+def op_remove(req: Request, _stdin: IO[bytes]) -> Response:
+    (path,) = fields(req, ("path",), {})
+    full = os.path.abspath(expand(str(path)))
+    home = os.path.realpath(os.path.expanduser("~"))
+    if os.path.realpath(full) in ("/", home) or full in ("/", home):
+        raise AgentError(f"refusing to remove {path}")
+    if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full)
+    elif os.path.lexists(full):
+        os.unlink(full)
+    else:
+        return {"changed": False}
+    return {"changed": True}
+
+
+def op_rmdir(req: Request, _stdin: IO[bytes]) -> Response:
+    """Remove a directory only if it is empty: what is inside may be the user's, not orch's.
+
+    Never an error when the directory is gone, not empty, or not a directory; `kept` says why
+    nothing was removed."""
+    (path,) = fields(req, ("path",), {})
+    full = expand(str(path))
+    if not os.path.lexists(full):
+        return {"changed": False, "kept": None}
+    if os.path.islink(full) or not os.path.isdir(full):
+        return {"changed": False, "kept": "not a directory"}
+    try:
+        os.rmdir(full)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return {"changed": False, "kept": "not empty"}
+        raise
+    return {"changed": True, "kept": None}
+
+
+def op_managed_write(req: Request, _stdin: IO[bytes]) -> Response:
+    (record,) = fields(req, ("record",), {})
+    if not isinstance(record, dict):
+        raise AgentError("record must be an object")
+    os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
+    return {"changed": dump_json_atomic(os.path.join(orch_dir(), "managed.json"), record)}
+
+
+def op_run(req: Request, _stdin: IO[bytes]) -> Response:
+    """Run argv (never through a shell) unless `creates` exists or `unless` succeeds."""
+    argv, creates, unless, cwd, env, timeout = fields(
+        req,
+        ("argv",),
+        {"creates": None, "unless": None, "cwd": None, "env": {}, "timeout": RUN_TIMEOUT},
+    )
+    argv = check_argv(argv, "argv")
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise AgentError("env must map strings to strings")
+    workdir = expand(cwd) if isinstance(cwd, str) else None
+    full_env = dict(os.environ)
+    full_env.update(env)
+    skipped = {"skipped": True, "exit_status": None, "stdout": "", "stderr": ""}
+    if isinstance(creates, str) and os.path.lexists(expand(creates)):
+        return skipped
+    if unless is not None:
+        check = check_argv(unless, "unless")
+        if run_status(check, workdir, full_env, timeout) == 0:
+            return skipped
+    try:
+        proc = subprocess.run(
+            argv,
+            cwd=workdir,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        return {"skipped": False, "exit_status": 127, "stdout": "", "stderr": str(exc)}
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout if isinstance(exc.stdout, bytes) else b""
+        err = exc.stderr if isinstance(exc.stderr, bytes) else b""
+        err += (f"\n[orch agent: timed out after {timeout}s]").encode()
+        return {"skipped": False, "exit_status": 124, "stdout": tail(out), "stderr": tail(err)}
+    return {
+        "skipped": False,
+        "exit_status": status_of(proc.returncode),
+        "stdout": tail(proc.stdout),
+        "stderr": tail(proc.stderr),
+    }
+
+
+def wait_gone(target: str, timeout: float) -> bool:
+    """bootout returns before the job is gone; poll ``print`` until it is (or time runs out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if launchctl(["print", target]).returncode != 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def bootout(domain: Any, label: Any, timeout: float) -> bool:
+    """Unload a job and wait until launchd has forgotten it; False when it was not loaded."""
+    target = service_target(domain, label)
+    if launchctl(["print", target]).returncode != 0:
+        return False
+    proc = launchctl(["bootout", target], privileged=domain == "system")
+    if not wait_gone(target, timeout):
+        err = proc.stderr.decode("utf-8", "replace").strip()
+        raise AgentError(f"{target} still loaded {timeout}s after bootout: {err}")
+    return True
+
+
+def op_launchd_bootout(req: Request, _stdin: IO[bytes]) -> Response:
+    domain, label, timeout = fields(req, ("domain", "label"), {"timeout": 30})
+    return {"changed": bootout(domain, label, float(timeout))}
+
+
+def op_launchd_bootstrap(req: Request, _stdin: IO[bytes]) -> Response:
+    """(Re)load a job from its plist: bootout and wait first, then bootstrap."""
+    domain, label, plist, timeout = fields(req, ("domain", "label", "plist"), {"timeout": 30})
+    was_loaded = bootout(domain, label, float(timeout))
+    deadline = time.monotonic() + float(timeout)
+    while True:
+        argv = ["bootstrap", domain_target(domain), expand(str(plist))]
+        proc = launchctl(argv, privileged=domain == "system")
+        if proc.returncode == 0:
+            return {"changed": True, "was_loaded": was_loaded}
+        err = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
+        # 5: Input/output error also means "the previous instance is still being torn down".
+        if "Input/output error" not in err or time.monotonic() >= deadline:
+            raise AgentError(f"launchctl bootstrap {label} failed: {err}")
+        time.sleep(0.2)
+
+
+def op_launchd_kickstart(req: Request, _stdin: IO[bytes]) -> Response:
+    domain, label = fields(req, ("domain", "label"), {})
+    target = service_target(domain, label)
+    proc = launchctl(["kickstart", "-k", target], privileged=domain == "system")
+    if proc.returncode != 0:
+        err = (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
+        raise AgentError(f"launchctl kickstart {label} failed: {err}")
+    return {"changed": True}
+
+
+def op_lock_acquire(req: Request, _stdin: IO[bytes]) -> Response:
+    """Take the cluster lock on this host: mkdir is atomic, so of two runs exactly one wins."""
+    path, holder = fields(req, ("path", "holder"), {})
+    if not isinstance(holder, dict) or not isinstance(holder.get("nonce"), str):
+        raise AgentError("holder must be an object with a nonce")
+    full = expand(str(path))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    try:
+        os.mkdir(full, 0o700)
+    except FileExistsError:
+        # The winner writes holder.json right after its mkdir; wait briefly for it.
+        for _ in range(50):
+            current = json_file(os.path.join(full, "holder.json"), None)
+            if current is not None:
+                return {"acquired": False, "holder": current}
+            time.sleep(0.02)
+        return {"acquired": False, "holder": {"who": "unknown (no holder.json)", "nonce": "?"}}
+    dump_json_atomic(os.path.join(full, "holder.json"), holder)
+    return {"acquired": True, "holder": holder}
+
+
+def op_lock_release(req: Request, _stdin: IO[bytes]) -> Response:
+    """Release the lock only if `nonce` is its holder's: a run never frees another's lock."""
+    path, nonce = fields(req, ("path", "nonce"), {})
+    full = expand(str(path))
+    current = json_file(os.path.join(full, "holder.json"), None)
+    if not os.path.isdir(full) or not isinstance(current, dict) or current.get("nonce") != nonce:
+        return {"released": False}
+    shutil.rmtree(full)
+    return {"released": True}
+
+
+def op_read(req: Request, _stdin: IO[bytes]) -> Response:
+    """Small text files' content, for `plan --diff` (asked only for files the plan changes)."""
+    paths, limit = fields(req, ("paths",), {"max_bytes": 256 * 1024})
+    result: dict[str, Any] = {}
+    for path in string_list(paths, "paths"):
+        full = expand(path)
+        try:
+            if os.path.getsize(full) > int(limit):
+                result[path] = None
+                continue
+            with open(full, "rb") as f:
+                result[path] = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            result[path] = None
+    return {"contents": result}
+
+
+OPS: dict[str, Callable[[Request, IO[bytes]], Response]] = {
+    "facts": op_facts,
+    "lock_acquire": op_lock_acquire,
+    "lock_release": op_lock_release,
+    "read": op_read,
+    "write": op_write,
+    "mkdir": op_mkdir,
+    "remove": op_remove,
+    "rmdir": op_rmdir,
+    "run": op_run,
+    "managed_write": op_managed_write,
+    "launchd_bootstrap": op_launchd_bootstrap,
+    "launchd_bootout": op_launchd_bootout,
+    "launchd_kickstart": op_launchd_kickstart,
+}
+
+
+def emit(value: Response) -> None:
+    sys.stdout.buffer.write(json.dumps(value, sort_keys=True).encode("ascii") + b"\n")
+    sys.stdout.buffer.flush()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in OPS:
+        emit({"error": "usage: agent.py OP (one of {})".format(", ".join(sorted(OPS)))})
+        return 2
+    stdin = sys.stdin.buffer
+    try:
+        line = stdin.readline()
+        req = json.loads(line.decode("utf-8")) if line.strip() else {}
+        if not isinstance(req, dict):
+            raise AgentError("the request must be a JSON object")
+        response = OPS[argv[1]](req, stdin)
+    except AgentError as exc:
+        emit({"error": str(exc)})
+        return 1
+    except Exception as exc:  # report, never a bare traceback the controller cannot parse
+        emit({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]})
+        return 1
+    emit(response)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

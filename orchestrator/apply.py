@@ -1,0 +1,147 @@
+"""Carry out a plan: each host's changes in order, hosts independent of each other.
+
+A host that fails stops at the failing step and is reported; the others carry on (unless the
+caller asks to fail fast). Before touching a host, its managed record is widened to include
+everything the plan may create, so an interrupted run never leaves something orch put there
+that a later run would not know to clean up. The record is narrowed to the declared set only
+after every change succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from orchestrator.errors import ActionFailed, HostError, HostUnreachable
+from orchestrator.executor import Connection
+from orchestrator.plan import HostPlan, Plan
+from orchestrator.resources.base import Action, Change, Step
+
+log = structlog.get_logger(__name__)
+
+
+class HostStatus(StrEnum):
+    OK = "ok"
+    CHANGED = "changed"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class HostOutcome:
+    host: str
+    status: HostStatus
+    applied: tuple[str, ...] = ()  # resource ids whose steps all succeeded
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    outcomes: tuple[HostOutcome, ...]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def by_status(self, status: HostStatus) -> list[str]:
+        return [o.host for o in self.outcomes if o.status is status]
+
+
+async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
+    """One step through the agent. File content travels as raw stdin bytes, never as argv."""
+    request = dict(step.request)
+    stdin = None
+    if step.op == "write":
+        stdin = str(request.pop("content")).encode()
+    response = await conn.agent(step.op, request, stdin=stdin)
+    if step.op == "run" and not response.get("skipped") and response.get("exit_status") != 0:
+        argv = " ".join(request["argv"])
+        raise ActionFailed(conn.name, f"`{argv}` exited {response.get('exit_status')}: "
+                           f"{str(response.get('stderr', '')).strip()[-2000:]}")
+    return response
+
+
+def _interim_record(host_plan: HostPlan) -> dict[str, Any]:
+    """The final record plus every resource the plan removes: a superset, safe if interrupted."""
+    record = dict(host_plan.record)
+    resources = list(record.get("resources", []))
+    # Removals are listed newest first in the plan; kept in creation order in the record.
+    removed = [{"id": c.resource, "cleanup": [s.to_json() for s in c.steps]}
+               for c in host_plan.changes if c.action is Action.DELETE]
+    record["resources"] = list(reversed(removed)) + resources
+    return record
+
+
+async def apply_host(conn: Connection, host_plan: HostPlan) -> HostOutcome:
+    if not host_plan.changes:
+        return HostOutcome(host_plan.host, HostStatus.OK)
+    applied: list[str] = []
+    current: Change | None = None
+    try:
+        await conn.agent("managed_write", {"record": _interim_record(host_plan)})
+        for current in host_plan.changes:
+            log.info("change_started", host=conn.name, resource=current.resource,
+                     action=current.action.value)
+            for step in current.steps:
+                await run_step(conn, step)
+            applied.append(current.resource)
+        await conn.agent("managed_write", {"record": dict(host_plan.record)})
+    except HostUnreachable:
+        raise
+    except HostError as exc:
+        where = f" while applying {current.resource}" if current else ""
+        log.warning("host_failed", host=conn.name, error=str(exc))
+        return HostOutcome(host_plan.host, HostStatus.FAILED, tuple(applied),
+                           f"{exc}{where}")
+    return HostOutcome(host_plan.host, HostStatus.CHANGED, tuple(applied))
+
+
+async def apply_plan(
+    plan: Plan,
+    conns: Mapping[str, Connection | HostError],
+    *,
+    concurrency: int = 10,
+    serial: int | None = None,
+    fail_fast: bool = False,
+) -> ApplyReport:
+    """Apply every host's changes. `serial` applies hosts in batches of that size, in order;
+    `fail_fast` stops starting new hosts (and batches) after the first failure."""
+    outcomes: dict[str, HostOutcome] = {
+        host: HostOutcome(host, HostStatus.UNREACHABLE, error=reason)
+        for host, reason in plan.unreachable.items()
+    }
+    pending = sorted(plan.hosts, key=lambda h: h.host)
+    batches: Sequence[Sequence[HostPlan]] = (
+        [pending[i:i + serial] for i in range(0, len(pending), serial)] if serial else [pending])
+    gate = asyncio.Semaphore(concurrency)
+    failed = asyncio.Event()
+
+    async def one(host_plan: HostPlan) -> HostOutcome:
+        conn = conns.get(host_plan.host)
+        if conn is None or isinstance(conn, HostError):
+            return HostOutcome(host_plan.host, HostStatus.UNREACHABLE,
+                               error=str(conn) if conn else "no connection")
+        async with gate:
+            if fail_fast and failed.is_set():
+                return HostOutcome(host_plan.host, HostStatus.FAILED,
+                                   error="not started: another host failed (--fail-fast)")
+            try:
+                outcome = await apply_host(conn, host_plan)
+            except HostUnreachable as exc:
+                outcome = HostOutcome(host_plan.host, HostStatus.UNREACHABLE, error=str(exc))
+            if outcome.status in (HostStatus.FAILED, HostStatus.UNREACHABLE):
+                failed.set()
+            return outcome
+
+    for batch in batches:
+        for outcome in await asyncio.gather(*(one(h) for h in batch)):
+            outcomes[outcome.host] = outcome
+        if fail_fast and failed.is_set():
+            for host_plan in pending:
+                outcomes.setdefault(host_plan.host, HostOutcome(
+                    host_plan.host, HostStatus.FAILED,
+                    error="not started: another host failed (--fail-fast)"))
+            break
+    return ApplyReport(tuple(outcomes[h] for h in sorted(outcomes)))

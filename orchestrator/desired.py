@@ -1,0 +1,85 @@
+"""What each host should hold, derived from the cluster file: the resource list per host.
+
+This is where the cluster's intent becomes concrete resources, in the order they must be
+applied on a host. Hosts that are in the inventory but not serving get an empty list, so the
+plan removes what orch put there earlier (through the managed record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from orchestrator.config import Cluster, CommandTask, DirectoryTask, Host, Task, TemplateTask
+from orchestrator.errors import ConfigError, Diagnostic
+from orchestrator.resources.base import Resource
+from orchestrator.resources.command import Command
+from orchestrator.resources.files import Directory, File
+from orchestrator.resources.pyenv import PythonEnv
+
+
+def orch_path(cluster: Cluster, *parts: str) -> str:
+    """A path under orch's directory on a node, HOME-relative ("~/.orch/venv")."""
+    return "/".join(["~", cluster.runtime.dir.strip("/"), *parts])
+
+
+def host_vars(cluster: Cluster, host: Host) -> dict[str, Any]:
+    """What a user's template sees about the host it is rendered for."""
+    return {
+        "cluster": cluster.name,
+        "host": {"name": host.name, "address": host.address, "ring_ip": host.ring_ip,
+                 "memory_gb": host.memory_gb, "chip": host.chip, "groups": list(host.groups)},
+        "hosts": {h.name: {"address": h.address, "ring_ip": h.ring_ip}
+                  for h in cluster.hosts.values()},
+    }
+
+
+def render_template(src: Path, variables: Mapping[str, Any], origin: str) -> str:
+    """Render with StrictUndefined: a missing variable is an error, never an empty string."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(src.parent),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             autoescape=False)  # noqa: S701 - config files, not HTML
+    try:
+        return env.get_template(src.name).render(**variables)
+    except jinja2.TemplateError as exc:
+        line = getattr(exc, "lineno", None) or 1
+        raise ConfigError([Diagnostic(src, line, 1,
+                                      f"template error: {exc} (task at {origin})")]) from None
+
+
+def _targets(task: Task, cluster: Cluster, host: Host) -> bool:
+    if task.hosts is None:
+        return True
+    return host.name in task.hosts or any(g in task.hosts for g in host.groups)
+
+
+def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
+    action = task.action
+    if isinstance(action, CommandTask):
+        return Command(task.name, action.argv, action.creates, action.unless)
+    if isinstance(action, TemplateTask):
+        variables = {**host_vars(cluster, host), **task.vars}
+        return File(action.dest, render_template(action.src, variables, task.origin),
+                    action.mode)
+    assert isinstance(action, DirectoryTask)
+    return Directory(action.path, action.mode)
+
+
+def desired_state(cluster: Cluster, nodes: Sequence[str]) -> dict[str, list[Resource]]:
+    """Resources per inventory host; `nodes` are the hosts that serve the model."""
+    result: dict[str, list[Resource]] = {}
+    for name, host in cluster.hosts.items():
+        if name not in nodes:
+            result[name] = []
+            continue
+        resources: list[Resource] = [
+            PythonEnv(orch_path(cluster, "venv"), cluster.runtime.python,
+                      cluster.runtime.packages),
+        ]
+        resources.extend(task_resource(t, cluster, host) for t in cluster.tasks
+                         if _targets(t, cluster, host))
+        result[name] = resources
+    return result

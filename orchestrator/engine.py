@@ -1,0 +1,186 @@
+"""One run against the cluster: connect, gather facts, plan, and (for apply) lock and apply.
+
+The stages are the data flow of DESIGN.md; each takes the previous stage's frozen output. This
+module is the only one that sequences them, and it owns the connections for the run: opened
+once per host, reused by every stage, closed at the end whatever happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from orchestrator.apply import ApplyReport, apply_plan
+from orchestrator.config import Cluster
+from orchestrator.desired import desired_state
+from orchestrator.errors import HostError, PlanError
+from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
+from orchestrator.facts import HostFacts, parse_facts
+from orchestrator.lock import ClusterLock, new_holder
+from orchestrator.plan import Plan, diff_host, fact_request
+from orchestrator.resources.base import Resource
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    ssh: SSHOptions = field(default_factory=SSHOptions)
+    limit: tuple[str, ...] | None = None  # host names; None = every inventory host
+
+
+def target_of(cluster: Cluster, name: str) -> Target:
+    host = cluster.hosts[name]
+    return Target(name=name, address=host.address, port=host.port, user=host.user,
+                  identity_file=host.identity_file)
+
+
+def selected_hosts(cluster: Cluster, limit: Sequence[str] | None) -> list[str]:
+    if not limit:
+        return list(cluster.hosts)
+    unknown = [h for h in limit if h not in cluster.hosts]
+    if unknown:
+        raise PlanError(f"--limit names hosts not in the inventory: {', '.join(unknown)}")
+    return [h for h in cluster.hosts if h in limit]
+
+
+def serving_nodes(cluster: Cluster) -> list[str]:
+    """The hosts that serve: the listed placement nodes, or every host not drained."""
+    if cluster.placement.nodes != "auto":
+        return list(cluster.placement.nodes)
+    return [name for name, host in cluster.hosts.items() if not host.drained]
+
+
+@asynccontextmanager
+async def connected(cluster: Cluster, hosts: Sequence[str],
+                    options: SSHOptions) -> AsyncIterator[dict[str, Connection | HostError]]:
+    executor = SSHExecutor(options)
+    conns = await executor.connect_all(target_of(cluster, h) for h in hosts)
+    try:
+        yield conns
+    finally:
+        for conn in conns.values():
+            if not isinstance(conn, HostError):
+                await conn.close()
+
+
+async def gather_facts(
+    conns: Mapping[str, Connection | HostError],
+    desired: Mapping[str, Sequence[Resource]],
+    concurrency: int,
+    *,
+    read_only: bool,
+) -> dict[str, HostFacts | HostError]:
+    """One agent call per host, asking for everything that host's resources need."""
+
+    async def facts_of(conn: Connection) -> HostFacts:
+        request = fact_request(desired[conn.name])
+        raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
+        return parse_facts(conn.name, raw, request)
+
+    return await for_each_host(conns, facts_of, concurrency)
+
+
+def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
+               facts: Mapping[str, HostFacts | HostError]) -> Plan:
+    host_plans = []
+    unreachable: dict[str, str] = {}
+    for name, fact in facts.items():
+        if isinstance(fact, HostError):
+            unreachable[name] = str(fact).removeprefix(f"{name}: ")
+            continue
+        host_plans.append(diff_host(cluster.name, desired[name], fact))
+    return Plan(cluster.name, str(cluster.file), tuple(host_plans), unreachable)
+
+
+async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError],
+                   options: RunOptions, *, read_only: bool) -> Plan:
+    desired = desired_state(cluster, serving_nodes(cluster))
+    facts = await gather_facts(conns, desired, options.ssh.concurrency, read_only=read_only)
+    return build_plan(cluster, desired, facts)
+
+
+async def plan(cluster: Cluster, options: RunOptions) -> tuple[Plan, dict[str, int]]:
+    """The plan, and the SSH round trips it cost per host. Writes nothing on any host."""
+    hosts = selected_hosts(cluster, options.limit)
+    read_only = replace(options.ssh, install_agent=False)
+    async with connected(cluster, hosts, read_only) as conns:
+        result = await plan_run(cluster, conns, options, read_only=True)
+        return result, _round_trips(conns)
+
+
+async def apply(
+    cluster: Cluster,
+    options: RunOptions,
+    *,
+    saved: Plan | None = None,
+    serial: int | None = None,
+    fail_fast: bool = False,
+    command: str = "orch apply",
+) -> tuple[Plan, ApplyReport]:
+    """Lock the cluster, plan (or check a saved plan still holds), apply, unlock."""
+    hosts = selected_hosts(cluster, options.limit)
+    async with connected(cluster, hosts, options.ssh) as conns:
+        lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
+        await lock.acquire(conns)
+        try:
+            current = await plan_run(cluster, conns, options, read_only=False)
+            if saved is not None:
+                _check_saved(saved, current)
+            report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
+                                      serial=serial, fail_fast=fail_fast)
+        finally:
+            await lock.release()
+        return current, report
+
+
+def _check_saved(saved: Plan, current: Plan) -> None:
+    """A saved plan is applied only if planning now gives exactly the same changes."""
+    if saved.cluster != current.cluster:
+        raise PlanError(f"the plan is for cluster {saved.cluster!r}, not {current.cluster!r}")
+    if saved.comparable() != current.comparable() or saved.unreachable != current.unreachable:
+        raise PlanError("the hosts changed since the plan was made; nothing was applied. "
+                        "Run `orch plan` again and review the new plan.")
+
+
+def _round_trips(conns: Mapping[str, Connection | HostError]) -> dict[str, int]:
+    return {n: c.round_trips for n, c in conns.items() if not isinstance(c, HostError)}
+
+
+async def facts(cluster: Cluster, options: RunOptions) -> dict[str, dict[str, object]]:
+    """The facts each host gives for its desired resources, as plain JSON-able data."""
+    hosts = selected_hosts(cluster, options.limit)
+    desired = desired_state(cluster, serving_nodes(cluster))
+    async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
+        gathered = await gather_facts(conns, desired, options.ssh.concurrency, read_only=True)
+    return {name: ({"unreachable": str(f)} if isinstance(f, HostError) else _plain(f))
+            for name, f in gathered.items()}
+
+
+def _plain(value: object) -> dict[str, object]:
+    import dataclasses
+    import enum
+
+    def convert(v: object) -> object:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: convert(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, Mapping):
+            return {str(k): convert(x) for k, x in v.items()}
+        return v
+
+    result = convert(value)
+    assert isinstance(result, dict)
+    return result
+
+
+async def unlock(cluster: Cluster, options: RunOptions, nonce: str) -> list[str]:
+    from orchestrator.lock import force_unlock
+
+    hosts = selected_hosts(cluster, options.limit)
+    async with connected(cluster, hosts, options.ssh) as conns:
+        return await force_unlock(conns, cluster.name, cluster.runtime.dir, nonce)

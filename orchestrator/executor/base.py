@@ -1,0 +1,93 @@
+"""The executor's contract: what a host is, what a command returns, what a connection can do.
+
+Everything above the executor (facts, resources, plan, apply) depends only on these names, so a
+resource can be tested against `LocalConnection` and run for real over SSH without change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host as the inventory names it.
+
+    `address` may be an alias from ``~/.ssh/config``; `port` 22 (the default) leaves the config's
+    ``Port`` in force, and `user`/`identity_file` left as None fall back to the config too.
+    """
+
+    name: str
+    address: str
+    port: int = 22
+    user: str | None = None
+    identity_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command. A signal N is reported as exit status 128+N, as a shell would."""
+
+    exit_status: int
+    stdout: bytes
+    stderr: bytes
+
+
+@dataclass(frozen=True)
+class SSHOptions:
+    """How the executor connects; defaults are safe (strict host keys) and patient enough for LANs.
+
+    `known_hosts` None means ``~/.ssh/known_hosts`` (or ``UserKnownHostsFile`` from the SSH
+    config); `ssh_config` None means ``~/.ssh/config`` when it exists. `accept_new_host_keys`
+    records an unknown host's key (OpenSSH's ``StrictHostKeyChecking=accept-new``) but still
+    refuses a key that differs from a recorded one.
+    """
+
+    connect_timeout: float = 10
+    command_timeout: float = 600
+    connect_retries: int = 2
+    known_hosts: Path | None = None
+    accept_new_host_keys: bool = False
+    concurrency: int = 10
+    agent_python: str = "python3"
+    ssh_config: Path | None = None
+    install_agent: bool = True  # False: never write the agent to hosts (read-only runs)
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """A live session with one host. Calls on one connection run in the order they are awaited.
+
+    `round_trips` counts every exec channel (one per `run`, one or more per `agent`), so tests
+    and benchmarks can assert how chatty a plan is.
+    """
+
+    name: str
+    round_trips: int
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        """Run argv on the host (quoted with shlex.join, never pasted into a shell string).
+
+        A non-zero exit is a result, not an error; a lost connection raises HostUnreachable and a
+        timeout raises ActionFailed.
+        """
+        ...
+
+    async def agent(
+        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+    ) -> dict[str, Any]:
+        """Run one agent op and return its JSON response; an agent error raises ActionFailed.
+
+        Uploads the agent first only when the host lacks this exact version, so on a converged
+        host every call is exactly one round trip.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Close the session; safe to call twice."""
+        ...

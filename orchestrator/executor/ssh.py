@@ -1,0 +1,249 @@
+"""The SSH executor: the only module that imports asyncssh's connection API.
+
+One connection per host, opened once and reused for every command and agent call of a run;
+hosts connect concurrently under a limit, with retries for transient failures. asyncssh and OS
+errors are translated here (``raise HostUnreachable(...) from exc``) into orchestrator.errors,
+so nothing above this edge ever sees a backend type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import signal
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import structlog
+
+from orchestrator.errors import ActionFailed, HostError, HostUnreachable
+
+from .agentcall import call_agent
+from .base import CommandResult, Connection, SSHOptions, Target
+from .hostkeys import HostKeyPolicy, rejection_error
+from .pool import for_each_host
+
+__all__ = ["SSHConnection", "SSHExecutor", "for_each_host"]
+
+log = structlog.get_logger(__name__)
+
+RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles each time
+
+
+class SSHConnection:
+    """A Connection over one asyncssh client connection. Create it with `SSHExecutor`."""
+
+    def __init__(self, name: str, conn: asyncssh.SSHClientConnection, options: SSHOptions) -> None:
+        self.name = name
+        self.round_trips = 0
+        self._conn = conn
+        self._options = options
+
+    async def run(
+        self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        if not argv:
+            raise ValueError("argv must not be empty")
+        command = shlex.join(argv)  # the remote shell splits it back into exactly argv
+        limit = self._options.command_timeout if timeout is None else timeout
+        self.round_trips += 1
+        log.debug("ssh_run", host=self.name, program=argv[0], round_trip=self.round_trips)
+        try:
+            process = await self._conn.create_process(
+                command,
+                input=stdin or None,
+                stdin=asyncssh.PIPE if stdin else asyncssh.DEVNULL,
+                encoding=None,
+            )
+        except asyncssh.ChannelOpenError as exc:
+            if self._conn.is_closed():
+                raise HostUnreachable(self.name, f"connection lost: {exc.reason}") from exc
+            raise ActionFailed(self.name, f"could not open an SSH session: {exc.reason}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise HostUnreachable(self.name, f"connection lost: {_describe(exc)}") from exc
+        try:
+            done = await process.wait(timeout=limit)
+        except asyncssh.TimeoutError as exc:
+            with contextlib.suppress(asyncssh.Error, OSError):  # honoured by OpenSSH >= 7.9
+                process.send_signal("KILL")
+            raise ActionFailed(self.name, f"command timed out after {limit}s: {argv[0]}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise HostUnreachable(self.name, f"connection lost: {_describe(exc)}") from exc
+        finally:
+            process.close()
+        if done.exit_status is None and done.exit_signal is None and self._conn.is_closed():
+            raise HostUnreachable(self.name, f"connection lost while running {argv[0]}")
+        return CommandResult(_exit_status(done), _as_bytes(done.stdout), _as_bytes(done.stderr))
+
+    async def agent(
+        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+    ) -> dict[str, Any]:
+        return await call_agent(
+            self.name,
+            self.run,
+            op,
+            request,
+            stdin=stdin,
+            python=self._options.agent_python,
+            command_timeout=self._options.command_timeout,
+            install=self._options.install_agent,
+        )
+
+    async def close(self) -> None:
+        self._conn.close()
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await self._conn.wait_closed()
+
+
+def _as_bytes(data: object) -> bytes:
+    return data if isinstance(data, bytes) else b""
+
+
+def _exit_status(done: asyncssh.SSHCompletedProcess) -> int:
+    """Shell-style status: a remote signal N is 128+N; a vanished status is 255, like ssh(1)."""
+    if done.exit_signal:
+        name = done.exit_signal[0]
+        number = getattr(signal, f"SIG{name}", None)
+        return 128 + int(number) if number is not None else 255
+    return done.exit_status if done.exit_status is not None and done.exit_status >= 0 else 255
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncssh.DisconnectError):
+        return exc.reason or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class SSHExecutor:
+    """Opens connections to targets with one set of `SSHOptions`."""
+
+    def __init__(self, options: SSHOptions | None = None) -> None:
+        self.options = options or SSHOptions()
+
+    @contextlib.asynccontextmanager
+    async def connect(self, target: Target) -> AsyncIterator[Connection]:
+        """``async with executor.connect(target) as conn``: raises HostError if it cannot."""
+        conn = await self.open(target)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def connect_all(self, targets: Iterable[Target]) -> dict[str, Connection | HostError]:
+        """Connect to every target concurrently (at most `concurrency` at once).
+
+        A host that cannot be reached is recorded as its HostError and never stops the others.
+        """
+        by_name: dict[str, Target] = {}
+        for t in targets:
+            if t.name in by_name:
+                raise ValueError(f"two targets are named {t.name!r}")
+            by_name[t.name] = t
+
+        async def one(target: Target) -> Connection:
+            return await self.open(target)
+
+        results = await for_each_host(by_name, one, self.options.concurrency)
+        return dict(results)
+
+    async def open(self, target: Target) -> SSHConnection:
+        """Connect, retrying transient failures; never retries a refused key or login."""
+        attempts = 1 + max(0, self.options.connect_retries)
+        last: HostError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(RETRY_BACKOFF * 2 ** (attempt - 1))
+            try:
+                return await self._open_once(target)
+            except _Transient as exc:
+                last = exc.error
+                log.debug("ssh_connect_retry", host=target.name, attempt=attempt + 1,
+                          error=str(exc.error))  # fmt: skip
+        assert last is not None
+        log.info("ssh_unreachable", host=target.name, attempts=attempts, error=str(last))
+        raise last
+
+    def _settings(self, target: Target) -> asyncssh.SSHClientConnectionOptions:
+        """asyncssh options with ~/.ssh/config applied; explicit target values win."""
+        kwargs: dict[str, Any] = {
+            "connect_timeout": self.options.connect_timeout,
+            "login_timeout": self.options.connect_timeout,
+            "keepalive_interval": 30,
+        }
+        if self.options.ssh_config is not None:
+            kwargs["config"] = [str(self.options.ssh_config)]
+        if target.port != 22:
+            kwargs["port"] = target.port
+        if target.user is not None:
+            kwargs["username"] = target.user
+        if target.identity_file is not None:
+            kwargs["client_keys"] = [str(target.identity_file)]
+        return asyncssh.SSHClientConnectionOptions(host=target.address, **kwargs)
+
+    def _known_hosts(self, settings: asyncssh.SSHClientConnectionOptions) -> list[Path]:
+        """The known_hosts files in force: the option, else the SSH config's, else the default."""
+        if self.options.known_hosts is not None:
+            return [self.options.known_hosts]
+        configured = settings.known_hosts
+        if configured is None:  # UserKnownHostsFile none: checking disabled by the user's config
+            return []
+        if configured == ():
+            return [Path("~/.ssh/known_hosts").expanduser()]
+        if isinstance(configured, (list, tuple)):
+            return [Path(str(p)).expanduser() for p in configured]
+        return [Path(str(configured)).expanduser()]
+
+    async def _open_once(self, target: Target) -> SSHConnection:
+        try:
+            settings = self._settings(target)
+        except (asyncssh.Error, OSError, ValueError) as exc:
+            raise HostUnreachable(target.name, f"bad SSH settings: {exc}") from exc
+        files = self._known_hosts(settings)
+        policy = HostKeyPolicy(files, self.options.accept_new_host_keys)
+        known: Any = [str(f) for f in files if f.is_file()] or b""
+        if self.options.known_hosts is None and settings.known_hosts is None:
+            known = None
+        host, port = settings.host or target.address, settings.port or 22
+        log.debug("ssh_connect", host=target.name, address=host, port=port)
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(
+                    target.address,
+                    target.port if target.port != 22 else (),  # 22: let the config decide
+                    options=settings,
+                    known_hosts=known,
+                    client_factory=lambda: policy,
+                ),
+                self.options.connect_timeout + 1,
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise rejection_error(target.name, host, port, files, policy.rejection,
+                                  exc.reason) from exc  # fmt: skip
+        except asyncssh.PermissionDenied as exc:
+            who = settings.username or "the default user"
+            raise HostUnreachable(
+                target.name,
+                f"authentication failed for {who}@{host}:{port} ({exc.reason}); "
+                "check the inventory's user and identity_file, or your ssh-agent",
+            ) from exc
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            error = HostUnreachable(
+                target.name, f"cannot connect to {host}:{port}: {_describe(exc)}"
+            )
+            error.__cause__ = exc
+            raise _Transient(error) from exc
+        log.debug("ssh_connected", host=target.name)
+        return SSHConnection(target.name, conn, self.options)
+
+
+class _Transient(Exception):
+    """Internal: a failure worth retrying (refused, timed out, reset), carrying its HostError."""
+
+    def __init__(self, error: HostUnreachable) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -1,0 +1,322 @@
+"""What the planner knows about a host: the agent's `facts` JSON, parsed into frozen values.
+
+Resources declare what they need as a `FactRequest`; the requests of every resource on a host are
+merged into one, so planning costs one agent call (one SSH round trip) per host. Parsing is pure
+and strict: a key the controller does not know, or a missing one, means the agent and the
+controller disagree about the protocol, and that must fail loudly rather than plan on guesses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+from orchestrator.errors import ActionFailed
+
+__all__ = [
+    "FactRequest",
+    "FileFact",
+    "FileKind",
+    "Guard",
+    "HostFacts",
+    "JobState",
+    "LaunchdJob",
+    "LaunchdRef",
+    "VenvFact",
+    "parse_facts",
+]
+
+LAUNCHD_DOMAINS = ("user", "system")
+
+
+class FileKind(Enum):
+    FILE = "file"
+    DIR = "dir"
+    MISSING = "missing"
+    OTHER = "other"
+
+
+class JobState(Enum):
+    RUNNING = "running"
+    WAITING = "waiting"  # loaded, not running now (exited, throttled, waiting for KeepAlive)
+    NOT_LOADED = "not_loaded"
+
+
+@dataclass(frozen=True)
+class FileFact:
+    kind: FileKind
+    size: int | None  # files only
+    mode: int | None  # permission bits; None when missing
+    sha256: str | None  # files only
+
+
+@dataclass(frozen=True)
+class VenvFact:
+    exists: bool
+    python_version: str | None
+    packages: Mapping[str, str]  # PEP 503-normalized name -> version
+
+
+@dataclass(frozen=True)
+class LaunchdJob:
+    state: JobState
+    pid: int | None
+    last_exit: int | None
+    env: Mapping[str, str]
+
+
+@dataclass(frozen=True, order=True)
+class LaunchdRef:
+    """A launchd job as a resource names it; `key` is how facts report it ("user/<label>")."""
+
+    domain: str
+    label: str
+
+    def __post_init__(self) -> None:
+        if self.domain not in LAUNCHD_DOMAINS:
+            raise ValueError(f"launchd domain must be one of {LAUNCHD_DOMAINS}: {self.domain!r}")
+        if not self.label or "/" in self.label:
+            raise ValueError(f"bad launchd label {self.label!r}")
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain}/{self.label}"
+
+
+@dataclass(frozen=True, order=True)
+class Guard:
+    """A check command whose exit status the plan needs (e.g. an `unless`), run during facts."""
+
+    id: str
+    argv: tuple[str, ...]
+
+
+def _frozen(items: Iterable[str]) -> frozenset[str]:
+    if isinstance(items, str):
+        raise TypeError("expected a collection of strings, not a string")
+    return frozenset(items)
+
+
+@dataclass(frozen=True)
+class FactRequest:
+    """What one or more resources need to know about a host; `merge` combines them."""
+
+    files: frozenset[str] = frozenset()
+    venvs: frozenset[str] = frozenset()
+    launchd: frozenset[LaunchdRef] = frozenset()
+    sysctl: frozenset[str] = frozenset()
+    guards: frozenset[Guard] = frozenset()
+    managed: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("files", "venvs", "sysctl"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        object.__setattr__(self, "launchd", frozenset(self.launchd))
+        object.__setattr__(self, "guards", frozenset(self.guards))
+        ids = [g.id for g in self.guards]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"guard ids must be unique: {sorted(ids)}")
+
+    def merge(self, *others: FactRequest) -> FactRequest:
+        """The union of this request and others; one guard id naming two commands is an error."""
+        parts = (self, *others)
+        return FactRequest(
+            files=frozenset().union(*(p.files for p in parts)),
+            venvs=frozenset().union(*(p.venvs for p in parts)),
+            launchd=frozenset().union(*(p.launchd for p in parts)),
+            sysctl=frozenset().union(*(p.sysctl for p in parts)),
+            guards=frozenset().union(*(p.guards for p in parts)),
+            managed=any(p.managed for p in parts),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The agent's `facts` request, sorted so equal requests serialize identically."""
+        return {
+            "files": sorted(self.files),
+            "venvs": sorted(self.venvs),
+            "launchd": [{"domain": r.domain, "label": r.label} for r in sorted(self.launchd)],
+            "sysctl": sorted(self.sysctl),
+            "guards": [{"id": g.id, "argv": list(g.argv)} for g in sorted(self.guards)],
+            "managed": self.managed,
+        }
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    host: str
+    os_system: str
+    os_version: str | None
+    user: str
+    uid: int
+    home: str
+    python_version: str
+    memory_bytes: int | None
+    chip: str | None
+    files: Mapping[str, FileFact] = field(default_factory=dict)
+    venvs: Mapping[str, VenvFact] = field(default_factory=dict)
+    launchd: Mapping[str, LaunchdJob] = field(default_factory=dict)
+    sysctl: Mapping[str, str | None] = field(default_factory=dict)
+    guards: Mapping[str, int] = field(default_factory=dict)
+    managed: Mapping[str, Any] = field(default_factory=dict)
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+    def file(self, path: str) -> FileFact:
+        """The fact for a path exactly as requested; a KeyError names what was not requested."""
+        try:
+            return self.files[path]
+        except KeyError:
+            raise KeyError(f"{self.host}: file {path!r} was not in the fact request") from None
+
+    def job(self, ref: LaunchdRef) -> LaunchdJob:
+        try:
+            return self.launchd[ref.key]
+        except KeyError:
+            raise KeyError(f"{self.host}: job {ref.key!r} was not in the fact request") from None
+
+
+class _Reader:
+    """Strict access to one JSON object: every key must be read, type-checked, and known."""
+
+    def __init__(self, host: str, where: str, raw: Any) -> None:
+        self.host, self.where = host, where
+        if not isinstance(raw, Mapping):
+            self.fail(f"expected an object, got {type(raw).__name__}")
+        self.raw: Mapping[str, Any] = raw
+
+    def fail(self, message: str) -> NoReturn:
+        raise ActionFailed(self.host, f"bad facts from agent at {self.where}: {message}")
+
+    def expect_keys(self, keys: Iterable[str]) -> None:
+        known = set(keys)
+        unknown, missing = sorted(set(self.raw) - known), sorted(known - set(self.raw))
+        if unknown:
+            self.fail(f"unknown keys {unknown} (agent and controller versions differ?)")
+        if missing:
+            self.fail(f"missing keys {missing}")
+
+    def get(self, key: str, *types: type) -> Any:
+        value = self.raw[key]
+        # bool is an int in Python; facts never mean one when they say the other.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+            self.fail(f"{key} should be {names}, got {value!r:.80}")
+        return value
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(self.host, f"{self.where}.{key}", self.raw[key])
+
+    def strings(self, key: str, value_types: tuple[type, ...]) -> dict[str, Any]:
+        sub = self.child(key)
+        return {k: sub.get(k, *value_types) for k in sub.raw}
+
+
+_NONE = type(None)
+
+
+def _file(r: _Reader) -> FileFact:
+    r.expect_keys(("kind", "size", "mode", "sha256"))
+    kind = r.get("kind", str)
+    try:
+        file_kind = FileKind(kind)
+    except ValueError:
+        r.fail(f"unknown file kind {kind!r}")
+    return FileFact(
+        file_kind, r.get("size", int, _NONE), r.get("mode", int, _NONE), r.get("sha256", str, _NONE)
+    )
+
+
+def _venv(r: _Reader) -> VenvFact:
+    r.expect_keys(("exists", "python_version", "packages"))
+    packages = MappingProxyType(r.strings("packages", (str,)))
+    return VenvFact(r.get("exists", bool), r.get("python_version", str, _NONE), packages)
+
+
+def _job(r: _Reader) -> LaunchdJob:
+    r.expect_keys(("state", "pid", "last_exit", "env"))
+    state = r.get("state", str)
+    try:
+        job_state = JobState(state)
+    except ValueError:
+        r.fail(f"unknown launchd state {state!r}")
+    env = MappingProxyType(r.strings("env", (str,)))
+    return LaunchdJob(job_state, r.get("pid", int, _NONE), r.get("last_exit", int, _NONE), env)
+
+
+def _each(r: _Reader, key: str, parse: Any) -> Mapping[str, Any]:
+    sub = r.child(key)
+    return MappingProxyType({k: parse(sub.child(k)) for k in sub.raw})
+
+
+TOP_KEYS = (
+    "agent",
+    "os",
+    "user",
+    "uid",
+    "home",
+    "python",
+    "memory_bytes",
+    "chip",
+    "files",
+    "venvs",
+    "launchd",
+    "sysctl",
+    "guards",
+    "managed",
+    "counters",
+)
+
+
+def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None = None) -> HostFacts:
+    """Parse the agent's `facts` answer; ActionFailed(host) on any unknown, missing or bad key.
+
+    With `request`, also check that exactly the requested files, venvs, jobs, sysctls and guards
+    were answered.
+    """
+    r = _Reader(host, "facts", raw)
+    r.expect_keys(TOP_KEYS)
+    r.child("agent").expect_keys(("version",))
+    os_r = r.child("os")
+    os_r.expect_keys(("system", "product_version"))
+    py = r.child("python")
+    py.expect_keys(("executable", "version"))
+    counters = r.child("counters")
+    counters.expect_keys(("files_hashed", "bytes_hashed", "hash_cache_hits"))
+    facts = HostFacts(
+        host=host,
+        os_system=os_r.get("system", str),
+        os_version=os_r.get("product_version", str, _NONE),
+        user=r.get("user", str),
+        uid=r.get("uid", int),
+        home=r.get("home", str),
+        python_version=py.get("version", str),
+        memory_bytes=r.get("memory_bytes", int, _NONE),
+        chip=r.get("chip", str, _NONE),
+        files=_each(r, "files", _file),
+        venvs=_each(r, "venvs", _venv),
+        launchd=_each(r, "launchd", _job),
+        sysctl=MappingProxyType(r.strings("sysctl", (str, _NONE))),
+        guards=MappingProxyType(r.strings("guards", (int,))),
+        managed=MappingProxyType(dict(r.get("managed", Mapping))),
+        counters=MappingProxyType({k: counters.get(k, int) for k in counters.raw}),
+    )
+    if request is not None:
+        _check_answers(r, facts, request)
+    return facts
+
+
+def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
+    """Every requested item answered, nothing else: catches a controller/agent mismatch."""
+    expected: dict[str, set[str]] = {
+        "files": set(request.files),
+        "venvs": set(request.venvs),
+        "launchd": {ref.key for ref in request.launchd},
+        "sysctl": set(request.sysctl),
+        "guards": {g.id for g in request.guards},
+    }
+    for name, keys in expected.items():
+        got = set(getattr(facts, name))
+        if got != keys:
+            r.fail(f"{name} answered {sorted(got)}, requested {sorted(keys)}")

@@ -1,0 +1,63 @@
+"""A Python virtual environment on a node with exactly the pinned packages."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from orchestrator.facts import FactRequest, HostFacts
+from orchestrator.resources.base import Action, Change, FieldChange, Step
+
+
+def normalize(name: str) -> str:
+    """PEP 503: `MLX_LM`, `mlx.lm` and `mlx-lm` are one package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pins(requirements: tuple[str, ...]) -> dict[str, str]:
+    """{normalized name: version} from `name==version` (extras dropped: they pin no version)."""
+    result: dict[str, str] = {}
+    for requirement in requirements:
+        name, version = requirement.split("==", 1)
+        result[normalize(name.split("[", 1)[0])] = version
+    return result
+
+
+@dataclass(frozen=True)
+class PythonEnv:
+    """`path` is HOME-relative ("~/.orch/venv"); commands run from HOME so no shell expands it."""
+
+    path: str
+    python: str
+    packages: tuple[str, ...]
+    pip_args: tuple[str, ...] = ()  # e.g. ("--find-links", wheelhouse, "--no-index")
+
+    @property
+    def id(self) -> str:
+        return f"python_env:{self.path}"
+
+    def facts_needed(self) -> FactRequest:
+        return FactRequest(venvs=frozenset({self.path}))
+
+    def diff(self, facts: HostFacts) -> Change | None:
+        venv = facts.venvs[self.path]
+        wanted = pins(self.packages)
+        fields = [FieldChange(f"package {name}", venv.packages.get(name), version)
+                  for name, version in sorted(wanted.items())
+                  if venv.packages.get(name) != version]
+        if venv.exists and not fields:
+            return None
+        relative = self.path.removeprefix("~/")
+        steps: list[Step] = []
+        if not venv.exists:
+            fields.insert(0, FieldChange("venv", "missing", self.path))
+            steps.append(Step("run", {"argv": [self.python, "-m", "venv", relative], "cwd": "~"}))
+        if self.packages:
+            install = [f"{relative}/bin/python", "-m", "pip", "install", "--quiet",
+                       "--disable-pip-version-check", *self.pip_args, *self.packages]
+            steps.append(Step("run", {"argv": install, "cwd": "~"}))
+        action = Action.UPDATE if venv.exists else Action.CREATE
+        return Change(self.id, action, tuple(fields), tuple(steps), cleanup=self.cleanup())
+
+    def cleanup(self) -> tuple[Step, ...]:
+        return (Step("remove", {"path": self.path}),)

@@ -1,0 +1,245 @@
+"""The convergence engine end to end on real sshd hosts: plan = apply, drift, exit codes, lock.
+
+Every `orch` invocation here is the real CLI in a subprocess, so exit codes, output and the
+absence of tracebacks are what a user would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_cluster
+from orchestrator.engine import RunOptions, plan
+from orchestrator.executor import SSHOptions
+from orchestrator.sandbox.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
+from tests.integration.conftest import TreeHash
+
+GIB = 1024**3
+ODD = "va lue 'q' \"dq\" $(touch /tmp/orch-pwned) ; echo x"
+
+
+def inventory_yaml(hosts: Sequence[RunningHost]) -> str:
+    lines = ["hosts:"]
+    for i, host in enumerate(hosts):
+        lines += [
+            f"  {host.name}:",
+            f"    address: {host.address}",
+            f"    port: {host.port}",
+            f"    user: {host.user}",
+            f"    identity_file: {host.identity_file}",
+            f"    ring_ip: 10.9.0.{i + 1}",
+            f"    memory_gb: {host.spec.memory_bytes // GIB}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_cluster(directory: Path, hosts: Sequence[RunningHost], extra_tasks: str = "") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model").mkdir(exist_ok=True)
+    (directory / "inventory.yml").write_text(inventory_yaml(hosts))
+    (directory / "motd.j2").write_text("{{ host.name }} serves {{ cluster }}: {{ odd }}\n")
+    (directory / "cluster.yml").write_text(f"""\
+name: itest
+inventory: inventory.yml
+model:
+  path: model
+runtime:
+  packages: []
+tasks:
+  - name: config dir
+    directory: {{path: "~/conf dir", mode: "0750"}}
+  - name: motd
+    template: {{src: motd.j2, dest: "~/conf dir/motd; $(x).txt", mode: "0640"}}
+    vars: {{odd: {json.dumps(ODD)}}}
+  - name: marker
+    command: [touch, "made it"]
+    creates: "~/made it"
+{extra_tasks}""")
+    return directory / "cluster.yml"
+
+
+def orch(*args: str | Path, known_hosts: Path | None = None,
+         timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "orchestrator", "--log-format", "json", *map(str, args)]
+    if known_hosts is not None and args and args[0] in ("plan", "apply", "unlock", "facts"):
+        argv += ["--known-hosts", str(known_hosts)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cluster(test_hosts: list[RunningHost], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_cluster(tmp_path_factory.mktemp("engine"), test_hosts)
+
+
+@pytest.fixture(scope="module")
+def known(test_hosts: list[RunningHost]) -> Path:
+    return test_hosts[0].known_hosts_file
+
+
+def changes_of(plan_json: dict[str, object]) -> list[tuple[str, str, str]]:
+    return [(h["host"], c["resource"], c["action"])  # type: ignore[index]
+            for h in plan_json["hosts"] for c in h["changes"]]  # type: ignore[attr-defined]
+
+
+def test_check_predicts_apply_exactly_then_plan_is_clean(
+    cluster: Path, known: Path, test_hosts: list[RunningHost], tree_hash: TreeHash
+) -> None:
+    before = [tree_hash(h, "home") for h in test_hosts]
+    check = orch("apply", cluster, "--check", "--detailed-exitcode", "--json", known_hosts=known)
+    assert check.returncode == 2, check.stderr
+    assert [tree_hash(h, "home") for h in test_hosts] == before, "--check changed a host"
+    predicted = json.loads(check.stdout)
+
+    applied = orch("apply", cluster, "--yes", "--json", known_hosts=known)
+    assert applied.returncode == 0, applied.stderr
+    result = json.loads(applied.stdout)
+    assert changes_of(result["plan"]) == changes_of(predicted)
+    assert result["plan"]["hosts"] == predicted["hosts"]
+    done = {o["host"]: o["applied"] for o in result["outcome"]["hosts"]}
+    for host in predicted["hosts"]:
+        assert done[host["host"]] == [c["resource"] for c in host["changes"]]
+
+    for host in test_hosts:
+        motd = host.home / "conf dir" / "motd; $(x).txt"
+        assert motd.read_text() == f"{host.name} serves itest: {ODD}\n"
+        assert (host.home / "made it").exists()
+    assert not Path("/tmp/orch-pwned").exists()
+
+    again = orch("plan", cluster, "--detailed-exitcode", known_hosts=known)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "No changes. 3 hosts match the cluster file." in again.stdout
+
+
+def test_drift_on_one_host_names_exactly_that_file(
+    cluster: Path, known: Path, test_hosts: list[RunningHost]
+) -> None:
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    victim = test_hosts[1]
+    (victim.home / "conf dir" / "motd; $(x).txt").write_text("edited by hand\n")
+    drift = orch("plan", cluster, "--detailed-exitcode", "--json", known_hosts=known)
+    assert drift.returncode == 2
+    assert changes_of(json.loads(drift.stdout)) == [
+        (victim.name, "file:~/conf dir/motd; $(x).txt", "update")]
+    text = orch("plan", cluster, known_hosts=known).stdout
+    assert f"{victim.name}:\n  ~ file:~/conf dir/motd; $(x).txt" in text
+    assert "Plan: 0 to add, 1 to change, 0 to destroy on 1 of 3 hosts." in text
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    assert orch("plan", cluster, "--detailed-exitcode", known_hosts=known).returncode == 0
+
+
+def test_saved_plan_applies_exactly_or_refuses(
+    cluster: Path, known: Path, test_hosts: list[RunningHost], tmp_path: Path
+) -> None:
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    target = test_hosts[0].home / "made it"
+    target.unlink()
+    saved = tmp_path / "plan.json"
+    assert orch("plan", cluster, "--out", saved, known_hosts=known).returncode == 0
+    (test_hosts[2].home / "made it").unlink()  # the hosts change after the plan was made
+    stale = orch("apply", saved, known_hosts=known)
+    assert stale.returncode == 1
+    assert "the hosts changed since the plan was made" in stale.stderr
+    assert not target.exists(), "a stale plan must apply nothing"
+    assert orch("plan", cluster, "--out", saved, known_hosts=known).returncode == 0
+    assert orch("apply", saved, known_hosts=known).returncode == 0
+    assert target.exists()
+    assert orch("plan", cluster, "--detailed-exitcode", known_hosts=known).returncode == 0
+
+
+def test_removed_task_is_cleaned_up(
+    cluster: Path, known: Path, test_hosts: list[RunningHost], tmp_path: Path
+) -> None:
+    bigger = write_cluster(tmp_path, test_hosts, extra_tasks=(
+        "  - name: extra\n    template: {src: motd.j2, dest: ~/extra.txt}\n"
+        "    vars: {odd: x}\n"))
+    assert orch("apply", bigger, "--yes", known_hosts=known).returncode == 0
+    assert all((h.home / "extra.txt").exists() for h in test_hosts)
+    shrink = orch("plan", cluster, "--json", known_hosts=known)
+    assert changes_of(json.loads(shrink.stdout)) == [
+        (h.name, "file:~/extra.txt", "delete") for h in sorted(test_hosts, key=lambda h: h.name)]
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    assert not any((h.home / "extra.txt").exists() for h in test_hosts)
+    assert orch("plan", cluster, "--detailed-exitcode", known_hosts=known).returncode == 0
+
+
+def test_converged_plan_costs_at_most_two_round_trips_per_host(
+    cluster: Path, known: Path
+) -> None:
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    options = RunOptions(ssh=SSHOptions(known_hosts=known))
+    result, trips = asyncio.run(plan(load_cluster(cluster), options))
+    assert not result.has_changes
+    assert trips and all(n <= 2 for n in trips.values()), trips
+
+
+def test_unknown_host_key_is_refused_with_how_to(cluster: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    proc = orch("plan", cluster, known_hosts=empty)
+    assert proc.returncode == 3
+    assert "--accept-new-host-keys" in proc.stdout + proc.stderr
+    assert empty.read_text() == ""
+
+
+def test_concurrent_apply_exits_4_naming_the_holder(
+    cluster: Path, known: Path, test_hosts: list[RunningHost], tmp_path: Path
+) -> None:
+    slow = write_cluster(tmp_path, test_hosts, extra_tasks=(
+        "  - name: slow\n    command: [sleep, '4']\n    unless: [test, -e, ~/never]\n"))
+    argv = [sys.executable, "-m", "orchestrator", "apply", str(slow), "--yes",
+            "--known-hosts", str(known)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock_dir = test_hosts[0].home / ".orch" / "locks" / "itest"
+        deadline = time.monotonic() + 60
+        while not lock_dir.exists():
+            assert time.monotonic() < deadline, "first apply never took the lock"
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        second = orch("apply", cluster, "--yes", known_hosts=known)
+        assert second.returncode == 4, second.stderr
+        assert f"held by {getpass.getuser()}@{socket.gethostname()}" in second.stderr
+        assert f"pid {first.pid}" in second.stderr
+    finally:
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert not (test_hosts[0].home / ".orch" / "locks" / "itest").exists()
+
+
+@pytest.fixture
+def doomed_host(tmp_path: Path) -> Iterator[RunningHost]:
+    [host] = start_hosts(tmp_path / "doomed", [HostSpec("mini-doomed", 64 * GIB, "Apple M4 Pro",
+                                                         address="127.0.0.19")])
+    try:
+        yield host
+    finally:
+        stop_hosts([host])
+
+
+def test_stopped_host_is_unreachable_and_the_others_converge(
+    test_hosts: list[RunningHost], doomed_host: RunningHost, tmp_path: Path
+) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join(h.known_hosts_line for h in [*test_hosts, doomed_host]) + "\n")
+    cluster = write_cluster(tmp_path / "c", [*test_hosts, doomed_host])
+    (test_hosts[0].home / "made it").unlink(missing_ok=True)
+    doomed_host.stop()
+    proc = orch("apply", cluster, "--yes", known_hosts=known)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "mini-doomed: unreachable" in proc.stdout
+    assert (test_hosts[0].home / "made it").exists()
+    plan_proc = orch("plan", cluster, "--detailed-exitcode", known_hosts=known)
+    assert plan_proc.returncode == 3
+    assert "mini-doomed: UNREACHABLE" in plan_proc.stdout

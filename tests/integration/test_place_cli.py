@@ -1,0 +1,101 @@
+"""`orch place` end to end: cluster file + the guide's lab inventory + a DeepSeek-R1-shaped model.
+
+The model is the sparse 88-file checkpoint (real safetensors headers, ~420 GB apparent, ~1 MB
+on disk); the inventory is the repository's own `inventories/lab.yml`. No host is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from tests.fixtures.deepseek_like import make_deepseek_like
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LAB = REPO_ROOT / "inventories" / "lab.yml"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_deepseek_like(tmp_path_factory.mktemp("models") / "DeepSeek-R1-4bit")
+
+
+def cluster_file(tmp_path: Path, model: Path, nodes: str = "auto") -> Path:
+    path = tmp_path / "cluster.yml"
+    path.write_text(f"name: deepseek-r1\n"
+                    f"inventory: {LAB}\n"
+                    f"model:\n  path: {model}\n"
+                    f"placement:\n  nodes: {nodes}\n")
+    return path
+
+
+def place(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, ["place", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_auto_picks_the_guides_three_macs(tmp_path: Path, model_dir: Path) -> None:
+    code, out, err = place(str(cluster_file(tmp_path, model_dir)), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["fits"] is True
+    assert [n["name"] for n in doc["nodes"]] == ["studio-1", "studio-2", "mbp-m4"]
+    assert all(n["bytes"] <= n["usable_bytes"] for n in doc["nodes"])
+    assert doc["even_split_fits"] is False
+    covered = sorted(layer for n in doc["nodes"] for layer in range(*n["layers"]))
+    assert covered == list(range(61))
+    assert doc["required_bytes"] <= doc["available_bytes"]
+    assert all(n["files"] for n in doc["nodes"])
+
+
+def test_the_table(tmp_path: Path, model_dir: Path) -> None:
+    code, out, _ = place(str(cluster_file(tmp_path, model_dir)))
+    assert code == 0
+    for text in ("studio-1", "studio-2", "mbp-m4", "GB = 10^9 bytes", "Fits on 3 nodes"):
+        assert text in out
+
+
+def test_two_studios_are_refused_with_the_shortfall(tmp_path: Path, model_dir: Path) -> None:
+    cluster = cluster_file(tmp_path, model_dir, "[studio-1, studio-2]")
+    code, out, _ = place(str(cluster))
+    assert code == 1
+    assert "short 84.5 GB" in out
+    code, out, _ = place(str(cluster), "--json")
+    assert code == 1
+    doc = json.loads(out)
+    assert doc["fits"] is False
+    assert doc["required_bytes"] - doc["available_bytes"] == pytest.approx(84.5e9, abs=0.1e9)
+
+
+def test_a_missing_weight_file_is_named(tmp_path: Path) -> None:
+    model = make_deepseek_like(tmp_path / "broken")
+    (model / "model-00013-of-00088.safetensors").unlink()
+    code, out, err = place(str(cluster_file(tmp_path, model)))
+    assert code == 1
+    assert "model-00013-of-00088.safetensors" in err
+    assert "Traceback" not in out + err
+
+
+def test_the_guides_estimate_from_a_parameter_count(tmp_path: Path, model_dir: Path) -> None:
+    cluster = str(cluster_file(tmp_path, model_dir))
+    code, out, _ = place(cluster, "--json", "--params", "671e9", "--bits", "4", "--layers", "61")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["model"]["estimated"] is True
+    assert doc["policy"]["overhead"] == 0.2
+    code, _, err = place(cluster, "--params", "671e9")
+    assert code != 0 and "go together" in err
+
+
+def test_the_installed_entry_point(tmp_path: Path, model_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "place", str(cluster_file(tmp_path, model_dir)),
+         "--json"], capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["fits"] is True
