@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""orch's MLX worker: one rank of an ``mlx_lm.server --pipeline`` ring, with orch's layer split.
+
+orch copies this single file to each node (like a rendered config) and launchd runs it as::
+
+    MLX_RANK=<r> MLX_HOSTFILE=<hostfile.json> <venv>/bin/python mlx_worker.py <worker.json>
+
+Why a script of its own: the nodes have Python, mlx and mlx-lm, never orch; and mlx-lm's CLI
+cannot take an uneven layer split, which a cluster of unequal Macs needs. It imports only the
+standard library, mlx and mlx_lm, and runs on any Python mlx-lm runs on (>= 3.11).
+
+It does, in this order, and refuses to go on (exit code below, reason on stderr) at any failure:
+
+1. reads the config (unknown keys are errors)::
+
+       {"model_dir": "/abs/path", "split": [layers per rank, rank 0 first],
+        "host": "127.0.0.1", "port": 8080, "expected_world_size": 3,
+        "files": {"relative/path": "<sha256>" or {"sha256": "<hex>", "size": <bytes>}},
+        "status_path": "/abs/status.json",   optional; default <model_dir>/../worker-status-<r>.json
+        "server_args": ["--log-level", "INFO"]}  optional; appended to the server's command line
+
+2. verifies every listed file (size, then sha256) — **a missing weight file does not fail
+   mlx-lm's load: those layers silently keep random weights**. A verified file gets a stamp in
+   ``<model_dir>/.orch-verified/`` keyed by (size, mtime_ns, inode), so a restart re-reads no
+   data. It also checks, from ``model.safetensors.index.json``, that the list covers every weight
+   file mlx-lm will read for this rank's layers (the same rule as ``mlx_lm.utils.sharded_load``);
+3. makes mlx-lm apply ``split`` (see `install_split_hook`), checks after loading that this rank
+   holds exactly its layers, and pins requests to the loaded model (see `install_load_guard`)
+   — or exits if this mlx-lm lacks what those hooks rely on;
+4. forms the ring with ``mx.distributed.init(strict=True, backend="ring")`` and checks its size
+   (the default backend silently falls back to a group of 1). A one-node service (world size
+   1) forms no ring and ignores ``MLX_HOSTFILE``;
+5. runs ``mlx_lm.server`` ``main()`` with ``--model DIR --pipeline --host H --port P`` — the same
+   command line on every rank; rank 0 serves HTTP.
+
+A status file (JSON, replaced atomically) tells the agent where the rank is: ``state`` is
+``verifying`` → ``ring`` → ``loading`` → ``serving``, or ``failed`` with ``error``; plus rank,
+world size, split, layer range [start, end), parameter bytes held, pid and start time.
+
+Exit codes (launchd keeps the last one): 2 bad config or environment, 3 a file is missing or
+wrong, 4 the ring did not form or has the wrong size, 5 this mlx-lm lacks a hook the worker
+needs or loading failed.
+"""
+
+from __future__ import annotations
+
+# os.path on purpose, like the agent: paths travel as JSON strings.
+# ruff: noqa: PTH103, PTH105, PTH116, PTH117, PTH118, PTH120, PTH123, PTH208
+import hashlib
+import inspect
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_CONFIG = 2
+EXIT_FILES = 3
+EXIT_RING = 4
+EXIT_MLX = 5
+
+CHUNK = 1 << 20
+RACY_SECONDS = 1.0  # a file modified this recently may still change within one mtime tick
+STAMP_DIR = ".orch-verified"
+INDEX = "model.safetensors.index.json"
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx_lm.utils.sharded_load's rule
+CONFIG_KEYS = {"model_dir", "split", "host", "port", "expected_world_size", "files",
+               "status_path", "server_args"}
+REQUIRED_KEYS = CONFIG_KEYS - {"status_path", "server_args"}
+
+FileSpec = tuple[int | None, str]  # (size or None, sha256)
+
+
+class WorkerError(Exception):
+    """A reason to refuse to start; carries the exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------------------- status
+
+
+class Status:
+    """The rank's status file: rewritten atomically at every state change."""
+
+    def __init__(self, path: str, fields: dict[str, Any]) -> None:
+        self.path = path
+        self.fields: dict[str, Any] = {"pid": os.getpid(), "started_at": time.time(), **fields}
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields, updated_at=time.time())
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.fields, f, indent=2, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:  # the status is a report; never a reason to stop serving
+            log(f"cannot write status file {self.path}: {exc}")
+
+
+def log(message: str) -> None:
+    rank = os.environ.get("MLX_RANK", "?")
+    print(f"orch-worker rank {rank}: {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------- config
+
+
+def load_config(path: str) -> dict[str, Any]:
+    """Read and check the worker config; raise WorkerError(EXIT_CONFIG) naming what is wrong."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise WorkerError(EXIT_CONFIG, f"cannot read config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise WorkerError(EXIT_CONFIG, f"{path}: the config must be a JSON object")
+    problems = [f"unknown key {k!r}" for k in sorted(set(config) - CONFIG_KEYS)]
+    problems += [f"missing key {k!r}" for k in sorted(REQUIRED_KEYS - set(config))]
+    if not problems:
+        problems = _config_problems(config)
+    if problems:
+        raise WorkerError(EXIT_CONFIG, f"{path}: " + "; ".join(problems))
+    return config
+
+
+def _config_problems(c: dict[str, Any]) -> list[str]:
+    problems = []
+    if not (isinstance(c["model_dir"], str) and os.path.isabs(c["model_dir"])):
+        problems.append("model_dir must be an absolute path")
+    split, size = c["split"], c["expected_world_size"]
+    if not (isinstance(size, int) and size >= 1):
+        problems.append("expected_world_size must be a positive integer")
+    if not (isinstance(split, list) and all(isinstance(n, int) and n > 0 for n in split)):
+        problems.append("split must be a list of positive layer counts")
+    elif len(split) != size:
+        problems.append(f"split has {len(split)} entries for expected_world_size {size}")
+    if not isinstance(c["host"], str) or not c["host"]:
+        problems.append("host must be a non-empty string")
+    if not (isinstance(c["port"], int) and 0 < c["port"] < 65536):
+        problems.append("port must be an integer in 1..65535")
+    if not isinstance(c["files"], dict) or not c["files"]:
+        problems.append("files must be a non-empty object {relative path: sha256}")
+    else:
+        for rel, spec in c["files"].items():
+            if os.path.isabs(rel) or ".." in rel.split("/") or _file_spec(spec) is None:
+                problems.append(f"bad files entry {rel!r}: {spec!r}")
+    status = c.get("status_path")
+    if status is not None and not (isinstance(status, str) and os.path.isabs(status)):
+        problems.append("status_path must be an absolute path")
+    args = c.get("server_args", [])
+    if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        problems.append("server_args must be a list of strings")
+    return problems
+
+
+def _file_spec(spec: Any) -> FileSpec | None:
+    """A files entry as (size or None, sha256), or None when malformed."""
+    if isinstance(spec, dict) and set(spec) == {"sha256", "size"}:
+        size, sha = spec["size"], spec["sha256"]
+        ok = isinstance(size, int) and size >= 0
+        return (size, sha) if ok and _is_sha256(sha) else None
+    return (None, spec) if _is_sha256(spec) else None
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def rank_from_env(expected_world_size: int) -> int:
+    """MLX_RANK as an int in range; MLX_HOSTFILE must list expected_world_size ranks."""
+    raw = os.environ.get("MLX_RANK", "")
+    if not raw.isdigit() or int(raw) >= expected_world_size:
+        raise WorkerError(EXIT_CONFIG,
+                          f"MLX_RANK={raw!r} is not a rank in 0..{expected_world_size - 1}")
+    if expected_world_size == 1:
+        return 0
+    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    try:
+        with open(hostfile) as f:
+            hosts = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise WorkerError(EXIT_CONFIG, f"MLX_HOSTFILE={hostfile!r} is unreadable: {exc}") from exc
+    if not (isinstance(hosts, list) and len(hosts) == expected_world_size):
+        raise WorkerError(EXIT_CONFIG, f"MLX_HOSTFILE {hostfile} does not list "
+                                       f"{expected_world_size} ranks: {hosts!r}")
+    return int(raw)
+
+
+def layer_range(split: list[int], rank: int) -> tuple[int, int]:
+    """[start, end) of the layers rank holds: rank 0 the last ones (mlx-lm's convention)."""
+    start = sum(split[rank + 1:])
+    return start, start + split[rank]
+
+
+# -------------------------------------------------------------------------------------- files
+
+
+def verify_files(model_dir: str, files: dict[str, Any]) -> None:
+    """Check every listed file's size and sha256; raise WorkerError naming every bad file."""
+    problems = []
+    for rel in sorted(files):
+        size, sha = _file_spec(files[rel]) or (None, "")
+        path = os.path.join(model_dir, rel)
+        try:
+            st = os.stat(path)
+        except OSError:
+            problems.append(f"missing file {path}")
+            continue
+        if size is not None and st.st_size != size:
+            problems.append(f"wrong size {path}: {st.st_size} bytes, expected {size}")
+            continue
+        actual = _cached_sha256(model_dir, rel, st)
+        if actual != sha:
+            problems.append(f"sha256 mismatch {path}: got {actual}, expected {sha}")
+    if problems:
+        raise WorkerError(EXIT_FILES, "refusing to start, its layers would run with random "
+                                      "weights: " + "; ".join(problems))
+
+
+def _cached_sha256(model_dir: str, rel: str, st: os.stat_result) -> str:
+    """sha256 of a file, trusting a stamp written after an earlier check of the same bytes."""
+    stamp = os.path.join(model_dir, STAMP_DIR, rel + ".json")
+    key = [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        with open(stamp) as f:
+            saved = json.load(f)
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return str(saved["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    started = time.time()
+    digest = hashlib.sha256()
+    with open(os.path.join(model_dir, rel), "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    after = os.stat(os.path.join(model_dir, rel))
+    if [after.st_size, after.st_mtime_ns, after.st_ino] == key and \
+            st.st_mtime < started - RACY_SECONDS:
+        try:
+            os.makedirs(os.path.dirname(stamp), exist_ok=True)
+            with open(stamp + ".tmp", "w") as f:
+                json.dump({"key": key, "sha256": sha}, f)
+            os.replace(stamp + ".tmp", stamp)
+        except OSError:
+            pass  # a read-only model dir only costs re-hashing next start
+    return sha
+
+
+def check_coverage(model_dir: str, files: dict[str, Any], start: int, end: int) -> None:
+    """Every weight file mlx-lm will read for layers [start, end) must be in the verified list."""
+    if INDEX not in files:
+        raise WorkerError(EXIT_FILES, f"files must include {INDEX} (mlx-lm reads it to load)")
+    with open(os.path.join(model_dir, INDEX)) as f:
+        weight_map = json.load(f)["weight_map"]
+    needed = set()
+    for tensor, name in weight_map.items():
+        m = LAYER_RE.search(tensor)
+        if m is None or start <= int(m.group(1)) < end:
+            needed.add(name)
+    unlisted = sorted(needed - set(files))
+    if unlisted:
+        raise WorkerError(EXIT_FILES, f"layers {start}..{end - 1} need {', '.join(unlisted)}, "
+                                      "which the config does not list, so nothing verified them")
+    extra = sorted(n for n in os.listdir(model_dir)
+                   if n.endswith(".safetensors") and n not in files)
+    if extra:
+        log(f"unlisted weight files in {model_dir} (mlx-lm globs them): {', '.join(extra)}")
+
+
+# ----------------------------------------------------------------------------------- mlx hooks
+
+
+def init_ring(expected_world_size: int, rank: int) -> Any:
+    """The global group, formed strictly over the ring and of the expected size and rank."""
+    import mlx.core as mx
+
+    try:
+        group = mx.distributed.init(strict=True, backend="ring")
+    except RuntimeError as exc:
+        raise WorkerError(EXIT_RING, f"the ring did not form: {exc}") from exc
+    # mlx_lm.server calls mx.distributed.init() again; it must get this same group.
+    size, got_rank = group.size(), group.rank()
+    if size != expected_world_size or got_rank != rank or mx.distributed.init().size() != size:
+        raise WorkerError(EXIT_RING, f"the ring has size {size} and rank {got_rank}, "
+                                     f"expected size {expected_world_size} and rank {rank}")
+    return group
+
+
+def install_split_hook(split: list[int]) -> Callable[[], None]:
+    """Make mlx-lm's pipeline loading use ``split``; return a function that undoes it.
+
+    Relies on mlx-lm 0.32.2's ``mlx_lm.models.pipeline.PipelineMixin.pipeline(self, group,
+    split=None)``, which ``mlx_lm.utils.sharded_load`` (what ``mlx_lm.server`` loads with under
+    ``--pipeline``) calls twice without ``split``: once to choose the rank's weight files, once
+    on the model it returns. Defaulting ``split`` there changes both consistently and nothing
+    else. Models that override ``pipeline`` would escape it; `install_load_guard` checks the
+    loaded layer range so that cannot pass silently.
+    """
+    try:
+        from mlx_lm.models.pipeline import PipelineMixin
+    except ImportError as exc:
+        raise WorkerError(EXIT_MLX, f"this mlx-lm has no mlx_lm.models.pipeline: {exc}") from exc
+    original = PipelineMixin.__dict__.get("pipeline")
+    if original is None or "split" not in inspect.signature(original).parameters:
+        raise WorkerError(EXIT_MLX, "this mlx-lm's PipelineMixin.pipeline takes no split "
+                                    "(orch's worker needs mlx-lm 0.32.2's signature)")
+    wanted = list(split)
+
+    def pipeline(self: Any, group: Any, split: list[int] | None = None) -> Any:
+        return original(self, group, wanted if split is None else split)
+
+    PipelineMixin.pipeline = pipeline  # type: ignore[method-assign]
+
+    def undo() -> None:
+        PipelineMixin.pipeline = original  # type: ignore[method-assign]
+
+    return undo
+
+
+def install_load_guard(status: Status, start: int, end: int, distributed: bool) -> None:
+    """Check the loaded layer range and report it; pin every request to the loaded model.
+
+    Relies on the names ``mlx_lm.server.ModelProvider._load`` calls — ``sharded_load`` under a
+    ring, ``load`` alone — and on ``mlx_lm.server.ModelProvider.load(self, model_path,
+    adapter_path, draft_model_path)``. Pinning matters: a request naming another model makes
+    every rank reload from that name, and a rank whose directory lacks that model's files would
+    load random weights. A load failure ends the process (exit 5), so launchd restarts the rank
+    instead of leaving rank 0 answering HTTP with a dead generator.
+    """
+    import mlx_lm.server as server
+    from mlx.utils import tree_flatten
+
+    name = "sharded_load" if distributed else "load"
+    original_load = getattr(server, name, None)
+    provider = getattr(server, "ModelProvider", None)
+    provider_load = getattr(provider, "load", None)
+    if original_load is None or provider_load is None or \
+            list(inspect.signature(provider_load).parameters)[:2] != ["self", "model_path"]:
+        raise WorkerError(EXIT_MLX, f"this mlx-lm's server lacks {name} or "
+                                    "ModelProvider.load(self, model_path, ...)")
+
+    def guarded_load(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = original_load(*args, **kwargs)
+            if distributed:
+                inner = result[0].model
+                held = (inner.start_idx, inner.end_idx)
+                if held != (start, end):
+                    raise WorkerError(EXIT_MLX, f"mlx-lm loaded layers {held}, not "
+                                                f"{(start, end)}: the split hook did not apply")
+            leaves: Any = tree_flatten(result[0].parameters())
+            nbytes = sum(v.nbytes for _, v in leaves)
+            status.set(state="serving", param_bytes=nbytes)
+            log(f"loaded layers {start}..{end - 1} ({nbytes} bytes of parameters)")
+            return result
+        except BaseException as exc:  # in the server's generation thread: end the process
+            traceback.print_exc()
+            code = exc.code if isinstance(exc, WorkerError) else EXIT_MLX
+            status.set(state="failed", error=f"loading failed: {exc}", exit_code=code)
+            os._exit(code)
+
+    def pinned_load(self: Any, model_path: str, adapter_path: Any = None,
+                    draft_model_path: Any = None) -> Any:
+        return provider_load(self, "default_model", None, "default_model")
+
+    setattr(server, name, guarded_load)
+    provider.load = pinned_load  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def fail(status: Status | None, code: int, message: str) -> NoReturn:
+    log(message)
+    if status is not None:
+        status.set(state="failed", error=message, exit_code=code)
+    sys.exit(code)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        fail(None, EXIT_CONFIG, "usage: mlx_worker.py CONFIG.json (with MLX_RANK, MLX_HOSTFILE)")
+    status = None
+    try:
+        config = load_config(argv[1])
+        size, split, model_dir = config["expected_world_size"], config["split"], config["model_dir"]
+        rank = rank_from_env(size)
+        start, end = layer_range(split, rank)
+        status_path = config.get("status_path") or os.path.join(
+            os.path.dirname(model_dir.rstrip("/")), f"worker-status-{rank}.json")
+        status = Status(status_path, {"rank": rank, "world_size": size, "split": split,
+                                      "layers": [start, end], "num_layers": end - start,
+                                      "model_dir": model_dir, "host": config["host"],
+                                      "port": config["port"], "error": None})
+        status.set(state="verifying")
+        verify_files(model_dir, config["files"])
+        if size > 1 or INDEX in config["files"]:
+            check_coverage(model_dir, config["files"], start, end)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; never download
+        hub_cache = os.environ.get("HF_HUB_CACHE")
+        if hub_cache:
+            os.makedirs(hub_cache, exist_ok=True)  # /v1/models fails without it
+        # Hooks before the ring: an mlx-lm without them fails here, not after peers joined.
+        if size > 1:
+            install_split_hook(split)
+        install_load_guard(status, start, end, distributed=size > 1)
+        import mlx_lm.server as server
+
+        if size == 1:  # no ring: a one-entry hostfile would make mlx wait for it forever
+            os.environ.pop("MLX_HOSTFILE", None)
+            os.environ.pop("MLX_RANK", None)
+        else:
+            status.set(state="ring")
+            log(f"verified {len(config['files'])} files; forming a ring of {size}")
+            init_ring(size, rank)
+    except WorkerError as exc:
+        fail(status, exc.code, str(exc))
+    status.set(state="loading")
+    log(f"group of {size} formed; loading layers {start}..{end - 1} of split {split}")
+    sys.argv = ["mlx_lm.server", "--model", model_dir, "--pipeline", "--host", config["host"],
+                "--port", str(config["port"]), *config.get("server_args", [])]
+    server.main()  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main(sys.argv)
