@@ -20,7 +20,7 @@ from __future__ import annotations
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
 # ruff: noqa: PTH100, PTH101, PTH102, PTH103, PTH105, PTH106, PTH108, PTH111, PTH112, PTH113
 # ruff: noqa: PTH114, PTH202
-# ruff: noqa: PTH116, PTH118, PTH120, PTH123, PTH208
+# ruff: noqa: PTH116, PTH117, PTH118, PTH120, PTH123, PTH208
 import errno
 import hashlib
 import json
@@ -63,10 +63,49 @@ def orch_dir() -> str:
 
 
 def expand(path: str) -> str:
-    """Expand a leading ``~/`` (or a bare ``~``) with $HOME; nothing else is interpreted."""
+    """Expand a leading ``~/`` (or a bare ``~``) with $HOME; nothing else is interpreted.
+
+    On a simulated Mac (orch's test hosts and sandbox, whose login sets ORCH_HOST_ROOT) every
+    other absolute path lives under that root, as it would on the Mac's own disk: the one place
+    the agent knows it may not be on a real Mac, so tests never write the machine's /Library.
+    """
     if path == "~" or path.startswith("~/"):
         return os.path.join(os.path.expanduser("~"), path[2:])
+    root = os.environ.get("ORCH_HOST_ROOT")
+    if root and os.path.isabs(path) and not (path + "/").startswith(root.rstrip("/") + "/"):
+        return root.rstrip("/") + path
     return path
+
+
+def op_install_system(req: Request, _stdin: IO[bytes]) -> Response:
+    """Copy a staged file to a root-owned location (e.g. /Library/LaunchDaemons) with sudo -n.
+
+    The file is staged as the user first (op write, verified), then copied by root: the agent
+    itself never runs as root, and sudo never prompts (-n) so a missing NOPASSWD rule fails fast.
+    """
+    src, dest, mode = fields(req, ("src", "dest", "mode"), {})
+    mode = check_mode(mode)
+    for argv in (["sudo", "-n", "/bin/cp", expand(str(src)), expand(str(dest))],
+                 ["sudo", "-n", "/bin/chmod", format(mode, "o"), expand(str(dest))]):
+        proc = subprocess.run(argv, capture_output=True, check=False, timeout=60)
+        if proc.returncode != 0:
+            raise AgentError(f"{' '.join(argv[2:3])} {dest} as root failed: "
+                             + proc.stderr.decode("utf-8", "replace").strip()[-500:])
+    return {"changed": True}
+
+
+def op_remove_system(req: Request, _stdin: IO[bytes]) -> Response:
+    """Remove a root-owned file (the counterpart of install_system); missing is fine."""
+    (path,) = fields(req, ("path",), {})
+    full = expand(str(path))
+    if not os.path.lexists(full):
+        return {"changed": False}
+    proc = subprocess.run(["sudo", "-n", "/bin/rm", "-f", full], capture_output=True,
+                          check=False, timeout=60)
+    if proc.returncode != 0:
+        raise AgentError(f"rm {path} as root failed: "
+                         + proc.stderr.decode("utf-8", "replace").strip()[-500:])
+    return {"changed": True}
 
 
 def fields(req: Request, required: tuple[str, ...], optional: dict[str, Any]) -> list[Any]:
@@ -780,6 +819,8 @@ def op_read(req: Request, _stdin: IO[bytes]) -> Response:
 
 OPS: dict[str, Callable[[Request, IO[bytes]], Response]] = {
     "facts": op_facts,
+    "install_system": op_install_system,
+    "remove_system": op_remove_system,
     "lock_acquire": op_lock_acquire,
     "lock_release": op_lock_release,
     "read": op_read,
