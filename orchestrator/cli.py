@@ -159,7 +159,7 @@ def plan_command(cluster_file: Path, detailed_exitcode: bool, as_json: bool, out
                  show_diff: bool, **ssh: Any) -> None:
     """Show what `orch apply` would change, touching nothing (read-only on every host)."""
     cluster = load(cluster_file)
-    result, _ = asyncio.run(engine.plan(cluster, run_options(**ssh)))
+    result, _ = asyncio.run(engine.plan(cluster, run_options(**ssh), with_diff=show_diff))
     if out is not None:
         out.write_text(render.plan_json(result) + "\n")
     click.echo(render.plan_json(result) if as_json else render.plan_text(result,
@@ -198,7 +198,7 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
     cluster = load(cluster_file)
     options = run_options(**ssh)
     if check:
-        result, _ = asyncio.run(engine.plan(cluster, options))
+        result, _ = asyncio.run(engine.plan(cluster, options, with_diff=show_diff))
         click.echo(render.plan_json(result) if as_json
                    else render.plan_text(result, show_diff=show_diff))
         sys.exit(int(plan_exit_code(result, detailed_exitcode)))
@@ -206,7 +206,7 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
         if not sys.stdin.isatty():
             raise PlanError("refusing to apply without confirmation: pass --yes, or review "
                             "`orch plan --out plan.json` and run `orch apply plan.json`")
-        preview, _ = asyncio.run(engine.plan(cluster, options))
+        preview, _ = asyncio.run(engine.plan(cluster, options, with_diff=show_diff))
         click.echo(render.plan_text(preview, show_diff=show_diff))
         if not preview.has_changes:
             sys.exit(int(plan_exit_code(preview, False)))

@@ -7,6 +7,7 @@ once per host, reused by every stage, closed at the end whatever happens.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,8 @@ from orchestrator.errors import HostError, PlanError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
 from orchestrator.facts import HostFacts, parse_facts
 from orchestrator.lock import ClusterLock, new_holder
-from orchestrator.plan import Plan, diff_host, fact_request
-from orchestrator.resources.base import Resource
+from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
+from orchestrator.resources.base import Change, Resource
 
 log = structlog.get_logger(__name__)
 
@@ -103,13 +104,67 @@ async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError]
     return build_plan(cluster, desired, facts)
 
 
-async def plan(cluster: Cluster, options: RunOptions) -> tuple[Plan, dict[str, int]]:
-    """The plan, and the SSH round trips it cost per host. Writes nothing on any host."""
+async def plan(cluster: Cluster, options: RunOptions,
+               *, with_diff: bool = False) -> tuple[Plan, dict[str, int]]:
+    """The plan, and the SSH round trips it cost per host. Writes nothing on any host.
+
+    `with_diff` adds unified diffs of changed files, at one more round trip per such host
+    (facts carry hashes, not contents, so planning a converged cluster reads no file data).
+    """
     hosts = selected_hosts(cluster, options.limit)
     read_only = replace(options.ssh, install_agent=False)
     async with connected(cluster, hosts, read_only) as conns:
         result = await plan_run(cluster, conns, options, read_only=True)
+        if with_diff:
+            result = await add_diffs(result, conns, options.ssh.concurrency)
         return result, _round_trips(conns)
+
+
+async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
+                    concurrency: int) -> Plan:
+    """Fill `Change.diff` for file writes from the host's current content."""
+
+    async def host_diffs(conn: Connection) -> HostPlan:
+        host_plan = next(h for h in result.hosts if h.host == conn.name)
+        writes: dict[str, tuple[str, str]] = {}
+        for change in host_plan.changes:
+            written = _written(change)
+            if written is not None:
+                writes[change.resource] = written
+        if not writes:
+            return host_plan
+        answer = await conn.agent("read", {"paths": sorted({p for p, _ in writes.values()})})
+        contents: Mapping[str, str | None] = answer["contents"]
+
+        def with_diff(change: Change) -> Change:
+            if change.resource not in writes:
+                return change
+            path, content = writes[change.resource]
+            return replace(change, diff=unified_diff(contents.get(path), content, path))
+
+        changes = tuple(with_diff(c) for c in host_plan.changes)
+        return replace(host_plan, changes=changes)
+
+    updated = await for_each_host({h.host: conns[h.host] for h in result.hosts
+                                   if h.host in conns}, host_diffs, concurrency)
+    hosts = tuple(u if isinstance(u, HostPlan) else h
+                  for h, u in ((h, updated.get(h.host, h)) for h in result.hosts))
+    return replace(result, hosts=hosts)
+
+
+def _written(change: Change) -> tuple[str, str] | None:
+    for step in change.steps:
+        if step.op == "write":
+            return str(step.request["path"]), str(step.request["content"])
+    return None
+
+
+def unified_diff(before: str | None, after: str, path: str) -> str:
+    """`diff -u` of a file's content; binary or unreadable content is summarised."""
+    old = [] if before is None else before.splitlines(keepends=True)
+    lines = difflib.unified_diff(old, after.splitlines(keepends=True),
+                                 fromfile=f"{path} (host)", tofile=f"{path} (wanted)")
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
 
 
 async def apply(

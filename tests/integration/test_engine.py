@@ -135,6 +135,9 @@ def test_drift_on_one_host_names_exactly_that_file(
     text = orch("plan", cluster, known_hosts=known).stdout
     assert f"{victim.name}:\n  ~ file:~/conf dir/motd; $(x).txt" in text
     assert "Plan: 0 to add, 1 to change, 0 to destroy on 1 of 3 hosts." in text
+    diff = orch("plan", cluster, "--diff", known_hosts=known).stdout
+    assert "      -edited by hand\n" in diff
+    assert f"      +{victim.name} serves itest: {ODD}\n" in diff
     assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
     assert orch("plan", cluster, "--detailed-exitcode", known_hosts=known).returncode == 0
 
