@@ -80,14 +80,16 @@ async def apply_host(conn: Connection, host_plan: HostPlan) -> HostOutcome:
     applied: list[str] = []
     current: Change | None = None
     try:
-        await conn.agent("managed_write", {"record": _interim_record(host_plan)})
+        cluster = str(host_plan.record["cluster"])
+        await conn.agent("managed_write", {"record": _interim_record(host_plan),
+                                           "cluster": cluster})
         for current in host_plan.changes:
             log.info("change_started", host=conn.name, resource=current.resource,
                      action=current.action.value)
             for step in current.steps:
                 await run_step(conn, step)
             applied.append(current.resource)
-        await conn.agent("managed_write", {"record": dict(host_plan.record)})
+        await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster})
     except HostUnreachable:
         raise
     except HostError as exc:

@@ -73,12 +73,13 @@ async def gather_facts(
     desired: Mapping[str, Sequence[Resource]],
     concurrency: int,
     *,
+    cluster: str,
     read_only: bool,
 ) -> dict[str, HostFacts | HostError]:
     """One agent call per host, asking for everything that host's resources need."""
 
     async def facts_of(conn: Connection) -> HostFacts:
-        request = fact_request(desired[conn.name])
+        request = fact_request(desired[conn.name], cluster)
         raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
         return parse_facts(conn.name, raw, request)
 
@@ -100,7 +101,8 @@ def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
 async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError],
                    options: RunOptions, *, read_only: bool) -> Plan:
     desired = desired_state(cluster, serving_nodes(cluster))
-    facts = await gather_facts(conns, desired, options.ssh.concurrency, read_only=read_only)
+    facts = await gather_facts(conns, desired, options.ssh.concurrency,
+                                 cluster=cluster.name, read_only=read_only)
     return build_plan(cluster, desired, facts)
 
 
@@ -210,7 +212,8 @@ async def facts(cluster: Cluster, options: RunOptions) -> dict[str, dict[str, ob
     hosts = selected_hosts(cluster, options.limit)
     desired = desired_state(cluster, serving_nodes(cluster))
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
-        gathered = await gather_facts(conns, desired, options.ssh.concurrency, read_only=True)
+        gathered = await gather_facts(conns, desired, options.ssh.concurrency,
+                                      cluster=cluster.name, read_only=True)
     return {name: ({"unreachable": str(f)} if isinstance(f, HostError) else _plain(f))
             for name, f in gathered.items()}
 

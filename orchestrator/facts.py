@@ -110,6 +110,7 @@ class FactRequest:
     sysctl: frozenset[str] = frozenset()
     guards: frozenset[Guard] = frozenset()
     managed: bool = True
+    cluster: str = "default"  # whose managed record to read (one per cluster on a host)
 
     def __post_init__(self) -> None:
         for name in ("files", "venvs", "sysctl"):
@@ -130,6 +131,7 @@ class FactRequest:
             sysctl=frozenset().union(*(p.sysctl for p in parts)),
             guards=frozenset().union(*(p.guards for p in parts)),
             managed=any(p.managed for p in parts),
+            cluster=_one_cluster(parts),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -141,7 +143,15 @@ class FactRequest:
             "sysctl": sorted(self.sysctl),
             "guards": [{"id": g.id, "argv": list(g.argv)} for g in sorted(self.guards)],
             "managed": self.managed,
+            "cluster": self.cluster,
         }
+
+
+def _one_cluster(parts: Iterable[FactRequest]) -> str:
+    named = {p.cluster for p in parts} - {"default"}
+    if len(named) > 1:
+        raise ValueError(f"one fact request cannot read several clusters' records: {named}")
+    return named.pop() if named else "default"
 
 
 @dataclass(frozen=True)

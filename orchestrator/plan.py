@@ -22,9 +22,9 @@ PLAN_FORMAT = 1
 RECORD_ID = "orch:managed-record"
 
 
-def fact_request(resources: Sequence[Resource]) -> FactRequest:
-    """Everything the host's resources need, as one agent call."""
-    return FactRequest().merge(*(r.facts_needed() for r in resources))
+def fact_request(resources: Sequence[Resource], cluster: str) -> FactRequest:
+    """Everything the host's resources need, and the cluster's managed record: one agent call."""
+    return FactRequest(cluster=cluster).merge(*(r.facts_needed() for r in resources))
 
 
 def record_for(cluster: str, resources: Sequence[Resource]) -> dict[str, Any]:

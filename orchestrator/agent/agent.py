@@ -523,10 +523,11 @@ def string_list(value: Any, what: str) -> list[str]:
 
 
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
-    files, venvs, launchd, sysctls, guards, managed, read_only = fields(
+    files, venvs, launchd, sysctls, guards, managed, cluster, read_only = fields(
         req,
         (),
         {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "managed": True,
+         "cluster": "default",
          "read_only": False},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
@@ -538,9 +539,9 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     managed_record: Any = {}
     if managed:
         try:
-            managed_record = json_file(os.path.join(orch_dir(), "managed.json"), {})
+            managed_record = json_file(record_path(cluster), {})
         except ValueError as exc:
-            raise AgentError(f"~/.orch/managed.json is not valid JSON: {exc}") from None
+            raise AgentError(f"{record_path(cluster)} is not valid JSON: {exc}") from None
     return {
         "agent": {"version": own_version()},
         "os": {
@@ -658,12 +659,20 @@ def op_rmdir(req: Request, _stdin: IO[bytes]) -> Response:
     return {"changed": True, "kept": None}
 
 
+def record_path(cluster: Any) -> str:
+    """One managed record per cluster: two clusters sharing a Mac never remove each other's."""
+    if not isinstance(cluster, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cluster):
+        raise AgentError(f"bad cluster name {cluster!r}")
+    return os.path.join(orch_dir(), "managed", cluster + ".json")
+
+
 def op_managed_write(req: Request, _stdin: IO[bytes]) -> Response:
-    (record,) = fields(req, ("record",), {})
+    record, cluster = fields(req, ("record",), {"cluster": "default"})
     if not isinstance(record, dict):
         raise AgentError("record must be an object")
-    os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
-    return {"changed": dump_json_atomic(os.path.join(orch_dir(), "managed.json"), record)}
+    path = record_path(cluster)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return {"changed": dump_json_atomic(path, record)}
 
 
 def op_run(req: Request, _stdin: IO[bytes]) -> Response:

@@ -22,6 +22,8 @@ from orchestrator.resources.launchd import HASH_ENV, LaunchdService, render_plis
 from orchestrator.resources.sysctl import Sysctl
 from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, reboot, start_hosts, stop_hosts
 
+CLUSTER = "services-test"
+
 T = TypeVar("T")
 
 
@@ -43,14 +45,14 @@ class Node:
         return asyncio.run(go())
 
     def facts(self, resources: Sequence[Resource]) -> HostFacts:
-        request = fact_request(resources)
+        request = fact_request(resources, CLUSTER)
 
         async def fn(conn: Connection) -> HostFacts:
             return parse_facts(conn.name, await conn.agent("facts", request.to_json()), request)
         return self._run(fn)
 
     def plan(self, resources: Sequence[Resource]) -> HostPlan:
-        return diff_host("svc", resources, self.facts(resources))
+        return diff_host(CLUSTER, resources, self.facts(resources))
 
     def apply(self, resources: Sequence[Resource]) -> HostPlan:
         host_plan = self.plan(resources)

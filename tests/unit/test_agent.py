@@ -247,15 +247,16 @@ def test_managed_record_roundtrip(home: Path) -> None:
     assert ok(home, "managed_write", {"record": record}) == {"changed": False}
     assert ok(home, "facts", {"managed": True})["managed"] == record
     assert ok(home, "facts", {"managed": False})["managed"] == {}
-    assert (home / ".orch" / "managed.json").stat().st_mode & 0o777 == 0o600
+    assert (home / ".orch" / "managed" / "default.json").stat().st_mode & 0o777 == 0o600
 
 
 def test_corrupt_managed_record_is_an_error(home: Path) -> None:
     (home / ".orch").mkdir()
-    (home / ".orch" / "managed.json").write_text("{oops")
+    (home / ".orch" / "managed").mkdir(parents=True)
+    (home / ".orch" / "managed" / "default.json").write_text("{oops")
     status, answer = call(home, "facts", {})
     assert status == 1
-    assert "managed.json" in answer["error"]
+    assert "default.json" in answer["error"]
 
 
 # ----------------------------------------------------------------------------- changing ops

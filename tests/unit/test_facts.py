@@ -209,6 +209,7 @@ def test_to_json_is_sorted_and_deterministic() -> None:
         "sysctl": [],
         "guards": [{"id": "a", "argv": ["true", "x"]}, {"id": "b", "argv": ["false"]}],
         "managed": True,
+        "cluster": "default",
     }
     json.dumps(request.to_json())
 

@@ -25,25 +25,30 @@ from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.pyenv import PythonEnv
 
+CLUSTER = "local-test"
 
-async def facts_for(conn: LocalConnection, resources: Sequence[Resource]) -> HostFacts:
-    request = fact_request(resources)
+
+async def facts_for(conn: LocalConnection, resources: Sequence[Resource],
+                    cluster: str = CLUSTER) -> HostFacts:
+    request = fact_request(resources, cluster)
     return parse_facts(conn.name, await conn.agent("facts", request.to_json()), request)
 
 
-async def plan_for(conn: LocalConnection, resources: Sequence[Resource]) -> HostPlan:
-    return diff_host("test", resources, await facts_for(conn, resources))
+async def plan_for(conn: LocalConnection, resources: Sequence[Resource],
+                   cluster: str = CLUSTER) -> HostPlan:
+    return diff_host(cluster, resources, await facts_for(conn, resources, cluster))
 
 
-def converge(home: Path, resources: Sequence[Resource]) -> tuple[HostPlan, HostPlan]:
+def converge(home: Path, resources: Sequence[Resource],
+             cluster: str = CLUSTER) -> tuple[HostPlan, HostPlan]:
     """Plan, apply, plan again; return (first plan, second plan)."""
 
     async def go() -> tuple[HostPlan, HostPlan]:
         conn = LocalConnection(home, name="node")
-        first = await plan_for(conn, resources)
+        first = await plan_for(conn, resources, cluster)
         outcome = await apply_host(conn, first)
         assert outcome.status in (HostStatus.CHANGED, HostStatus.OK), outcome.error
-        return first, await plan_for(conn, resources)
+        return first, await plan_for(conn, resources, cluster)
 
     return asyncio.run(go())
 
@@ -86,6 +91,13 @@ def test_undeclared_resources_are_removed(tmp_path: Path) -> None:
     assert not (tmp_path / "drop").exists() and not (tmp_path / "emptydir").exists()
     assert (tmp_path / "keep").read_text() == "k"
     assert second.changes == ()
+
+
+def test_two_clusters_on_one_host_keep_their_own_records(tmp_path: Path) -> None:
+    converge(tmp_path, [File("~/a", "a")], cluster="alpha")
+    first, _ = converge(tmp_path, [File("~/b", "b")], cluster="beta")
+    assert [c.resource for c in first.changes] == ["file:~/b"]
+    assert (tmp_path / "a").exists() and (tmp_path / "b").exists()
 
 
 def test_python_env_with_pinned_packages(tmp_path: Path) -> None:
