@@ -246,3 +246,25 @@ def test_stopped_host_is_unreachable_and_the_others_converge(
     plan_proc = orch("plan", cluster, "--detailed-exitcode", known_hosts=known)
     assert plan_proc.returncode == 3
     assert "mini-doomed: UNREACHABLE" in plan_proc.stdout
+
+
+def test_a_dead_runs_lock_is_removed_with_its_nonce(
+    cluster: Path, known: Path, test_hosts: list[RunningHost]
+) -> None:
+    lock = test_hosts[1].home / ".orch" / "locks" / "itest"
+    lock.mkdir(parents=True)
+    (lock / "holder.json").write_text(json.dumps(
+        {"who": "ghost@elsewhere", "pid": 4242, "since": 0, "nonce": "deadbeef",
+         "command": "apply cluster.yml"}))
+    blocked = orch("apply", cluster, "--yes", known_hosts=known)
+    assert blocked.returncode == 4
+    assert "held by ghost@elsewhere (pid 4242" in blocked.stderr
+    assert "orch unlock --force deadbeef" in blocked.stderr
+    assert not (test_hosts[0].home / ".orch" / "locks" / "itest").exists(), \
+        "the loser must release the hosts it had already locked"
+    wrong = orch("unlock", cluster, "--force", "cafe", known_hosts=known)
+    assert wrong.returncode == 0 and lock.exists()
+    unlocked = orch("unlock", cluster, "--force", "deadbeef", known_hosts=known)
+    assert unlocked.returncode == 0
+    assert f"removed lock deadbeef on: {test_hosts[1].name}" in unlocked.stdout
+    assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
