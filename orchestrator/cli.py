@@ -285,6 +285,9 @@ def place(cluster_file: Path, as_json: bool, params: float | None, bits: float |
             raise click.UsageError("--params, --bits and --layers go together")
         meta = placement.estimated_meta(params, bits, layers,
                                         source=f"{params:.3g} params × {bits:g} bits (estimate)")
+    elif cluster.model is None:
+        raise click.UsageError(f"{cluster_file} declares no `model:` to place "
+                               "(or give --params, --bits and --layers)")
     else:
         meta = placement.load_model_meta(cluster.model)
     result = placement.plan_placement(cluster, meta)
@@ -297,3 +300,63 @@ def place(cluster_file: Path, as_json: bool, params: float | None, bits: float |
 
 def exit_with(code: ExitCode) -> None:
     sys.exit(int(code))
+
+
+SANDBOX_DIR = click.option(
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where the sandbox keeps its hosts, hub, model and state "
+         "(default: $XDG_STATE_HOME/orch/sandbox).")
+
+
+@main.group()
+def sandbox() -> None:
+    """A real MLX cluster of simulated Macs on this machine (no root needed)."""
+
+
+@sandbox.command("up")
+@click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True,
+              help="How many simulated Macs (each runs one rank).")
+@SANDBOX_DIR
+@reports_errors
+def sandbox_up(nodes: int, directory: Path | None) -> None:
+    """Start N simulated Macs and a local hub, apply the sandbox cluster, ask it a question."""
+    from orchestrator.sandbox import cluster as sandbox_cluster
+    from orchestrator.sandbox import session
+
+    started = sandbox_cluster.up(directory or sandbox_cluster.default_dir(), nodes)
+    click.echo(f"sandbox: {len(started.nodes)} simulated Macs, hub {started.hub_endpoint}, "
+               f"cluster file {started.cluster_file}")
+    code = asyncio.run(session.apply_and_ask(started, echo=click.echo))
+    sys.exit(int(code))
+
+
+@sandbox.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@SANDBOX_DIR
+@reports_errors
+def sandbox_status(as_json: bool, directory: Path | None) -> None:
+    """Is the sandbox up: its cluster file, API URL and simulated Macs."""
+    from orchestrator.sandbox import cluster as sandbox_cluster
+
+    report = sandbox_cluster.status(directory or sandbox_cluster.default_dir())
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    if not report["up"]:
+        click.echo("sandbox: down")
+        return
+    click.echo(f"sandbox: up, cluster file {report['cluster_file']}, API {report['api_url']}")
+    for node in report["nodes"]:
+        state = "up" if node["alive"] else "DOWN"
+        click.echo(f"  {node['name']}: {state} ssh {node['address']}:{node['port']}")
+
+
+@sandbox.command("down")
+@SANDBOX_DIR
+@reports_errors
+def sandbox_down(directory: Path | None) -> None:
+    """Stop every process the sandbox started and remove its state."""
+    from orchestrator.sandbox import cluster as sandbox_cluster
+
+    killed = sandbox_cluster.down(directory or sandbox_cluster.default_dir())
+    click.echo(f"sandbox: down ({len(killed)} processes stopped)")

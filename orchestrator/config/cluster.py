@@ -94,7 +94,7 @@ class Cluster:
     file: Path
     inventory_file: Path | None
     hosts: dict[str, Host]
-    model: ModelSpec
+    model: ModelSpec | None  # None: a cluster that only runs its tasks, serving nothing
     placement: PlacementSpec
     runtime: Runtime
     tasks: tuple[Task, ...] = ()

@@ -65,7 +65,8 @@ def load_cluster(path: Path) -> Cluster:
         inline = models.InventoryFile(hosts=spec.hosts or {})
         hosts, groups = _resolve_hosts(inline, doc.source, ("hosts",), base, errors)
 
-    model = _model(spec.model, doc.source, base, errors, warnings)
+    model = (None if spec.model is None
+             else _model(spec.model, doc.source, base, errors, warnings))
     placement = _placement(spec.placement, doc.source, hosts, errors)
     tasks = _tasks(spec, doc, base, set(hosts) | set(groups), errors)
     if errors:

@@ -154,7 +154,8 @@ class ClusterFile(_Strict):
     name: HostName
     inventory: str | None = Field(None, description="inventory file, relative to this file")
     hosts: dict[HostName, HostEntry] | None = Field(None, description="inline hosts")
-    model: ModelSection
+    model: ModelSection | None = Field(
+        None, description="the model to serve; without it orch only runs the tasks")
     placement: PlacementSection = Field(default_factory=PlacementSection)  # type: ignore[arg-type]
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)  # type: ignore[arg-type]
     tasks: list[Task] = Field(default_factory=list)

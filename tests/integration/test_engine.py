@@ -45,14 +45,11 @@ def inventory_yaml(hosts: Sequence[RunningHost]) -> str:
 
 def write_cluster(directory: Path, hosts: Sequence[RunningHost], extra_tasks: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "model").mkdir(exist_ok=True)
     (directory / "inventory.yml").write_text(inventory_yaml(hosts))
     (directory / "motd.j2").write_text("{{ host.name }} serves {{ cluster }}: {{ odd }}\n")
     (directory / "cluster.yml").write_text(f"""\
 name: itest
 inventory: inventory.yml
-model:
-  path: model
 runtime:
   packages: []
 tasks:
