@@ -360,3 +360,35 @@ def sandbox_down(directory: Path | None) -> None:
 
     killed = sandbox_cluster.down(directory or sandbox_cluster.default_dir())
     click.echo(f"sandbox: down ({len(killed)} processes stopped)")
+
+
+@main.command("status")
+@CLUSTER_ARG
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--no-probe", is_flag=True, help="Do not send the probe chat completion.")
+@ssh_options
+@reports_errors
+def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any) -> None:
+    """Per node: reachable, mlx / mlx-lm, worker state, pid, uptime, rank, layers, RSS; and the
+    ring, the API URL and the latency of a probe completion. Read-only.
+
+    Exit 0 when the ring serves and answers, 1 when it does not, 3 when a node is unreachable.
+    """
+    from orchestrator import placement as placing
+    from orchestrator.status import cluster_status, status_json, status_text
+
+    cluster = load(cluster_file)
+    if cluster.model is None:
+        raise PlanError(f"{cluster_file} declares no model: there is no service to report on")
+    placed = placing.require_fit(placing.plan_placement(
+        cluster, placing.load_model_meta(cluster.model)))
+    result = asyncio.run(cluster_status(cluster, placed, run_options(**ssh),
+                                        probe=not no_probe))
+    if as_json:
+        click.echo(json.dumps(status_json(result), indent=2, sort_keys=True))
+    else:
+        click.echo(status_text(result), nl=False)
+    if result.unreachable:
+        exit_with(ExitCode.UNREACHABLE)
+    exit_with(ExitCode.OK if result.healthy or (no_probe and result.ring == "serving")
+              else ExitCode.ERROR)

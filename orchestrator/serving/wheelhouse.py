@@ -1,0 +1,374 @@
+"""Packages reach N nodes with one download: a wheelhouse the controller builds and pushes.
+
+The controller runs ``pip download --only-binary=:all: --platform … --python-version …`` once
+for the nodes' platform into its own cache (``~/.cache/orch/wheelhouse/<request key>/``),
+pushes the wheels to each node (``~/.orch/wheelhouse/<content key>/``, through the agent's
+``write``, sha256-verified), and every node installs with ``--no-index --find-links`` from that
+directory. PyPI is asked once per (platform, pinned packages), not once per node, and a node
+never needs to reach the internet.
+
+Identical on every node: the wheelhouse is also a lock. The venv is declared with every wheel
+pinned (``numpy==2.4.6``, ``transformers==5.24.0``, … not just mlx and mlx-lm), so the venv
+facts of a node that differs in any package are drift, and a node added months later gets
+the same bytes as the others (the controller's cache is content-addressed and reused).
+
+Measured on this kind of machine (Linux x86_64, CPython 3.11): for ``mlx[cpu]==0.32.4`` +
+``mlx-lm==0.32.2`` the wheelhouse is 38 wheels, 59 MB (numpy 17 MB, transformers 13.5 MB,
+mlx-cpu 10.5 MB; mlx-lm pulls transformers, tokenizers, huggingface_hub, pydantic, …) and
+downloads in ~9 s; a venv plus an offline install from it takes ~13 s per node (5 s venv,
+7 s pip with ``--no-compile``, 19 s without; 355 MB installed). For macOS arm64 it is 38
+wheels, 80 MB (mlx-metal alone 45 MB). Pushing 61 MB to a node over SSH takes about a second
+on loopback, so on a LAN the push is bounded by bandwidth, once per node (the sync's
+peer-to-peer transfer could carry it later).
+
+Two traps, both handled here:
+
+* pip's ``--platform`` does not expand ``manylinux_2_X`` tags (only macOS and the legacy
+  ``manylinux2014`` aliases): every glibc minor down to 2.17 is passed explicitly, or numpy
+  (``manylinux_2_27``) is "not found" for a ``manylinux_2_35`` node.
+* environment markers are evaluated on the *controller*: mlx's ``mlx-metal; platform_system ==
+  "Darwin"`` is silently skipped when a Linux controller downloads for Macs (and ``mlx-cpu``
+  when a Mac downloads for Linux). The backend package is therefore requested explicitly.
+
+Pushing needs one thing `orchestrator.apply.run_step` does not do yet: a ``write`` step whose
+bytes come from a controller file (``"source"``) instead of inline text, so a 45 MB wheel is
+neither held in the plan nor decoded as UTF-8. `run_step` below is that behaviour; the plan
+JSON holds the source path and the sha256 the agent verifies, so a saved plan stays exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import platform as platform_module
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.apply import run_step as _inline_run_step
+from orchestrator.errors import PlanError
+from orchestrator.executor import Connection
+from orchestrator.facts import FactRequest, FileKind, HostFacts
+from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.pyenv import normalize
+
+__all__ = [
+    "NodePlatform",
+    "Wheel",
+    "Wheelhouse",
+    "WheelhouseFiles",
+    "build_wheelhouse",
+    "cluster_platform",
+    "default_cache_dir",
+    "ensure_wheelhouse",
+    "node_requirements",
+    "platform_of",
+    "run_step",
+]
+
+MANIFEST = "orch-wheelhouse.json"
+OLDEST_GLIBC_MINOR = 17  # manylinux2014
+WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
+PIP_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True, order=True)
+class NodePlatform:
+    """What decides which wheels a node can install."""
+
+    system: str  # "Darwin" or "Linux" (platform.system())
+    machine: str  # "arm64", "x86_64", "aarch64"
+    python: str  # "3.11": the venv's interpreter, major.minor
+    os_version: str | None = None  # macOS product version ("14.5"); None on Linux
+    glibc: str | None = None  # "2.36" on Linux; None on macOS
+
+    def pip_platforms(self) -> list[str]:
+        """``--platform`` values for ``pip download`` (pip expands macOS versions itself)."""
+        if self.system == "Darwin":
+            major = (self.os_version or "14").split(".")[0]
+            return [f"macosx_{major}_0_{self.machine}"]
+        if self.system == "Linux":
+            if self.glibc is None:
+                raise PlanError("a Linux node's glibc version is unknown: cannot pick wheels")
+            minor = int(self.glibc.split(".")[1])
+            tags = [f"manylinux_2_{m}_{self.machine}"
+                    for m in range(minor, OLDEST_GLIBC_MINOR - 1, -1)]
+            return [*tags, f"manylinux2014_{self.machine}", f"linux_{self.machine}"]
+        raise PlanError(f"no wheels for nodes running {self.system}")
+
+    @property
+    def key(self) -> str:
+        if self.system == "Darwin":
+            return f"macos{(self.os_version or '14').split('.')[0]}-{self.machine}-py{self.python}"
+        return f"linux-glibc{self.glibc}-{self.machine}-py{self.python}"
+
+
+def platform_of(facts: HostFacts) -> NodePlatform:
+    """A node's platform from its facts.
+
+    Facts carry the OS, its version and the Python version, not the CPU or libc: a Mac that
+    runs MLX is Apple silicon (arm64); a Linux node is one of orch's simulated Macs, which
+    run on this machine, so its machine and glibc are the controller's own.
+    """
+    python = ".".join(facts.python_version.split(".")[:2])
+    if facts.os_system == "Darwin":
+        return NodePlatform("Darwin", "arm64", python, facts.os_version or None)
+    if facts.os_system == "Linux":
+        libc, version = platform_module.libc_ver()
+        return NodePlatform("Linux", platform_module.machine(), python,
+                            glibc=version if libc == "glibc" and version else None)
+    raise PlanError(f"{facts.host}: cannot serve MLX on {facts.os_system}")
+
+
+def cluster_platform(facts: Iterable[HostFacts]) -> NodePlatform:
+    """The one platform every node can install from: the oldest macOS among them.
+
+    One wheelhouse for the whole cluster is what makes the nodes identical (a wheel built for
+    macOS 14 installs on 15; mlx publishes per-macOS builds). Nodes that differ in OS,
+    architecture or Python version cannot share one, and that is an error, not drift to fix.
+    """
+    platforms = [(f.host, platform_of(f)) for f in facts]
+    if not platforms:
+        raise PlanError("no nodes to build a wheelhouse for")
+    kinds = {(p.system, p.machine, p.python, p.glibc) for _, p in platforms}
+    if len(kinds) > 1:
+        described = ", ".join(f"{h}: {p.key}" for h, p in platforms)
+        raise PlanError(f"the nodes must share OS, CPU and Python version to run one ring "
+                        f"({described})")
+    if platforms[0][1].system != "Darwin":
+        return platforms[0][1]
+    return min((p for _, p in platforms), key=lambda p: _version_tuple(p.os_version))
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    return tuple(int(x) for x in (version or "0").split(".") if x.isdigit())
+
+
+def node_requirements(packages: Sequence[str], system: str) -> tuple[str, ...]:
+    """The cluster's pins with the node's MLX backend made explicit.
+
+    Linux: ``mlx[cpu]`` and ``mlx-cpu`` (the CPU build); macOS: ``mlx-metal`` (the Metal
+    build) and no ``cpu`` extra. Explicit because pip evaluates mlx's ``platform_system``
+    markers on the controller when it downloads for another platform.
+    """
+    result: list[str] = []
+    backend: str | None = None
+    for requirement in packages:
+        name, sep, version = requirement.partition("==")
+        base, _, extras = name.partition("[")
+        if normalize(base) == "mlx" and sep:
+            wanted = {e.strip() for e in extras.rstrip("]").split(",") if e.strip()}
+            wanted.discard("cpu")
+            if system == "Linux":
+                wanted.add("cpu")
+                backend = f"mlx-cpu=={version}"
+            elif system == "Darwin":
+                backend = f"mlx-metal=={version}"
+            extra = f"[{','.join(sorted(wanted))}]" if wanted else ""
+            result.append(f"{base}{extra}=={version}")
+        else:
+            result.append(requirement)
+    if backend is not None and not any(normalize(r.partition("==")[0]) == backend.split("==")[0]
+                                       for r in result):
+        result.append(backend)
+    return tuple(result)
+
+
+@dataclass(frozen=True, order=True)
+class Wheel:
+    filename: str
+    sha256: str
+    size: int
+
+    @property
+    def pin(self) -> str:
+        """``name==version`` from the file name (PEP 427), PEP 503-normalized."""
+        match = WHEEL_RE.match(self.filename)
+        if match is None:
+            raise ValueError(f"not a wheel file name: {self.filename}")
+        return f"{normalize(match['name'])}=={match['version']}"
+
+
+@dataclass(frozen=True)
+class Wheelhouse:
+    """A complete set of wheels for one platform and one list of pins, on the controller."""
+
+    directory: Path
+    platform: NodePlatform
+    requirements: tuple[str, ...]
+    wheels: tuple[Wheel, ...]
+
+    @property
+    def key(self) -> str:
+        """Content address: changes exactly when a wheel does."""
+        digest = hashlib.sha256()
+        for wheel in sorted(self.wheels):
+            digest.update(f"{wheel.filename}\0{wheel.sha256}\n".encode())
+        return digest.hexdigest()[:16]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(w.size for w in self.wheels)
+
+    @property
+    def pins(self) -> tuple[str, ...]:
+        """Every package at the exact version in the wheelhouse: the venv's lock."""
+        return tuple(sorted(w.pin for w in self.wheels))
+
+    def files(self, node_dir: str) -> WheelhouseFiles:
+        return WheelhouseFiles(node_dir, str(self.directory), tuple(sorted(self.wheels)))
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "orch" / "wheelhouse"
+
+
+def _request_key(requirements: Sequence[str], node: NodePlatform) -> str:
+    raw = json.dumps({"requirements": sorted(requirements), "platform": node.key,
+                      "tags": node.pip_platforms()}, sort_keys=True)
+    return f"{node.key}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def _load(directory: Path) -> Wheelhouse | None:
+    """A cached wheelhouse whose manifest and files agree (by size), else None."""
+    try:
+        raw = json.loads((directory / MANIFEST).read_text())
+        wheels = tuple(Wheel(w["filename"], w["sha256"], int(w["size"])) for w in raw["wheels"])
+        node = NodePlatform(**raw["platform"])
+        requirements = tuple(raw["requirements"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for wheel in wheels:
+        try:
+            if (directory / wheel.filename).stat().st_size != wheel.size:
+                return None
+        except OSError:
+            return None
+    return Wheelhouse(directory, node, requirements, wheels)
+
+
+def build_wheelhouse(requirements: Sequence[str], node: NodePlatform,
+                     cache_dir: Path | None = None, *, python: str = sys.executable,
+                     timeout: float = PIP_TIMEOUT) -> Wheelhouse:
+    """Download (once) every wheel ``requirements`` need on ``node``; reuse the cache after.
+
+    Blocking (a subprocess); `ensure_wheelhouse` runs it in a thread. Raises PlanError with
+    pip's own message when a wheel does not exist for the platform.
+    """
+    root = cache_dir or default_cache_dir()
+    requirements = node_requirements(requirements, node.system)
+    final = root / _request_key(requirements, node)
+    cached = _load(final)
+    if cached is not None:
+        return cached
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    try:
+        argv = [python, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
+                "--only-binary=:all:", "--dest", str(staging), "--implementation", "cp",
+                "--python-version", node.python]
+        for tag in node.pip_platforms():
+            argv += ["--platform", tag]
+        done = subprocess.run([*argv, *requirements], capture_output=True, text=True,
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+            raise PlanError(f"pip download for {node.key} failed: "
+                            + ("; ".join(errors) or done.stderr.strip()[-1500:]))
+        wheels = tuple(sorted(Wheel(p.name, _sha256(p), p.stat().st_size)
+                              for p in staging.iterdir() if p.name.endswith(".whl")))
+        manifest = {"requirements": list(requirements), "wheels": [vars(w) for w in wheels],
+                    "platform": vars(node)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if final.exists() and _load(final) is None:  # damaged (a file changed or went)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            staging.rename(final)
+        except OSError:  # another run finished the same download first: use that one
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    result = _load(final)
+    if result is None:
+        raise PlanError(f"the wheelhouse in {final} is incomplete; remove it and retry")
+    return result
+
+
+async def ensure_wheelhouse(requirements: Sequence[str], node: NodePlatform,
+                            cache_dir: Path | None = None) -> Wheelhouse:
+    return await asyncio.to_thread(build_wheelhouse, requirements, node, cache_dir)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WheelhouseFiles:
+    """The controller's wheels present on a node, byte for byte (one resource per wheelhouse).
+
+    The node directory is keyed by the wheelhouse's content, so ``--find-links`` never sees a
+    stale wheel; an older wheelhouse becomes a removal through the managed record.
+    """
+
+    path: str  # on the node, HOME-relative: "~/.orch/wheelhouse/<key>"
+    source: str  # the controller's directory holding the same wheels
+    wheels: tuple[Wheel, ...]
+
+    @property
+    def id(self) -> str:
+        return f"wheelhouse:{self.path}"
+
+    def _node_path(self, wheel: Wheel) -> str:
+        return f"{self.path}/{wheel.filename}"
+
+    def facts_needed(self) -> FactRequest:
+        return FactRequest(files=frozenset(self._node_path(w) for w in self.wheels))
+
+    def diff(self, facts: HostFacts) -> Change | None:
+        missing = [w for w in self.wheels
+                   if (fact := facts.file(self._node_path(w))).kind is not FileKind.FILE
+                   or fact.sha256 != w.sha256]
+        if not missing:
+            return None
+        total = len(self.wheels)
+        have = total - len(missing)
+        megabytes = sum(w.size for w in missing) / 1e6
+        fields = (FieldChange("wheels", f"{have} of {total} present",
+                              f"{total} present (+{len(missing)}, {megabytes:.1f} MB)"),)
+        steps = tuple(Step("write", {"path": self._node_path(w), "mode": 0o644,
+                                     "sha256": w.sha256, "source": f"{self.source}/{w.filename}"})
+                      for w in missing)
+        action = Action.CREATE if have == 0 else Action.UPDATE
+        return Change(self.id, action, fields, steps, cleanup=self.cleanup())
+
+    def cleanup(self) -> tuple[Step, ...]:
+        return (Step("remove", {"path": self.path}),)
+
+
+async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
+    """`orchestrator.apply.run_step`, plus ``write`` steps whose bytes are a controller file.
+
+    The agent verifies the sha256 before the atomic rename, so a file changed in the cache
+    after planning fails the step instead of landing on the node.
+    """
+    if step.op == "write" and "source" in step.request:
+        request: Mapping[str, Any] = step.request
+        data = await asyncio.to_thread(Path(str(request["source"])).read_bytes)
+        body = {k: v for k, v in request.items() if k != "source"}
+        return await conn.agent("write", body, stdin=data)
+    return await _inline_run_step(conn, step)
