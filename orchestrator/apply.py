@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -49,8 +49,25 @@ class ApplyReport:
         return [o.host for o in self.outcomes if o.status is status]
 
 
+class TransferHook(Protocol):
+    """How apply hands model-file transfers to the sync (`orchestrator.sync.TransferContext`):
+    a change with ``fetch`` steps is applied by the hook (its fetches run concurrently and
+    wait for peers), and the hook learns when each host starts and stops applying."""
+
+    def handles(self, change: Change) -> bool: ...
+
+    async def apply_change(self, conn: Connection, change: Change) -> None: ...
+
+    def host_started(self, host: str) -> None: ...
+
+    def host_finished(self, host: str) -> None: ...
+
+
 async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
     """One step through the agent. File content travels as raw stdin bytes, never as argv."""
+    if step.op == "fetch":  # its source (a URL, a token) is only known to the transfer context
+        raise ActionFailed(conn.name, "a fetch step needs the model sync: "
+                                      "apply_plan(..., transfers=...)")
     request = dict(step.request)
     stdin = None
     if step.op == "write":
@@ -74,7 +91,19 @@ def _interim_record(host_plan: HostPlan) -> dict[str, Any]:
     return record
 
 
-async def apply_host(conn: Connection, host_plan: HostPlan) -> HostOutcome:
+async def apply_host(conn: Connection, host_plan: HostPlan, *,
+                     transfers: TransferHook | None = None) -> HostOutcome:
+    if transfers is None:
+        return await _apply_host(conn, host_plan, None)
+    transfers.host_started(conn.name)
+    try:
+        return await _apply_host(conn, host_plan, transfers)
+    finally:
+        transfers.host_finished(conn.name)
+
+
+async def _apply_host(conn: Connection, host_plan: HostPlan,
+                      transfers: TransferHook | None) -> HostOutcome:
     if not host_plan.changes:
         return HostOutcome(host_plan.host, HostStatus.OK)
     applied: list[str] = []
@@ -86,8 +115,11 @@ async def apply_host(conn: Connection, host_plan: HostPlan) -> HostOutcome:
         for current in host_plan.changes:
             log.info("change_started", host=conn.name, resource=current.resource,
                      action=current.action.value)
-            for step in current.steps:
-                await run_step(conn, step)
+            if transfers is not None and transfers.handles(current):
+                await transfers.apply_change(conn, current)
+            else:
+                for step in current.steps:
+                    await run_step(conn, step)
             applied.append(current.resource)
         await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster})
     except HostUnreachable:
@@ -107,9 +139,11 @@ async def apply_plan(
     concurrency: int = 10,
     serial: int | None = None,
     fail_fast: bool = False,
+    transfers: TransferHook | None = None,
 ) -> ApplyReport:
     """Apply every host's changes. `serial` applies hosts in batches of that size, in order;
-    `fail_fast` stops starting new hosts (and batches) after the first failure."""
+    `fail_fast` stops starting new hosts (and batches) after the first failure; `transfers`
+    runs the changes that fetch model files (see `TransferHook`)."""
     outcomes: dict[str, HostOutcome] = {
         host: HostOutcome(host, HostStatus.UNREACHABLE, error=reason)
         for host, reason in plan.unreachable.items()
@@ -130,7 +164,7 @@ async def apply_plan(
                 return HostOutcome(host_plan.host, HostStatus.FAILED,
                                    error="not started: another host failed (--fail-fast)")
             try:
-                outcome = await apply_host(conn, host_plan)
+                outcome = await apply_host(conn, host_plan, transfers=transfers)
             except HostUnreachable as exc:
                 outcome = HostOutcome(host_plan.host, HostStatus.UNREACHABLE, error=str(exc))
             if outcome.status in (HostStatus.FAILED, HostStatus.UNREACHABLE):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -23,6 +23,8 @@ from orchestrator.facts import HostFacts, parse_facts
 from orchestrator.lock import ClusterLock, new_holder
 from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
 from orchestrator.resources.base import Change, Resource
+from orchestrator.resources.model_files import model_files_in
+from orchestrator.sync import assign_sources, for_plan
 
 log = structlog.get_logger(__name__)
 
@@ -95,12 +97,17 @@ def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
             unreachable[name] = str(fact).removeprefix(f"{name}: ")
             continue
         host_plans.append(diff_host(cluster.name, desired[name], fact))
+    model = model_files_in(desired)
+    if model is not None:  # which host each model file comes from: a cluster-wide decision
+        host_plans = list(assign_sources(host_plans, facts, model))
     return Plan(cluster.name, str(cluster.file), tuple(host_plans), unreachable)
 
 
 async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                   options: RunOptions, *, read_only: bool) -> Plan:
-    desired = desired_state(cluster, serving_nodes(cluster))
+                   options: RunOptions, *, read_only: bool,
+                   desired: Mapping[str, Sequence[Resource]] | None = None) -> Plan:
+    if desired is None:
+        desired = desired_state(cluster, serving_nodes(cluster))
     facts = await gather_facts(conns, desired, options.ssh.concurrency,
                                  cluster=cluster.name, read_only=read_only)
     return build_plan(cluster, desired, facts)
@@ -184,11 +191,17 @@ async def apply(
         lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
         await lock.acquire(conns)
         try:
-            current = await plan_run(cluster, conns, options, read_only=False)
+            desired = desired_state(cluster, serving_nodes(cluster))
+            current = await plan_run(cluster, conns, options, read_only=False, desired=desired)
             if saved is not None:
                 _check_saved(saved, current)
-            report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
-                                      serial=serial, fail_fast=fail_fast)
+            transfers = for_plan(cluster, current, desired)
+            async with transfers.serving(conns) if transfers else nullcontext():
+                report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
+                                          serial=serial, fail_fast=fail_fast,
+                                          transfers=transfers)
+            if transfers is not None:
+                report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
         finally:
             await lock.release()
         return current, report

@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """orch agent: the only code orch runs on a node.
 
-Shipped by the controller, cached on the node as ``~/.orch/agent/<sha256-prefix>.py`` and run as
-``python3 <that file> OP`` with a JSON request on the first line of stdin (for ``write``, the raw
-file bytes follow that line). It prints exactly one JSON object on stdout and exits 0, or prints
-``{"error": ...}`` and exits 1.
+Shipped by the controller as a zip holding this file (as ``__main__.py``) and ``transfer.py``,
+cached on the node as ``~/.orch/agent/<sha256-prefix>.pyz`` and run as ``python3 -I <that zip>
+OP`` with a JSON request on the first line of stdin (for ``write``, the raw file bytes follow
+that line). It prints exactly one JSON object on stdout and exits 0, or prints
+``{"error": ...}`` and exits 1 (``serve`` may print blank lines before it: a heartbeat that
+notices a controller gone away).
 
-Why one file, stdlib only, Python >= 3.9: the node's Python is whatever macOS or the user
-installed; the agent must never need the controller's packages. Why ops instead of shell
-snippets: argv lists and JSON never pass through a shell, so no value is ever shell syntax, and
-``facts`` gathers everything a plan needs in one SSH round trip.
+Why stdlib only, Python >= 3.9: the node's Python is whatever macOS or the user installed; the
+agent must never need the controller's packages. Why ops instead of shell snippets: argv lists
+and JSON never pass through a shell, so no value is ever shell syntax, and ``facts`` gathers
+everything a plan needs in one SSH round trip. ``transfer`` is imported only by the ops that
+move model bytes (``fetch``, ``serve``), so a read-only run can stream this file alone.
 
 Every path in a request may start with ``~/``; it is expanded with ``$HOME`` on the node.
 Requests are strict: an unknown key is an error, so controller/agent skew fails loudly.
@@ -19,9 +22,12 @@ from __future__ import annotations
 
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
 # ruff: noqa: PTH100, PTH101, PTH102, PTH103, PTH105, PTH106, PTH108, PTH111, PTH112, PTH113
-# ruff: noqa: PTH114, PTH202
+# ruff: noqa: PTH110, PTH114, PTH119, PTH202
 # ruff: noqa: PTH116, PTH117, PTH118, PTH120, PTH123, PTH208
+import contextlib
 import errno
+import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -214,11 +220,14 @@ class HashCache:
     """sha256 of files keyed by (path, size, mtime_ns, inode), persisted across runs.
 
     Why: the model files are hundreds of GB; a converged facts call must read no file data.
+    Several agents may run at once on a node (concurrent fetches), so `save` merges this
+    process's own changes into the file under a lock instead of overwriting others' entries.
     """
 
     def __init__(self) -> None:
         self.path = os.path.join(orch_dir(), "hashcache.json")
         self.entries: dict[str, list[Any]] = {}
+        self.changes: dict[str, list[Any] | None] = {}  # what this process recorded or forgot
         self.dirty = False
         self.files_hashed = 0
         self.bytes_hashed = 0
@@ -261,18 +270,35 @@ class HashCache:
         return sha
 
     def record(self, real: str, st: os.stat_result, sha: str) -> None:
-        self.entries[real] = [*self.key(st), sha]
+        self.entries[real] = self.changes[real] = [*self.key(st), sha]
         self.dirty = True
 
     def forget(self, real: str) -> None:
         if self.entries.pop(real, None) is not None:
+            self.changes[real] = None
             self.dirty = True
 
     def save(self) -> None:
-        if self.dirty:
-            os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
-            dump_json_atomic(self.path, {"version": CACHE_VERSION, "entries": self.entries})
-            self.dirty = False
+        if not self.dirty:
+            return
+        os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
+        with open(self.path + ".lock", "ab") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                raw = json_file(self.path, {})
+            except ValueError:
+                raw = {}
+            current = raw.get("entries") if isinstance(raw, dict) and \
+                raw.get("version") == CACHE_VERSION else None
+            entries = dict(current) if isinstance(current, dict) else {}
+            for real, entry in self.changes.items():
+                if entry is None:
+                    entries.pop(real, None)
+                else:
+                    entries[real] = entry
+            dump_json_atomic(self.path, {"version": CACHE_VERSION, "entries": entries})
+        self.changes.clear()
+        self.dirty = False
 
     def counters(self) -> dict[str, int]:
         return {
@@ -502,11 +528,38 @@ def memory_bytes() -> int | None:
 
 
 def own_version() -> str:
+    """sha256 of what the controller shipped: the zip this runs from (``<zip>/__main__.py``);
+    the version the controller passed when the source was streamed; or, run as a plain file
+    (tests, debugging), that file's own hash."""
     streamed = globals().get("ORCH_AGENT_VERSION")  # set when run from stdin, not from a file
     if isinstance(streamed, str):
         return streamed
-    with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    here = os.path.abspath(__file__)
+    container = os.path.dirname(here)
+    shipped = container if os.path.isfile(container) else here  # a zip is a file, not a dir
+    digest = hashlib.sha256()
+    with open(shipped, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_transfer() -> Any:
+    """The ``transfer`` module shipped beside this file (in the zip, or the source tree).
+
+    Imported on first use only, so ``facts`` never pays for it and a streamed agent (which
+    has no transfer.py) still answers every read-only op.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import importlib
+
+    try:
+        return importlib.import_module("transfer")
+    except ImportError:
+        raise AgentError("this op needs the installed agent (transfer.py is not beside it); "
+                         "it cannot run from a streamed, read-only agent") from None
 
 
 def user_name() -> str:
@@ -826,6 +879,239 @@ def op_read(req: Request, _stdin: IO[bytes]) -> Response:
     return {"contents": result}
 
 
+# ---------------------------------------------------------------------------------- model sync
+
+SYNC_STATE = "sync"  # ~/.orch/sync: which run serves on which port, and stop requests
+HEARTBEAT_S = 2.0  # `serve` writes a blank line this often; a failed write means no controller
+BIND_WAIT_S = 10.0  # how long `serve` waits for a previous run's server to free the port
+STALE_STOP_S = 86400.0  # stop requests older than this are swept by the next `serve`
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def cached_sha256(cache: HashCache, full: str) -> str | None:
+    """The file's sha256 if the hash cache vouches for it as it is now; never reads data."""
+    try:
+        st = os.stat(full)
+    except OSError:
+        return None
+    entry = cache.entries.get(os.path.realpath(full))
+    if stat.S_ISREG(st.st_mode) and entry is not None and entry[:3] == cache.key(st):
+        return str(entry[3])
+    return None
+
+
+def string_map(value: Any, what: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise AgentError(what + " must map strings to strings")
+    return value
+
+
+def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
+    """Download one file into place, resumably and verified (see transfer.py), then record
+    its hash in the cache so the next ``facts`` reads none of its bytes.
+
+    Header values (the Hub token, the per-run peer token) come only in this request, on
+    stdin; transfer keeps them out of every message. A file the cache already vouches for is
+    not fetched again (a retried apply)."""
+    path, size, sha256, url, git_sha1, headers, timeout, retries, backoff = fields(
+        req,
+        ("path", "size", "sha256", "url"),
+        {"git_sha1": None, "headers": {}, "timeout": RUN_TIMEOUT, "retries": 8, "backoff": 0.5},
+    )
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise AgentError("size must be a non-negative int")
+    headers = string_map(headers, "headers")
+    full = expand(str(path))
+    cache = HashCache()
+    if sha256 is not None and cached_sha256(cache, full) == sha256:
+        return {"path": full, "size": size, "sha256": sha256, "skipped": True,
+                "bytes_downloaded": 0, "bytes_resumed": 0, "requests": 0, "retries": 0,
+                "mismatches": 0, "seconds": 0.0}
+    transfer = load_transfer()
+    limit = float(timeout)
+    deadline = time.monotonic() + limit
+
+    def progress(have: int, total: int) -> None:
+        if time.monotonic() > deadline:
+            raise AgentError(f"{os.path.basename(full)}: not complete after {limit:g}s "
+                             f"({have} of {total} bytes kept for the next run)")
+
+    try:
+        result = transfer.fetch(str(url), full, sha256=sha256, size=size, git_sha1=git_sha1,
+                                headers=headers, retries=int(retries), backoff=float(backoff),
+                                progress=progress)
+    except transfer.TransferError as exc:  # its message names the file, never a header value
+        raise AgentError(str(exc)) from None
+    except ValueError as exc:
+        raise AgentError(f"bad fetch request: {exc}") from None
+    cache.record(os.path.realpath(full), os.stat(full), result.sha256)
+    cache.save()
+    answer: Response = result.to_json()
+    answer["skipped"] = False
+    return answer
+
+
+def sync_state(*parts: str) -> str:
+    return os.path.join(orch_dir(), SYNC_STATE, *parts)
+
+
+def touch(path: str) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "ab"):
+        pass
+
+
+def sweep_stale_stops(keep: str) -> None:
+    """Stop requests for servers that had already ended stay behind; drop the old ones."""
+    directory = sync_state()
+    now = time.time()
+    for name in os.listdir(directory):
+        full = os.path.join(directory, name)
+        try:
+            if name.startswith("stop-") and full != keep and \
+                    now - os.stat(full).st_mtime > STALE_STOP_S:
+                os.unlink(full)
+        except OSError:
+            pass
+
+
+def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str], token: str,
+                     run_id: str) -> Any:
+    """Start the peer server; if the port is held by a server an earlier run left behind (its
+    controller died), ask that server to stop and wait for the port."""
+    record = sync_state(f"serve-{port}.json")
+    deadline = time.monotonic() + BIND_WAIT_S
+    asked = False
+    while True:
+        try:
+            return transfer.serve_files(bind, port, files, token)
+        except ValueError as exc:
+            raise AgentError(f"cannot serve: {exc}") from None
+        except OSError as exc:
+            failure = AgentError(f"cannot serve on {bind}:{port}: "
+                                 f"{exc.strerror or type(exc).__name__}")
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise failure from None
+        if not asked:
+            try:
+                previous = json_file(record, {})
+            except ValueError:
+                previous = {}
+            other = previous.get("run_id") if isinstance(previous, dict) else None
+            if not isinstance(other, str) or other == run_id or not RUN_ID.fullmatch(other):
+                raise failure from None  # not a server orch left behind: waiting won't help
+            touch(sync_state("stop-" + other))
+            asked = True
+        time.sleep(0.1)
+
+
+def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
+    """Serve verified files to peers (transfer.serve_files) until told to stop.
+
+    Stops when ``serve_stop`` names this run, when ``timeout`` seconds have passed, or when
+    the controller is gone (the heartbeat, a blank line on stdout every few seconds, fails).
+    The token comes only in this request, on stdin, never in argv (which ``ps`` shows).
+    Answers what was served."""
+    files, bind, port, token, run_id, timeout = fields(
+        req, ("files", "bind", "port", "token", "run_id"), {"timeout": 86400})
+    files = string_map(files, "files")
+    if not all(u.startswith("/") for u in files):
+        raise AgentError("file URL paths must start with '/'")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise AgentError("port must be an int between 0 and 65535")
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise AgentError("run_id must be 8 to 64 letters, digits, '-' or '_'")
+    if not isinstance(token, str) or not isinstance(bind, str):
+        raise AgentError("token and bind must be strings")
+    transfer = load_transfer()
+    stop = sync_state("stop-" + run_id)
+    os.makedirs(sync_state(), mode=0o700, exist_ok=True)
+    sweep_stale_stops(stop)
+    started = time.monotonic()
+    server = bind_peer_server(transfer, bind, port, {u: expand(p) for u, p in files.items()},
+                              token, run_id)
+    record = sync_state(f"serve-{server.server_address[1]}.json")
+    dump_json_atomic(record, {"run_id": run_id, "pid": os.getpid()})
+    reason = None
+    beat = started
+    try:
+        while reason is None:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if os.path.exists(stop):
+                reason = "stopped"
+            elif now - started > float(timeout):
+                reason = "deadline"
+            elif now - beat >= HEARTBEAT_S:
+                beat = now
+                try:
+                    sys.stdout.buffer.write(b"\n")
+                    sys.stdout.buffer.flush()
+                except OSError:
+                    reason = "hangup"
+    finally:
+        server.close()
+        try:
+            if json_file(record, {}).get("run_id") == run_id:
+                os.unlink(record)
+        except (OSError, ValueError, AttributeError):
+            pass
+        with contextlib.suppress(OSError):
+            os.unlink(stop)
+    with server.lock:
+        return {"reason": reason, "port": server.server_address[1],
+                "requests": server.requests, "refused": server.refused,
+                "bytes_served": dict(sorted(server.bytes_served.items())),
+                "seconds": round(time.monotonic() - started, 3)}
+
+
+def op_serve_stop(req: Request, _stdin: IO[bytes]) -> Response:
+    """Ask this run's ``serve`` to stop; it answers on its own channel within ~50 ms.
+
+    Written whether or not the server has started yet: a server that starts later sees the
+    request at once and stops, instead of serving until its deadline."""
+    (run_id,) = fields(req, ("run_id",), {})
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise AgentError("run_id must be 8 to 64 letters, digits, '-' or '_'")
+    touch(sync_state("stop-" + run_id))
+    return {"changed": True}
+
+
+def op_prune(req: Request, _stdin: IO[bytes]) -> Response:
+    """Remove the files directly in ``path`` whose names match ``pattern`` (fnmatch) and are
+    not in ``keep``: e.g. weight files of another revision, which mlx-lm's
+    ``model*.safetensors`` glob would load over the verified ones."""
+    path, keep, pattern = fields(req, ("path", "keep", "pattern"), {})
+    directory = expand(str(path))
+    kept = set(string_list(keep, "keep"))
+    if not isinstance(pattern, str) or "/" in pattern:
+        raise AgentError("pattern must be a file name pattern")
+    removed: list[str] = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            full = os.path.join(directory, name)
+            if (name in kept or name.startswith(".") or not fnmatch.fnmatchcase(name, pattern)
+                    or (os.path.isdir(full) and not os.path.islink(full))):
+                continue
+            os.unlink(full)
+            removed.append(name)
+    return {"changed": bool(removed), "removed": removed}
+
+
+def op_sizes(req: Request, _stdin: IO[bytes]) -> Response:
+    """Sizes of files, read from stat alone (no content): how far partial downloads are."""
+    (paths,) = fields(req, ("paths",), {})
+    sizes: dict[str, int | None] = {}
+    for path in string_list(paths, "paths"):
+        try:
+            sizes[path] = os.stat(expand(path)).st_size
+        except OSError:
+            sizes[path] = None
+    return {"sizes": sizes}
+
+
 OPS: dict[str, Callable[[Request, IO[bytes]], Response]] = {
     "facts": op_facts,
     "install_system": op_install_system,
@@ -842,6 +1128,11 @@ OPS: dict[str, Callable[[Request, IO[bytes]], Response]] = {
     "launchd_bootstrap": op_launchd_bootstrap,
     "launchd_bootout": op_launchd_bootout,
     "launchd_kickstart": op_launchd_kickstart,
+    "fetch": op_fetch,
+    "serve": op_serve,
+    "serve_stop": op_serve_stop,
+    "prune": op_prune,
+    "sizes": op_sizes,
 }
 
 

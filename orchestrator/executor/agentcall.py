@@ -15,7 +15,13 @@ from typing import Any
 
 import structlog
 
-from orchestrator.agent import agent_file_id, agent_source, agent_source_hash
+from orchestrator.agent import (
+    AGENT_SUFFIX,
+    agent_file_id,
+    agent_script,
+    agent_source,
+    agent_source_hash,
+)
 from orchestrator.errors import ActionFailed
 
 from .base import CommandResult
@@ -30,14 +36,14 @@ AGENT_MISSING = 97  # the run script's "not cached here" status; the agent itsel
 # sh -c RUN_SCRIPT sh <file id> <op> <python>. Python runs isolated (-I): the node's PYTHONPATH,
 # PYTHONHOME or user site-packages can never change what the agent imports.
 RUN_SCRIPT = (
-    'a="${HOME:?}/.orch/agent/$1.py"; '
+    f'a="${{HOME:?}}/.orch/agent/$1{AGENT_SUFFIX}"; '
     'if [ -f "$a" ]; then exec "$3" -I "$a" "$2"; fi; '
     f"exit {AGENT_MISSING}"
 )
 
-# <python> -I -c UPLOAD_SCRIPT <sha256> <file id>, the agent's bytes on stdin. Verified before the
+# <python> -I -c UPLOAD_SCRIPT <sha256> <file id>, the agent's zip on stdin. Verified before the
 # atomic rename, so a cut connection can never leave a truncated agent in the cache.
-UPLOAD_SCRIPT = """\
+UPLOAD_SCRIPT = f"""\
 import hashlib, os, sys, tempfile
 data = sys.stdin.buffer.read()
 if hashlib.sha256(data).hexdigest() != sys.argv[1]:
@@ -51,11 +57,13 @@ with os.fdopen(fd, "wb") as f:
     f.flush()
     os.fsync(f.fileno())
 os.chmod(tmp, 0o600)
-os.replace(tmp, os.path.join(d, sys.argv[2] + ".py"))
+os.replace(tmp, os.path.join(d, sys.argv[2] + "{AGENT_SUFFIX}"))
 """
 
-# <python> -I -c STREAM_SCRIPT <n> <op> <version>, the agent's n bytes then the request on stdin:
-# runs the agent without writing it to the host, for read-only runs (plan, apply --check).
+# <python> -I -c STREAM_SCRIPT <n> <op> <version>, agent.py's n bytes then the request on stdin:
+# runs the agent without writing it to the host, for read-only runs (plan, apply --check). Only
+# agent.py travels (not the zip): the ops a read-only run uses never import transfer. <version>
+# is the zip's hash, so facts report the same agent version whichever way the agent ran.
 STREAM_SCRIPT = """\
 import sys
 _, size, op, version = sys.argv
@@ -96,7 +104,7 @@ async def call_agent(
         await _upload(host, run, python)
         result = await run(argv, stdin=payload, timeout=timeout)
     elif result.exit_status == AGENT_MISSING:
-        source = agent_source()
+        source = agent_script()
         stream = [python, "-I", "-c", STREAM_SCRIPT, str(len(source)), op, agent_source_hash()]
         result = await run(stream, stdin=source + payload, timeout=timeout)
     return _decode(host, op, python, result)

@@ -68,6 +68,7 @@ class HubFile:
     path: str
     size: int
     sha256: str | None  # the LFS oid; None for small files kept in git
+    git_sha1: str | None = None  # the git blob id (`oid`): the content's for files kept in git
 
 
 class _SameHostAuthRedirect(urllib.request.HTTPRedirectHandler):
@@ -151,6 +152,22 @@ class HubClient:
             url = _next_page(response.headers, self.endpoint)
         return files
 
+    def revision_sha(self, repo: str, revision: str) -> str:
+        """The commit sha a branch or tag names now (what a sync pins)."""
+        url = f"{self.endpoint}/api/models/{_quote_repo(repo)}/revision/{_quote(revision)}"
+        response = self._get(url, f"revision {revision!r}", repo)
+        try:
+            sha = json.loads(response.body).get("sha")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            sha = None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{40}", sha):
+            raise ModelError(f"{repo}: the Hub's answer for revision {revision!r} has no sha")
+        return sha
+
+    def resolve_url(self, repo: str, revision: str, path: str) -> str:
+        """Where a file's bytes are (the Hub may redirect it to a CDN)."""
+        return self._resolve(repo, revision, path)
+
     def read(self, repo: str, revision: str, path: str) -> bytes:
         """A small file, whole."""
         return self._get(self._resolve(repo, revision, path), path, repo).body
@@ -227,7 +244,9 @@ def _hub_file(entry: Any) -> HubFile | None:
         return None
     lfs = entry.get("lfs")
     sha = lfs.get("oid") if isinstance(lfs, dict) else None
-    return HubFile(path=path, size=size, sha256=sha if isinstance(sha, str) else None)
+    oid = entry.get("oid")
+    return HubFile(path=path, size=size, sha256=sha if isinstance(sha, str) else None,
+                   git_sha1=oid if isinstance(oid, str) else None)
 
 
 def _next_page(headers: Mapping[str, str], endpoint: str) -> str | None:

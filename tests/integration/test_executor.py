@@ -82,7 +82,7 @@ def test_converged_agent_call_is_one_round_trip(test_hosts: list[RunningHost]) -
 
 def test_agent_is_shipped_once_over_ssh(test_hosts: list[RunningHost]) -> None:
     host = test_hosts[1]
-    cached = host.home / ".orch" / "agent" / f"{agent_file_id()}.py"
+    cached = host.home / ".orch" / "agent" / f"{agent_file_id()}.pyz"
     cached.unlink(missing_ok=True)
 
     async def scenario() -> None:

@@ -11,18 +11,26 @@ from __future__ import annotations
 import ast
 import asyncio
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.agent import AGENT_FILE, agent_file_id, agent_source, agent_source_hash
+from orchestrator.agent import (
+    AGENT_FILE,
+    TRANSFER_FILE,
+    agent_file_id,
+    agent_source,
+    agent_source_hash,
+)
 from orchestrator.agent import agent as agent_mod
 from orchestrator.errors import ActionFailed
 from orchestrator.executor import LocalConnection
@@ -94,6 +102,31 @@ def test_agent_source_hash_names_the_file() -> None:
     assert agent_file_id() == agent_source_hash()[:16]
 
 
+def test_shipped_zip_is_deterministic_and_holds_agent_and_transfer() -> None:
+    agent_source.cache_clear()
+    again = agent_source()
+    assert again == agent_source()
+    with zipfile.ZipFile(io.BytesIO(again)) as archive:
+        assert archive.namelist() == ["__main__.py", "transfer.py"]
+        assert archive.read("__main__.py") == AGENT_FILE.read_bytes()
+        assert archive.read("transfer.py") == TRANSFER_FILE.read_bytes()
+        assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_shipped_zip_reports_its_own_hash(home: Path, tmp_path: Path) -> None:
+    shipped = tmp_path / f"{agent_file_id()}.pyz"
+    shipped.write_bytes(agent_source())
+    proc = subprocess.run(
+        [sys.executable, "-I", str(shipped), "facts"],
+        input=b'{"files": ["~/x"]}\n',
+        capture_output=True,
+        env={**os.environ, "HOME": str(home)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["agent"]["version"] == agent_source_hash()
+
+
 @pytest.mark.parametrize("version", ["3.9", "3.10"])
 def test_facts_run_on_old_pythons(home: Path, version: str) -> None:
     found = [*Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python")]
@@ -127,7 +160,9 @@ def test_facts_shape_parses_strictly(home: Path) -> None:
     assert facts.uid == os.getuid()
     assert facts.python_version == ".".join(map(str, sys.version_info[:3]))
     assert facts.memory_bytes and facts.memory_bytes > 0
-    assert answer["agent"]["version"] == agent_source_hash()
+    # Run as a plain file (tests, debugging) the agent reports that file's hash; shipped, the
+    # zip's (test_shipped_zip_reports_its_own_hash).
+    assert answer["agent"]["version"] == hashlib.sha256(AGENT_FILE.read_bytes()).hexdigest()
 
 
 def test_file_kinds_modes_and_hashes(home: Path) -> None:
@@ -546,7 +581,7 @@ def test_agent_is_uploaded_once_then_one_round_trip(home: Path) -> None:
         first = await conn.agent("facts", {"files": ["~/x"]})
         assert first["files"]["~/x"]["kind"] == "missing"
         assert conn.round_trips == 3  # tried, uploaded, ran
-        cached = home / ".orch" / "agent" / f"{agent_file_id()}.py"
+        cached = home / ".orch" / "agent" / f"{agent_file_id()}.pyz"
         assert cached.read_bytes() == agent_source()
         assert cached.stat().st_mode & 0o777 == 0o600
         before = conn.round_trips

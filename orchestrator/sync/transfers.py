@@ -1,0 +1,500 @@
+"""Apply's half of the sync: run the plan's fetch steps, node to node, and account every byte.
+
+A `TransferContext` lives for one apply. The engine creates it from the plan (`for_plan`),
+starts peer servers with ``async with ctx.serving(conns)`` and hands it to
+``apply_plan(..., transfers=ctx)``, which gives it every change that has fetch steps
+(`handles` / `apply_change`) and tells it when a host starts and stops applying.
+
+* **Servers.** Every host that is a planned peer source or fetches a file runs the agent's
+  ``serve`` op for the whole apply (a second channel on its SSH connection), bound to its
+  ``ring_ip`` on one port, serving exactly the files it holds or will hold, to requests bearing
+  a random per-run token. At the end each gets ``serve_stop`` and answers what it served.
+* **Fetches.** A host's fetches run concurrently (at most `FETCH_SLOTS` transferring at once;
+  waiting for a peer holds no slot). Each follows its planned source: a peer that fetches the
+  file in this apply is waited for (the plan's ``after``). If the planned source cannot serve —
+  its host failed, is not applying (``--serial``), or its transfer fails — another holder is
+  used, else the host fetches from the origin itself; a host never fetches from the origin a
+  file that another host has already fetched, or is fetching, from it in this apply (so
+  failures aside, each file still leaves the Hub once). Waits only ever point along the plan's
+  ``after`` edges (acyclic) or at a host fetching from the origin (which waits for nothing), so
+  they cannot deadlock.
+* **Sources.** ``hub``: the pinned commit's resolve URL with the Hub token as
+  ``Authorization`` (read at apply time, sent only in the agent's stdin). ``peer``:
+  ``http://ring_ip:port/<file>`` with the peer token. ``local``: the controller's copy, sent
+  through the agent's ``write`` op — the whole file is held in the controller's memory while
+  it is sent, fine for config/tokenizer files and small local models, not for 5 GB shards
+  from a local ``model.path`` (a controller-side HTTP server would lift that).
+* **Accounting.** Every fetch is recorded with its source, bytes (from the Hub, over the LAN,
+  from the controller, kept from an earlier partial, fetched twice), and wall-clock start and
+  end (so "no bytes moved during an outage" can be checked). `summary` is what apply reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import secrets
+import sys
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from orchestrator.apply import run_step
+from orchestrator.config import Cluster
+from orchestrator.errors import ActionFailed, HostError, HostUnreachable
+from orchestrator.executor import Connection
+from orchestrator.placement.hub import HubClient
+from orchestrator.plan import Plan
+from orchestrator.resources.base import Change, Resource, Step
+from orchestrator.sync.credentials import hub_token, redact
+from orchestrator.sync.manifest import HubOrigin, Manifest
+from orchestrator.sync.progress import Progress, make_progress
+
+__all__ = ["DEFAULT_SYNC_PORT", "FetchRecord", "Peer", "TransferContext", "for_plan",
+           "summary_text"]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SYNC_PORT = 47300  # until the cluster file has `runtime.sync_port`
+FETCH_SLOTS = 4  # transfers at once per host
+MIN_RATE_BPS = 1 << 20  # a fetch may take size / this (plus a base) before it is cut off
+FETCH_BASE_TIMEOUT_S = 600.0
+PEER_RETRIES, PEER_BACKOFF_S = 3, 0.2  # a dead peer is given up on in seconds, not minutes
+SERVE_DEADLINE_S = 86400  # a server outlives its controller by at most this (and a heartbeat)
+STOP_WAIT_S = 30.0
+POLL_INTERVAL_S = 1.0  # how often in-flight downloads' sizes are read, for progress
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a host serves its files to the others: its ring IP and the sync port."""
+
+    address: str
+    port: int
+
+    def url(self, rel: str) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.port}/{urllib.parse.quote(rel)}"
+
+
+@dataclass(frozen=True)
+class FetchRecord:
+    """One file that reached (or failed to reach) one host."""
+
+    host: str
+    file: str
+    source: str  # "hub", "local" or the peer host's name
+    kind: str  # "hub", "lan" or "local"
+    size: int
+    bytes_moved: int  # bytes that crossed the network (or the controller's link) for it
+    bytes_resumed: int  # kept from a partial an earlier run left
+    bytes_refetched: int  # received twice: a server ignored Range, or a hash mismatched
+    mismatches: int
+    retries: int
+    requests: int
+    started_at: float  # wall clock (time.time())
+    finished_at: float
+    ok: bool
+    error: str | None = None
+
+
+def _kind(source: str) -> str:
+    return source if source in ("hub", "local") else "lan"
+
+
+class TransferContext:
+    """One apply's transfers; see the module docstring."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        manifest: Manifest,
+        peers: Mapping[str, Peer],
+        *,
+        hub_token: str | None = None,
+        progress: Progress | None = None,
+        fetch_slots: int = FETCH_SLOTS,
+        poll_interval: float = POLL_INTERVAL_S,
+    ) -> None:
+        self.manifest = manifest
+        self.peers = dict(peers)
+        self.run_id = secrets.token_hex(8)
+        self._peer_token = secrets.token_urlsafe(24)
+        self._hub_token = hub_token
+        self.progress = progress
+        self.fetch_slots = fetch_slots
+        self.poll_interval = poll_interval
+        self._fetches: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self._holding: dict[str, set[str]] = {}  # file -> hosts holding it verified now
+        for host_plan in plan.hosts:
+            for change in host_plan.changes:
+                for step in change.steps:
+                    if step.op != "fetch":
+                        continue
+                    rel = str(step.request["file"])
+                    self._fetches[(host_plan.host, rel)] = step.request
+                    source = step.request.get("source") or {}
+                    held = [str(h) for h in source.get("fallback", ())]
+                    if source.get("kind") == "peer" and not source.get("after"):
+                        held.append(str(source["host"]))
+                    self._holding.setdefault(rel, set()).update(held)
+        self._done: dict[tuple[str, str], asyncio.Event] = {}
+        self._ok: dict[tuple[str, str], bool] = {}
+        self._started: set[str] = set()
+        self._finished: set[str] = set()
+        self._serving: dict[str, bool] = {}  # host -> its server is up (or starting)
+        self._serve_answers: dict[str, dict[str, Any]] = {}
+        self._load: Counter[str] = Counter()  # peer transfers each host is sending now
+        self._seeding: dict[str, set[str]] = {}  # file -> hosts fetching it from the origin
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._records: list[FetchRecord] = []
+        self._began: float | None = None
+        self._ended: float | None = None
+
+    # ------------------------------------------------------------------------- the apply hook
+
+    def handles(self, change: Change) -> bool:
+        return any(step.op == "fetch" for step in change.steps)
+
+    def host_started(self, host: str) -> None:
+        self._started.add(host)
+
+    def host_finished(self, host: str) -> None:
+        """The host stopped applying: a fetch it never got to will not happen; wake waiters."""
+        self._finished.add(host)
+        for (h, rel), event in self._done.items():
+            if h == host and not event.is_set():
+                self._ok.setdefault((h, rel), False)
+                event.set()
+
+    async def apply_change(self, conn: Connection, change: Change) -> None:
+        """Run a change's other steps in order, then its fetches concurrently."""
+        for step in change.steps:
+            if step.op != "fetch":
+                await run_step(conn, step)
+        fetches = [s for s in change.steps if s.op == "fetch"]
+        poller = (asyncio.create_task(self._poll(conn, fetches))
+                  if self.poll_interval > 0 and self.progress is not None else None)
+        try:
+            results = await asyncio.gather(*(self._fetch(conn, s) for s in fetches),
+                                           return_exceptions=True)
+        finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, HostError) or isinstance(error, HostUnreachable):
+                raise error
+        if errors:
+            first = str(errors[0]).removeprefix(f"{conn.name}: ")
+            raise ActionFailed(conn.name, f"{len(errors)} of {len(fetches)} model files not "
+                                          f"fetched; first: {first}")
+
+    # ------------------------------------------------------------------------------ servers
+
+    def serving_hosts(self) -> list[str]:
+        """Hosts that serve in this apply: planned peer sources, their fallbacks, and every
+        host that fetches (each may become a source if a planned one fails). None when no
+        copy travels between hosts."""
+        needers = {h for h, _ in self._fetches}
+        holders = set().union(*self._holding.values()) if self._holding else set()
+        if not holders and len(needers) <= 1:
+            return []
+        return sorted(h for h in needers | holders if h in self.peers)
+
+    def served_files(self, host: str) -> dict[str, str]:
+        files = {rel for (h, rel) in self._fetches if h == host}
+        files |= {rel for rel, hosts in self._holding.items() if host in hosts}
+        path_of = {rel: str(r["path"]) for (_, rel), r in self._fetches.items()}
+        return {"/" + rel: path_of[rel] for rel in sorted(files)}
+
+    @contextlib.asynccontextmanager
+    async def serving(self, conns: Mapping[str, Connection | HostError]
+                      ) -> AsyncIterator[TransferContext]:
+        """Peer servers for the duration of the block; stopped (and counted) at its end."""
+        tasks: dict[str, asyncio.Task[None]] = {}
+        for host in self.serving_hosts():
+            conn = conns.get(host)
+            if conn is None or isinstance(conn, HostError):
+                continue
+            self._serving[host] = True
+            tasks[host] = asyncio.create_task(self._serve(conn))
+        self._began = time.time()
+        show = self.progress is not None and bool(self._fetches)
+        if self.progress is not None and show:
+            totals: Counter[str] = Counter()
+            for (host, _), request in self._fetches.items():
+                totals[host] += int(request["size"])
+            self.progress.begin(dict(totals))
+        try:
+            yield self
+        finally:
+            self._ended = time.time()
+            if self.progress is not None and show:
+                self.progress.end()
+            await self._stop(conns, tasks)
+
+    async def _serve(self, conn: Connection) -> None:
+        peer = self.peers[conn.name]
+        request = {"files": self.served_files(conn.name), "bind": peer.address,
+                   "port": peer.port, "token": self._peer_token, "run_id": self.run_id,
+                   "timeout": SERVE_DEADLINE_S}
+        try:
+            self._serve_answers[conn.name] = await conn.agent("serve", request)
+        except HostError as exc:
+            message = redact(str(exc), self._peer_token, self._hub_token)
+            log.warning("sync_serve_failed", host=conn.name, error=message)
+            self._serve_answers[conn.name] = {"error": message}
+        finally:
+            self._serving[conn.name] = False
+
+    async def _stop(self, conns: Mapping[str, Connection | HostError],
+                    tasks: Mapping[str, asyncio.Task[None]]) -> None:
+        async def stop(host: str) -> None:
+            conn = conns[host]
+            assert not isinstance(conn, HostError)
+            with contextlib.suppress(HostError):
+                await conn.agent("serve_stop", {"run_id": self.run_id})
+
+        await asyncio.gather(*(stop(h) for h, t in tasks.items() if not t.done()))
+        if tasks:
+            _, pending = await asyncio.wait(tasks.values(), timeout=STOP_WAIT_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # ------------------------------------------------------------------------------ fetches
+
+    def _event(self, host: str, rel: str) -> asyncio.Event:
+        return self._done.setdefault((host, rel), asyncio.Event())
+
+    def _pending(self, host: str, rel: str) -> bool:
+        """``host`` is applying now and has not finished fetching ``rel``."""
+        return ((host, rel) in self._fetches and host in self._started
+                and host not in self._finished and not self._event(host, rel).is_set())
+
+    def _can_serve(self, host: str) -> bool:
+        return self._serving.get(host, False) and host in self.peers
+
+    async def _choose(self, host: str, rel: str, planned: Mapping[str, Any],
+                      tried: set[str]) -> str | None:
+        """The source to fetch ``rel`` from now (a peer's name, "hub" or "local"), waiting
+        while the planned peer (or a host fetching it from the origin) is still at it."""
+        origin = self.manifest.seed_kind(rel)
+        while True:
+            holders = sorted(h for h in self._holding.get(rel, ())
+                             if h != host and h not in tried and self._can_serve(h))
+            want = str(planned["host"]) if planned.get("kind") == "peer" else None
+            if want is not None and want not in tried and self._can_serve(want):
+                if want in holders:
+                    return want
+                if self._pending(want, rel):
+                    await self._event(want, rel).wait()
+                    continue
+            if holders:
+                order = [str(h) for h in planned.get("fallback", ())]
+                return min(holders, key=lambda h: (self._load[h], h not in order,
+                                                   order.index(h) if h in order else 0, h))
+            seeders = sorted(h for h in self._seeding.get(rel, ()) if h != host)
+            if seeders:
+                await self._event(seeders[0], rel).wait()
+                continue
+            if origin in tried:
+                return None
+            self._seeding.setdefault(rel, set()).add(host)
+            return origin
+
+    async def _fetch(self, conn: Connection, step: Step) -> None:
+        host, request = conn.name, step.request
+        rel = str(request["file"])
+        planned = request.get("source") or {"kind": self.manifest.seed_kind(rel)}
+        tried: set[str] = set()
+        last: HostError | None = None
+        ok = False
+        try:
+            while not ok:
+                source = await self._choose(host, rel, planned, tried)
+                if source is None:
+                    assert last is not None
+                    raise last
+                tried.add(source)
+                try:
+                    await self._transfer(conn, request, source)
+                    ok = True
+                except ActionFailed as exc:
+                    last = exc
+                    log.warning("sync_source_failed", host=host, file=rel, source=source,
+                                error=str(exc))
+                finally:
+                    self._seeding.get(rel, set()).discard(host)
+        finally:
+            self._ok[(host, rel)] = ok
+            if ok:
+                self._holding.setdefault(rel, set()).add(host)
+            self._event(host, rel).set()
+
+    def _slot(self, host: str) -> asyncio.Semaphore:
+        return self._slots.setdefault(host, asyncio.Semaphore(self.fetch_slots))
+
+    async def _transfer(self, conn: Connection, request: Mapping[str, Any], source: str) -> None:
+        host, rel, size = conn.name, str(request["file"]), int(request["size"])
+        async with self._slot(host):
+            if source not in ("hub", "local"):
+                self._load[source] += 1
+            if self.progress is not None:
+                self.progress.started(host, rel, size, source)
+            started, clock = time.time(), time.monotonic()
+            try:
+                answer = await self._call(conn, request, source)
+            except ActionFailed as exc:
+                self._record(host, rel, source, size, {}, started, ok=False, error=str(exc))
+                if self.progress is not None:
+                    self.progress.failed(host, rel, str(exc))
+                raise
+            finally:
+                if source not in ("hub", "local"):
+                    self._load[source] -= 1
+            self._record(host, rel, source, size, answer, started, ok=True)
+            if self.progress is not None:
+                self.progress.finished(host, rel, size, source, time.monotonic() - clock)
+
+    async def _call(self, conn: Connection, request: Mapping[str, Any],
+                    source: str) -> dict[str, Any]:
+        rel, size = str(request["file"]), int(request["size"])
+        try:
+            if source == "local":
+                data = await asyncio.to_thread(self.manifest.controller_copies[rel].read_bytes)
+                answer = await conn.agent("write", {"path": request["path"], "mode": 0o644,
+                                                    "sha256": request["sha256"]}, stdin=data)
+                return {"bytes_downloaded": len(data) if answer.get("changed") else 0}
+            fetch: dict[str, Any] = {
+                "path": request["path"], "size": size, "sha256": request["sha256"],
+                "git_sha1": request.get("git_sha1"),
+                "timeout": math.ceil(FETCH_BASE_TIMEOUT_S + size / MIN_RATE_BPS)}
+            if source == "hub":
+                origin = self.manifest.origin
+                assert isinstance(origin, HubOrigin)
+                fetch["url"] = HubClient(origin.endpoint).resolve_url(origin.repo,
+                                                                      origin.commit, rel)
+                fetch["headers"] = ({"Authorization": f"Bearer {self._hub_token}"}
+                                    if self._hub_token else {})
+            else:
+                fetch["url"] = self.peers[source].url(rel)
+                fetch["headers"] = {"Authorization": f"Bearer {self._peer_token}"}
+                fetch["retries"], fetch["backoff"] = PEER_RETRIES, PEER_BACKOFF_S
+            return await conn.agent("fetch", fetch)
+        except ActionFailed as exc:  # a last guard: no token crosses this edge
+            message = redact(str(exc).removeprefix(f"{exc.host}: "),
+                             self._peer_token, self._hub_token)
+            raise ActionFailed(exc.host, message) from None
+
+    def _record(self, host: str, rel: str, source: str, size: int, answer: Mapping[str, Any],
+                started: float, *, ok: bool, error: str | None = None) -> None:
+        moved = int(answer.get("bytes_downloaded", 0))
+        resumed = int(answer.get("bytes_resumed", 0))
+        record = FetchRecord(
+            host=host, file=rel, source=source, kind=_kind(source), size=size,
+            bytes_moved=moved, bytes_resumed=resumed,
+            bytes_refetched=max(0, moved + resumed - size) if ok else 0,
+            mismatches=int(answer.get("mismatches", 0)), retries=int(answer.get("retries", 0)),
+            requests=int(answer.get("requests", 0)), started_at=round(started, 3),
+            finished_at=round(time.time(), 3), ok=ok,
+            error=None if error is None else redact(error, self._peer_token, self._hub_token))
+        self._records.append(record)
+
+    async def _poll(self, conn: Connection, fetches: Sequence[Step]) -> None:
+        """Progress of in-flight downloads: the size of their ``.partial`` files (stat only)."""
+        partials = {str(s.request["path"]) + ".partial": str(s.request["file"]) for s in fetches}
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            live = {p: rel for p, rel in partials.items() if (conn.name, rel) not in self._ok}
+            if not live:
+                return
+            with contextlib.suppress(HostError):
+                answer = await conn.agent("sizes", {"paths": sorted(live)})
+                for path, have in answer.get("sizes", {}).items():
+                    if isinstance(have, int) and self.progress is not None:
+                        self.progress.advance(conn.name, live[path], have)
+
+    # ---------------------------------------------------------------------------- reporting
+
+    @property
+    def records(self) -> tuple[FetchRecord, ...]:
+        return tuple(sorted(self._records, key=lambda r: (r.started_at, r.host, r.file)))
+
+    def summary(self) -> dict[str, Any]:
+        """The byte accounting apply reports (JSON-able); no token, no URL."""
+        done = [r for r in self._records if r.ok]
+        totals = {"hub": 0, "lan": 0, "local": 0}
+        per_host: dict[str, dict[str, int]] = {}
+        for r in done:
+            totals[r.kind] += r.bytes_moved
+            row = per_host.setdefault(r.host, {"files": 0, "hub": 0, "lan": 0, "local": 0})
+            row["files"] += 1
+            row[r.kind] += r.bytes_moved
+        served = {h: sum(a.get("bytes_served", {}).values())
+                  for h, a in sorted(self._serve_answers.items()) if "error" not in a}
+        return {
+            "files": len(done),
+            "failed": len({(r.host, r.file) for r in self._records if not r.ok}
+                          - {(r.host, r.file) for r in done}),
+            "bytes": {**totals,
+                      "resumed": sum(r.bytes_resumed for r in done),
+                      "refetched": sum(r.bytes_refetched for r in done)},
+            "mismatches": sum(r.mismatches for r in self._records),
+            "retries": sum(r.retries for r in self._records),
+            "hosts": dict(sorted(per_host.items())),
+            "served": served,
+            "serve_errors": {h: a["error"] for h, a in sorted(self._serve_answers.items())
+                             if "error" in a},
+            "started_at": self._began,
+            "finished_at": self._ended,
+            "fetches": [asdict(r) for r in self.records],
+        }
+
+
+def summary_text(summary: Mapping[str, Any]) -> str:
+    """One line for the apply report: what moved, and from where."""
+    b = summary["bytes"]
+    text = (f"Model files: {summary['files']} fetched — {_size(b['hub'])} from the Hub, "
+            f"{_size(b['lan'])} over the LAN, {_size(b['local'])} from the controller; "
+            f"{_size(b['resumed'])} resumed, {_size(b['refetched'])} re-fetched.")
+    if summary.get("failed"):
+        text += f" {summary['failed']} failed."
+    return text
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def for_plan(cluster: Cluster, plan: Plan, desired: Mapping[str, Sequence[Resource]], *,
+             port: int | None = None, tty: bool | None = None) -> TransferContext | None:
+    """The context for applying ``plan``, or None when the cluster declares no model files.
+
+    Peers are the inventory hosts' ``ring_ip`` and the sync port; the Hub token is read now,
+    at apply time (see `credentials`)."""
+    from orchestrator.resources.model_files import model_files_in  # it imports this package
+
+    model = model_files_in(desired)
+    if model is None:
+        return None
+    sync_port = port or getattr(cluster.runtime, "sync_port", None) or DEFAULT_SYNC_PORT
+    peers = {name: Peer(host.ring_ip, int(sync_port)) for name, host in cluster.hosts.items()}
+    token = hub_token() if isinstance(model.manifest.origin, HubOrigin) else None
+    show = sys.stderr.isatty() if tty is None else tty
+    return TransferContext(plan, model.manifest, peers, hub_token=token,
+                           progress=make_progress(show))

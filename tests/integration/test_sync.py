@@ -1,0 +1,285 @@
+"""Model files on the three sshd test hosts: downloaded once, spread over the "LAN", verified.
+
+The real CLI runs in-process (click's runner) so that `engine.desired_state` can be given the
+model files of this test's cluster; everything below it is real: SSH, the shipped agent zip,
+the peer servers on each host's ring IP (127.0.0.11-13), the test hub (gated: every request
+needs the token) with its fault injection, and placement's file lists for a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from click.testing import CliRunner
+
+from orchestrator import engine
+from orchestrator.cli import main
+from orchestrator.config import Cluster
+from orchestrator.placement import HubClient, ModelMeta, load_local_meta, plan_placement
+from orchestrator.resources.base import Resource
+from orchestrator.resources.model_files import model_directory, model_files_by_host
+from orchestrator.sandbox.hosts import RunningHost
+from orchestrator.sync import hub_manifest, hub_token, transfers
+from orchestrator.sync.cache import cache_dir
+from orchestrator.testing import Faults, TestHub
+from orchestrator.testing.tiny_model import make_tiny_deepseek
+
+REPO = "org/tiny"
+TOKEN = "hf_integration_secret_f00dfeed1234"
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_deepseek(tmp_path_factory.mktemp("tiny") / "tiny", n_layers=6, n_files=6)
+
+
+@pytest.fixture(scope="module")
+def meta(model_dir: Path) -> ModelMeta:
+    return load_local_meta(model_dir)  # placement reads the local copy: the hub's counters
+    # then count only what the sync itself asked for
+
+
+@pytest.fixture(scope="module")
+def hub(model_dir: Path) -> Iterator[TestHub]:
+    with TestHub({REPO: model_dir}, token=TOKEN, cdn_host="127.0.0.2") as running:
+        yield running
+
+
+def free_port(addresses: Sequence[str]) -> int:
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((addresses[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as other:
+                    other.bind((address, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free on every test host")
+
+
+@pytest.fixture
+def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
+             test_hosts: list[RunningHost]) -> None:
+    """This test's cluster declares only the model files; a fresh controller cache; HF_TOKEN."""
+
+    def desired(cluster: Cluster, nodes: Sequence[str]) -> dict[str, list[Resource]]:
+        assert cluster.model is not None and cluster.model.repo is not None
+        client = HubClient(endpoint=cluster.model.endpoint, token=hub_token())
+        manifest = hub_manifest(client, cluster.model.repo, cluster.model.revision,
+                                cache=cache_dir())
+        placement = plan_placement(cluster, meta)
+        files = {n.name: n.files for n in placement.nodes}
+        by_host = model_files_by_host(manifest, model_directory(cluster.runtime.dir,
+                                                                cluster.model.repo), files)
+        return {name: [by_host[name]] if name in by_host else [] for name in cluster.hosts}
+
+    monkeypatch.setattr(engine, "desired_state", desired)
+    monkeypatch.setattr(transfers, "DEFAULT_SYNC_PORT",
+                        free_port([h.address for h in test_hosts]))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def write_cluster(directory: Path, hosts: Sequence[RunningHost], hub: TestHub,
+                  nodes: Sequence[str]) -> Path:
+    lines = ["hosts:"]
+    for host in hosts:
+        lines += [f"  {host.name}:", f"    address: {host.address}", f"    port: {host.port}",
+                  f"    user: {host.user}", f"    identity_file: {host.identity_file}",
+                  f"    ring_ip: {host.address}",  # the peer servers bind here
+                  f"    memory_gb: {host.spec.memory_bytes // GIB}"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "inventory.yml").write_text("\n".join(lines) + "\n")
+    (directory / "cluster.yml").write_text(
+        f"name: synctest\ninventory: inventory.yml\n"
+        f"model:\n  repo: {REPO}\n  endpoint: {hub.endpoint}\n"
+        f"placement:\n  nodes: [{', '.join(nodes)}]\nruntime:\n  packages: []\n")
+    return directory / "cluster.yml"
+
+
+def orch(*args: str | Path, known: Path) -> tuple[int, str, str]:
+    command = [str(a) for a in args]
+    if command[0] in ("plan", "apply", "facts"):
+        command += ["--known-hosts", str(known)]
+    result = CliRunner().invoke(main, ["--log-format", "json", *command])
+    structlog.reset_defaults()  # the CLI pointed the logger at the runner's captured stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), output
+    assert TOKEN not in output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def model_root(host: RunningHost) -> Path:
+    return host.home / ".orch" / "models" / REPO.replace("/", "--")
+
+
+def held(host: RunningHost) -> dict[str, bytes]:
+    root = model_root(host)
+    if not root.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+
+
+def needed_by(meta: ModelMeta, cluster_file: Path) -> dict[str, set[str]]:
+    from orchestrator.config import load_cluster
+
+    cluster = load_cluster(cluster_file)
+    metadata = {"config.json", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json"}
+    return {n.name: set(n.files) | metadata for n in plan_placement(cluster, meta).nodes}
+
+
+def wipe(hosts: Sequence[RunningHost]) -> None:
+    import shutil
+
+    for host in hosts:
+        shutil.rmtree(model_root(host), ignore_errors=True)
+
+
+def assert_exact(hosts: Sequence[RunningHost], needed: Mapping[str, set[str]],
+                 model_dir: Path) -> None:
+    for host in hosts:
+        files = held(host)
+        assert set(files) == needed.get(host.name, set()), host.name
+        for name, data in files.items():
+            assert data == (model_dir / name).read_bytes(), (host.name, name)
+
+
+def no_token_on(hosts: Sequence[RunningHost]) -> None:
+    for host in hosts:
+        for path in host.root.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def transfers_of(stdout: str) -> dict[str, Any]:
+    summary: dict[str, Any] = json.loads(stdout)["outcome"]["transfers"]
+    return summary
+
+
+@pytest.mark.usefixtures("sync_env")
+def test_each_node_gets_exactly_its_files_and_each_leaves_the_hub_once(
+    test_hosts: list[RunningHost], hub: TestHub, model_dir: Path, meta: ModelMeta,
+    tmp_path: Path
+) -> None:
+    wipe(test_hosts)
+    hub.reset_stats()
+    cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
+    known = test_hosts[0].known_hosts_file
+    code, out, err = orch("apply", cluster, "--yes", "--json", known=known)
+    assert code == 0, err
+    needed = needed_by(meta, cluster)
+    assert len(needed) == 3 and all(needed.values())
+    assert len({frozenset(v) for v in needed.values()}) == 3  # different files per node
+    assert_exact(test_hosts, needed, model_dir)
+    stats = hub.stats()
+    served_files = {p.name for p in model_dir.iterdir()}
+    assert stats.complete_serves == {f"{REPO}/{name}": 1 for name in served_files}
+    assert stats.total_bytes_served == sum((model_dir / n).stat().st_size for n in served_files)
+    assert stats.cdn_requests_with_authorization == 0
+    summary = transfers_of(out)
+    assert summary["failed"] == 0 and summary["bytes"]["lan"] > 0
+    assert summary["bytes"]["hub"] + summary["bytes"]["local"] == stats.total_bytes_served
+    no_token_on(test_hosts)
+
+    code, out, _ = orch("plan", cluster, "--detailed-exitcode", known=known)
+    assert code == 0 and "No changes." in out
+    code, out, _ = orch("facts", cluster, known=known)
+    facts = json.loads(out)
+    for host in test_hosts:  # planning a converged cluster reads no file data
+        counters = facts[host.name]["counters"]
+        assert counters["bytes_hashed"] == 0 and counters["files_hashed"] == 0, counters
+        assert counters["hash_cache_hits"] >= len(needed[host.name])
+
+
+@pytest.mark.usefixtures("sync_env")
+def test_a_flaky_hub_costs_at_most_a_tenth_more(
+    test_hosts: list[RunningHost], hub: TestHub, model_dir: Path, meta: ModelMeta,
+    tmp_path: Path
+) -> None:
+    wipe(test_hosts)
+    hub.reset_stats()
+    hub.set_faults(Faults(cut_fraction=0.3, error_fraction=0.1, seed=5))
+    try:
+        cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
+        code, out, err = orch("apply", cluster, "--yes", "--json",
+                              known=test_hosts[0].known_hosts_file)
+    finally:
+        hub.set_faults(Faults())
+    assert code == 0, err
+    assert_exact(test_hosts, needed_by(meta, cluster), model_dir)
+    stats = hub.stats()
+    model_bytes = sum(p.stat().st_size for p in model_dir.iterdir())
+    assert stats.faults["cut"] > 0 and stats.faults["error"] > 0, stats.faults
+    assert stats.total_bytes_served <= 1.1 * model_bytes, (stats.total_bytes_served, model_bytes)
+    assert transfers_of(out)["retries"] > 0
+
+
+@pytest.mark.usefixtures("sync_env")
+def test_a_changed_shard_is_reported_and_repaired_from_a_peer(
+    test_hosts: list[RunningHost], hub: TestHub, model_dir: Path, meta: ModelMeta,
+    tmp_path: Path
+) -> None:
+    cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
+    known = test_hosts[0].known_hosts_file
+    assert orch("apply", cluster, "--yes", known=known)[0] == 0
+    victim = test_hosts[1]
+    shard = sorted(n for n in held(victim) if n.endswith(".safetensors"))[0]
+    path = model_root(victim) / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data) + b"\0")  # one byte changed; size and mtime too
+
+    code, out, _ = orch("plan", cluster, "--detailed-exitcode", "--json", known=known)
+    assert code == 2
+    changes = [(h["host"], c["resource"], [s["request"]["file"] for s in c["steps"]])
+               for h in json.loads(out)["hosts"] for c in h["changes"]]
+    assert changes == [(victim.name, "model_files:~/.orch/models/org--tiny", [shard])]
+
+    hub.reset_stats()
+    code, out, err = orch("apply", cluster, "--yes", "--json", known=known)
+    assert code == 0, err
+    assert path.read_bytes() == (model_dir / shard).read_bytes()
+    [fetch] = transfers_of(out)["fetches"]
+    assert fetch["kind"] == "lan" and fetch["source"] != victim.name
+    assert hub.stats().bytes_served.get(f"{REPO}/{shard}", 0) == 0  # not from the hub
+    assert orch("plan", cluster, "--detailed-exitcode", known=known)[0] == 0
+
+
+@pytest.mark.usefixtures("sync_env")
+def test_a_node_added_to_the_placement_gets_its_files_from_peers(
+    test_hosts: list[RunningHost], hub: TestHub, model_dir: Path, meta: ModelMeta,
+    tmp_path: Path
+) -> None:
+    wipe(test_hosts)
+    two = write_cluster(tmp_path / "two", test_hosts, hub, [h.name for h in test_hosts[:2]])
+    known = test_hosts[0].known_hosts_file
+    assert orch("apply", two, "--yes", known=known)[0] == 0
+    assert held(test_hosts[2]) == {}
+    three = write_cluster(tmp_path / "three", test_hosts, hub, [h.name for h in test_hosts])
+
+    hub.reset_stats()
+    code, out, err = orch("apply", three, "--yes", "--json", known=known)
+    assert code == 0, err
+    plan = json.loads(out)["plan"]
+    assert [h["host"] for h in plan["hosts"] if h["changes"]] == [test_hosts[2].name]
+    summary = transfers_of(out)
+    assert summary["bytes"]["hub"] == 0 and summary["bytes"]["lan"] > 0
+    assert {f["source"] for f in summary["fetches"]} <= {h.name for h in test_hosts[:2]}
+    assert not any(k.endswith(".safetensors") for k in hub.stats().bytes_served)
+    needed = needed_by(meta, three)
+    for host in test_hosts[:2]:  # the others keep what they hold (a LAN source; other layers)
+        assert needed[host.name] <= set(held(host))
+    assert set(held(test_hosts[2])) == needed[test_hosts[2].name]
+    assert orch("plan", three, "--detailed-exitcode", known=known)[0] == 0
