@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -70,7 +71,10 @@ async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
                                       "apply_plan(..., transfers=...)")
     request = dict(step.request)
     stdin = None
-    if step.op == "write":
+    if step.op == "write" and "source" in request:
+        # A controller file (a wheel): the plan holds its path and sha256, never its bytes.
+        stdin = await asyncio.to_thread(Path(str(request.pop("source"))).read_bytes)
+    elif step.op == "write":
         stdin = str(request.pop("content")).encode()
     response = await conn.agent(step.op, request, stdin=stdin)
     if step.op == "run" and not response.get("skipped") and response.get("exit_status") != 0:

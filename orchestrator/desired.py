@@ -14,11 +14,15 @@ from typing import Any
 import jinja2
 
 from orchestrator.config import Cluster, CommandTask, DirectoryTask, Host, Task, TemplateTask
-from orchestrator.errors import ConfigError, Diagnostic
+from orchestrator.errors import ConfigError, Diagnostic, HostError
+from orchestrator.facts import HostFacts
+from orchestrator.intent import Intent
 from orchestrator.resources.base import Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
+from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.pyenv import PythonEnv
+from orchestrator.serving import Wheelhouse, model_inputs, worker_resources
 
 
 def orch_path(cluster: Cluster, *parts: str) -> str:
@@ -68,18 +72,48 @@ def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
     return Directory(action.path, action.mode)
 
 
-def desired_state(cluster: Cluster, nodes: Sequence[str]) -> dict[str, list[Resource]]:
-    """Resources per inventory host; `nodes` are the hosts that serve the model."""
+def desired_state(
+    cluster: Cluster,
+    intent: Intent,
+    nodes: Sequence[str],
+    facts: Mapping[str, HostFacts | HostError] | None = None,
+    wheelhouse: Wheelhouse | None = None,
+) -> dict[str, list[Resource]]:
+    """Resources per inventory host, in apply order; `nodes` are the hosts that serve.
+
+    A serving node holds its model files, then its worker (which needs HOME and the OS from
+    `facts`: launchd takes absolute paths); without facts yet, "~" stands in for HOME, which
+    gives the same fact request. A host that no longer serves keeps its verified model files
+    (a LAN source for the others) and loses everything else through the managed record.
+    """
+    model_files: dict[str, ModelFiles] = {}
+    if intent.placement is not None and intent.manifest is not None:
+        assert intent.model_dir is not None
+        model_files = model_files_by_host(
+            intent.manifest, intent.model_dir,
+            {n.name: n.files for n in intent.placement.nodes},
+            holders=[h for h in cluster.hosts if h not in nodes])
     result: dict[str, list[Resource]] = {}
     for name, host in cluster.hosts.items():
-        if name not in nodes:
-            result[name] = []
-            continue
-        resources: list[Resource] = [
-            PythonEnv(orch_path(cluster, "venv"), cluster.runtime.python,
-                      cluster.runtime.packages),
-        ]
-        resources.extend(task_resource(t, cluster, host) for t in cluster.tasks
-                         if _targets(t, cluster, host))
+        resources: list[Resource] = []
+        if name in model_files:
+            resources.append(model_files[name])
+        if name in nodes:
+            if intent.placement is not None:
+                node = next(n for n in intent.placement.nodes if n.name == name)
+                fact = (facts or {}).get(name)
+                known = fact if isinstance(fact, HostFacts) else None
+                inputs = model_inputs(model_files[name])
+                resources += worker_resources(
+                    cluster, intent.placement, node,
+                    home=known.home if known else "~",
+                    system=known.os_system if known else "Darwin",
+                    model_dir=inputs.model_dir, files=inputs.files,
+                    model_files_id=inputs.model_files_id, wheelhouse=wheelhouse)
+            else:
+                resources.append(PythonEnv(orch_path(cluster, "venv"), cluster.runtime.python,
+                                           cluster.runtime.packages))
+            resources.extend(task_resource(t, cluster, host) for t in cluster.tasks
+                             if _targets(t, cluster, host))
         result[name] = resources
     return result

@@ -7,6 +7,7 @@ once per host, reused by every stage, closed at the end whatever happens.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, nullcontext
@@ -14,19 +15,35 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from orchestrator.apply import ApplyReport, apply_plan
+from orchestrator.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.config import Cluster
 from orchestrator.desired import desired_state
 from orchestrator.errors import HostError, PlanError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
-from orchestrator.facts import HostFacts, parse_facts
+from orchestrator.facts import FactRequest, HostFacts, parse_facts
+from orchestrator.intent import Intent, resolve_intent
 from orchestrator.lock import ClusterLock, new_holder
+from orchestrator.placement.choose import Placement
 from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.model_files import model_files_in
+from orchestrator.serving import (
+    Wheelhouse,
+    WorkerLayout,
+    api_url,
+    cluster_platform,
+    couple_ring,
+    ensure_wheelhouse,
+    observe_ring,
+    ring_restart_reasons,
+    verify_ring,
+    worker_services,
+)
 from orchestrator.sync import assign_sources, for_plan
 
 log = structlog.get_logger(__name__)
+
+VERIFY_TIMEOUT = 600.0  # seconds for the ring's first completion after a (re)start
 
 
 @dataclass(frozen=True)
@@ -103,14 +120,90 @@ def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
     return Plan(cluster.name, str(cluster.file), tuple(host_plans), unreachable)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The plan and what it was computed from, for apply and verify."""
+
+    intent: Intent
+    desired: Mapping[str, Sequence[Resource]]
+    plan: Plan
+
+
+async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
+                  options: RunOptions, *, read_only: bool) -> Prepared:
+    """Placement (offline), facts (one agent call per host), then the plan as data.
+
+    A serving node's worker needs its HOME and OS, which only facts give: the fact request is
+    built from the desired state with "~" for HOME (the same paths), and the desired state is
+    rebuilt once facts are in. What that adds (the wheelhouse, chosen by the nodes' platform)
+    is asked for in a second, smaller call.
+    """
+    intent = await asyncio.to_thread(resolve_intent, cluster)
+    nodes = list(intent.serving) if intent.serving is not None else serving_nodes(cluster)
+    sketch = desired_state(cluster, intent, nodes)
+    facts = await gather_facts(conns, sketch, options.ssh.concurrency, cluster=cluster.name,
+                               read_only=read_only)
+    wheelhouse = await _wheelhouse(cluster, nodes, facts) if intent.placement else None
+    desired = desired_state(cluster, intent, nodes, facts, wheelhouse)
+    facts = await _complete_facts(conns, sketch, desired, facts, options, cluster.name,
+                                  read_only=read_only)
+    result = build_plan(cluster, desired, facts)
+    if intent.placement is not None:
+        views = [o.view for o in await observe_ring(intent.placement,
+                                                     WorkerLayout.of(cluster), conns)]
+        broken = ring_restart_reasons(views, len(intent.placement.nodes))
+        result = couple_ring(result, worker_services(cluster, desired), broken=broken)
+    return Prepared(intent, desired, result)
+
+
+async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
+                      facts: Mapping[str, HostFacts | HostError]) -> Wheelhouse | None:
+    """Packages for the nodes' platform, downloaded once on this controller (cached)."""
+    known = [f for n in nodes if isinstance(f := facts.get(n), HostFacts)]
+    if not known:
+        return None
+    return await ensure_wheelhouse(cluster.runtime.packages, cluster_platform(known))
+
+
+async def _complete_facts(
+    conns: Mapping[str, Connection | HostError],
+    sketch: Mapping[str, Sequence[Resource]],
+    desired: Mapping[str, Sequence[Resource]],
+    facts: Mapping[str, HostFacts | HostError],
+    options: RunOptions,
+    cluster: str,
+    *,
+    read_only: bool,
+) -> dict[str, HostFacts | HostError]:
+    """Ask each host only for what the final desired state needs beyond the first request."""
+    extra: dict[str, FactRequest] = {}
+    for name, fact in facts.items():
+        if isinstance(fact, HostFacts):
+            delta = fact_request(desired[name], cluster).minus(fact_request(sketch[name],
+                                                                             cluster))
+            if not delta.empty:
+                extra[name] = delta
+    if not extra:
+        return dict(facts)
+    asking = {n: c for n, c in conns.items() if n in extra}
+
+    async def more(conn: Connection) -> HostFacts:
+        request = extra[conn.name]
+        raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
+        return parse_facts(conn.name, raw, request)
+
+    added = await for_each_host(asking, more, options.ssh.concurrency)
+    merged = dict(facts)
+    for name, fact in added.items():
+        base = merged[name]
+        merged[name] = fact if isinstance(fact, HostError) or isinstance(base, HostError) \
+            else base.merged(fact)
+    return merged
+
+
 async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                   options: RunOptions, *, read_only: bool,
-                   desired: Mapping[str, Sequence[Resource]] | None = None) -> Plan:
-    if desired is None:
-        desired = desired_state(cluster, serving_nodes(cluster))
-    facts = await gather_facts(conns, desired, options.ssh.concurrency,
-                                 cluster=cluster.name, read_only=read_only)
-    return build_plan(cluster, desired, facts)
+                   options: RunOptions, *, read_only: bool) -> Plan:
+    return (await prepare(cluster, conns, options, read_only=read_only)).plan
 
 
 async def plan(cluster: Cluster, options: RunOptions,
@@ -163,7 +256,7 @@ async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
 
 def _written(change: Change) -> tuple[str, str] | None:
     for step in change.steps:
-        if step.op == "write":
+        if step.op == "write" and "content" in step.request:  # not a controller file (a wheel)
             return str(step.request["path"]), str(step.request["content"])
     return None
 
@@ -191,20 +284,34 @@ async def apply(
         lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
         await lock.acquire(conns)
         try:
-            desired = desired_state(cluster, serving_nodes(cluster))
-            current = await plan_run(cluster, conns, options, read_only=False, desired=desired)
+            prepared = await prepare(cluster, conns, options, read_only=False)
+            current = prepared.plan
             if saved is not None:
                 _check_saved(saved, current)
-            transfers = for_plan(cluster, current, desired)
+            transfers = for_plan(cluster, current, prepared.desired)
             async with transfers.serving(conns) if transfers else nullcontext():
                 report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
                                           serial=serial, fail_fast=fail_fast,
                                           transfers=transfers)
             if transfers is not None:
                 report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
+            if prepared.intent.placement is not None and not report.by_status(
+                    HostStatus.FAILED) and not report.by_status(HostStatus.UNREACHABLE):
+                report = await _verify(cluster, prepared.intent.placement, conns, report,
+                                       current.has_changes)
         finally:
             await lock.release()
         return current, report
+
+
+async def _verify(cluster: Cluster, placement: Placement,
+                  conns: Mapping[str, Connection | HostError], report: ApplyReport,
+                  changed: bool) -> ApplyReport:
+    """Health after apply: every rank up, the ring of the right size, a real completion."""
+    health = await verify_ring(cluster, placement, conns,
+                               timeout=VERIFY_TIMEOUT if changed else VERIFY_TIMEOUT / 4)
+    return replace(report, extra={**report.extra, "health": {
+        "ok": health.ok, "message": health.message(), "api_url": api_url(cluster, placement)}})
 
 
 def _check_saved(saved: Plan, current: Plan) -> None:
@@ -223,7 +330,9 @@ def _round_trips(conns: Mapping[str, Connection | HostError]) -> dict[str, int]:
 async def facts(cluster: Cluster, options: RunOptions) -> dict[str, dict[str, object]]:
     """The facts each host gives for its desired resources, as plain JSON-able data."""
     hosts = selected_hosts(cluster, options.limit)
-    desired = desired_state(cluster, serving_nodes(cluster))
+    intent = resolve_intent(cluster)
+    nodes = list(intent.serving) if intent.serving is not None else serving_nodes(cluster)
+    desired = desired_state(cluster, intent, nodes)
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
         gathered = await gather_facts(conns, desired, options.ssh.concurrency,
                                       cluster=cluster.name, read_only=True)

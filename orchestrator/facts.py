@@ -9,7 +9,7 @@ controller disagree about the protocol, and that must fail loudly rather than pl
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -134,6 +134,19 @@ class FactRequest:
             cluster=_one_cluster(parts),
         )
 
+    def minus(self, other: FactRequest) -> FactRequest:
+        """What this request asks that `other` does not (the managed record: never again)."""
+        return FactRequest(files=self.files - other.files, venvs=self.venvs - other.venvs,
+                           launchd=self.launchd - other.launchd,
+                           sysctl=self.sysctl - other.sysctl,
+                           guards=self.guards - other.guards, managed=False,
+                           cluster=self.cluster)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.files or self.venvs or self.launchd or self.sysctl or self.guards
+                    or self.managed)
+
     def to_json(self) -> dict[str, Any]:
         """The agent's `facts` request, sorted so equal requests serialize identically."""
         return {
@@ -172,6 +185,19 @@ class HostFacts:
     guards: Mapping[str, int] = field(default_factory=dict)
     managed: Mapping[str, Any] = field(default_factory=dict)
     counters: Mapping[str, int] = field(default_factory=dict)
+
+    def merged(self, more: HostFacts) -> HostFacts:
+        """These facts plus those of a second, smaller request to the same host."""
+        return replace(
+            self,
+            files=MappingProxyType({**self.files, **more.files}),
+            venvs=MappingProxyType({**self.venvs, **more.venvs}),
+            launchd=MappingProxyType({**self.launchd, **more.launchd}),
+            sysctl=MappingProxyType({**self.sysctl, **more.sysctl}),
+            guards=MappingProxyType({**self.guards, **more.guards}),
+            counters=MappingProxyType({k: self.counters.get(k, 0) + more.counters.get(k, 0)
+                                       for k in {*self.counters, *more.counters}}),
+        )
 
     def file(self, path: str) -> FileFact:
         """The fact for a path exactly as requested; a KeyError names what was not requested."""

@@ -54,6 +54,7 @@ class Runtime:
     packages: tuple[str, ...] = ("mlx==0.32.4", "mlx-lm==0.32.2")
     api_port: int = 8080
     ring_port: int = 47100
+    sync_port: int = 47300
     dir: str = ".orch"
 
 

@@ -83,6 +83,7 @@ def load_cluster(path: Path) -> Cluster:
             packages=tuple(spec.runtime.packages),
             api_port=spec.runtime.api_port,
             ring_port=spec.runtime.ring_port,
+            sync_port=spec.runtime.sync_port,
             dir=spec.runtime.dir,
         ),
         tasks=tasks,

@@ -108,6 +108,7 @@ class RuntimeSection(_Strict):
         description="pinned requirements installed identically on every node")
     api_port: Port = Field(8080, description="port of rank 0's OpenAI-compatible API")
     ring_port: Port = Field(47100, description="port each rank's ring listens on")
+    sync_port: Port = Field(47300, description="port nodes serve model files to peers on")
     dir: str = Field(".orch", description="orch's directory on each node, relative to HOME")
 
 

@@ -146,7 +146,7 @@ def _write_cluster(directory: Path, hosts: list[RunningHost], endpoint: str, com
                   f"    memory_gb: {host.spec.memory_bytes // GIB}",
                   f"    chip: {host.spec.chip.removeprefix('Apple ')}"]
     (directory / "inventory.yml").write_text("\n".join(lines) + "\n")
-    packages = ", ".join(_pins())
+    packages = ", ".join(json.dumps(p) for p in _pins())  # `mlx[cpu]` needs quotes in YAML
     cluster = directory / "sandbox.yml"
     cluster.write_text(f"""\
 # Written by `orch sandbox up`. The same engine as for real Macs; only the targets differ.

@@ -222,7 +222,9 @@ class RunningHost:
         self._sshd = subprocess.Popen(
             [str(self._shared.sshd), "-D", "-f", str(self.root / "etc" / "sshd_config"),
              "-E", str(self.root / "log" / "sshd.log")],
-            cwd=self.root, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            # Never the caller's stdout: `orch sandbox up | tail` must end when orch does.
+            cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         logs = self.root / "log"

@@ -35,8 +35,9 @@ async def apply_and_ask(sandbox: Sandbox, *, echo: Callable[[str], None]) -> Exi
     if report.by_status(HostStatus.FAILED) or report.by_status(HostStatus.UNREACHABLE):
         return ExitCode.ERROR
     completion = await chat_completion(sandbox.api_url, PROMPT, max_tokens=24, timeout=300)
-    echo(f"\nQ: {PROMPT}\nA ({len(completion.token_ids)} tokens from the "
-         f"{len(sandbox.nodes)}-node ring): {completion.text!r}")
+    echo(f"\nQ: {PROMPT}\nA from the {len(sandbox.nodes)}-node ring "
+         f"({len(completion.token_ids)} tokens; the sandbox model has random weights, so the "
+         f"words are noise): {completion.text!r}\n   token ids: {list(completion.token_ids)}")
     echo("\nAsk it yourself:\n  " + curl_line(sandbox.api_url, "Hello!"))
     echo(f"Plan it again:\n  orch plan {sandbox.cluster_file} --known-hosts {sandbox.known_hosts}")
     return ExitCode.OK

@@ -7,7 +7,8 @@ Where each piece enters the flow (config → placement → facts → plan → ap
   `cluster_platform` so packages are downloaded once, not once per node;
 - build_plan: `couple_ring` over the plan, with `ring_restart_reasons` from observed ranks,
   so the ranks of a ring restart together;
-- apply: `run_step` handles the wheelhouse's ``write`` steps that carry a controller file;
+- apply: `orchestrator.apply.run_step` pushes the wheelhouse's ``write`` steps that carry a
+  controller file (its path and sha256 in the plan, its bytes read at apply time);
 - after apply: `verify_ring` (a real completion, every rank in a ring of the right size);
 - status: `orchestrator.status.gather_status` reads the same layout (`WorkerLayout`).
 
@@ -46,7 +47,6 @@ from orchestrator.serving.wheelhouse import (
     ensure_wheelhouse,
     node_requirements,
     platform_of,
-    run_step,
 )
 from orchestrator.serving.wired import default_wired_limit_mb, wired_limit
 
@@ -79,7 +79,6 @@ __all__ = [
     "restart_change",
     "ring_endpoints",
     "ring_restart_reasons",
-    "run_step",
     "verify_ring",
     "wired_limit",
     "worker_config",

@@ -30,10 +30,10 @@ Two traps, both handled here:
   "Darwin"`` is silently skipped when a Linux controller downloads for Macs (and ``mlx-cpu``
   when a Mac downloads for Linux). The backend package is therefore requested explicitly.
 
-Pushing needs one thing `orchestrator.apply.run_step` does not do yet: a ``write`` step whose
-bytes come from a controller file (``"source"``) instead of inline text, so a 45 MB wheel is
-neither held in the plan nor decoded as UTF-8. `run_step` below is that behaviour; the plan
-JSON holds the source path and the sha256 the agent verifies, so a saved plan stays exact.
+Pushing uses ``write`` steps whose bytes come from a controller file (``"source"``) instead of
+inline text, so a 45 MB wheel is neither held in the plan nor decoded as UTF-8
+(`orchestrator.apply.run_step` reads it at apply time); the plan JSON holds the source path and
+the sha256 the agent verifies, so a saved plan stays exact.
 """
 
 from __future__ import annotations
@@ -48,14 +48,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from orchestrator.apply import run_step as _inline_run_step
 from orchestrator.errors import PlanError
-from orchestrator.executor import Connection
 from orchestrator.facts import FactRequest, FileKind, HostFacts
 from orchestrator.resources.base import Action, Change, FieldChange, Step
 from orchestrator.resources.pyenv import normalize
@@ -71,7 +68,6 @@ __all__ = [
     "ensure_wheelhouse",
     "node_requirements",
     "platform_of",
-    "run_step",
 ]
 
 MANIFEST = "orch-wheelhouse.json"
@@ -358,17 +354,3 @@ class WheelhouseFiles:
 
     def cleanup(self) -> tuple[Step, ...]:
         return (Step("remove", {"path": self.path}),)
-
-
-async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
-    """`orchestrator.apply.run_step`, plus ``write`` steps whose bytes are a controller file.
-
-    The agent verifies the sha256 before the atomic rename, so a file changed in the cache
-    after planning fails the step instead of landing on the node.
-    """
-    if step.op == "write" and "source" in step.request:
-        request: Mapping[str, Any] = step.request
-        data = await asyncio.to_thread(Path(str(request["source"])).read_bytes)
-        body = {k: v for k, v in request.items() if k != "source"}
-        return await conn.agent("write", body, stdin=data)
-    return await _inline_run_step(conn, step)

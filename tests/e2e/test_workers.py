@@ -32,7 +32,6 @@ from typing import TypeVar
 import pytest
 from click.testing import CliRunner
 
-from orchestrator import apply as apply_module
 from orchestrator.apply import HostStatus, apply_host
 from orchestrator.cli import main
 from orchestrator.config import Cluster, load_cluster
@@ -55,7 +54,6 @@ from orchestrator.serving import (
     build_wheelhouse,
     cluster_platform,
     couple_ring,
-    run_step,
     verify_ring,
     worker_resources,
     worker_services,
@@ -305,8 +303,6 @@ def test_ring_converges_serves_restarts_together_and_recovers(
         hosts: list[RunningHost], model: Path, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
     started = time.monotonic()
-    # Until apply.run_step reads `source`, the wheelhouse push runs through serving's run_step.
-    monkeypatch.setattr(apply_module, "run_step", run_step)
     facts = base_facts(hosts)
     wheelhouse = build_wheelhouse(PACKAGES, cluster_platform(facts.values()))
     lab = Lab(hosts, model, wheelhouse, facts, tmp_path)

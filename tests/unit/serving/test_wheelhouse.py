@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.apply import run_step
 from orchestrator.errors import PlanError
 from orchestrator.executor import LocalConnection
 from orchestrator.facts import FileKind
@@ -25,7 +26,6 @@ from orchestrator.serving import (
     cluster_platform,
     node_requirements,
     platform_of,
-    run_step,
 )
 from tests.unit.serving.helpers import facts, file_fact
 

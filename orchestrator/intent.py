@@ -1,0 +1,65 @@
+"""What the cluster file asks for, decided before any host is contacted: placement and files.
+
+This is the "placement" stage of the flow: the model's exact bytes (headers only), which nodes
+serve which layers (refusing with numbers when it does not fit), and the revision's manifest
+(every file with its size and hash). Nothing here talks to a Mac.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from orchestrator.config import Cluster
+from orchestrator.errors import ModelError
+from orchestrator.placement import load_model_meta, plan_placement, require_fit
+from orchestrator.placement.choose import Placement
+from orchestrator.placement.hub import HubClient
+from orchestrator.resources.model_files import model_directory
+from orchestrator.sync.cache import cache_dir
+from orchestrator.sync.credentials import hub_token
+from orchestrator.sync.manifest import Manifest, hub_manifest, local_manifest
+
+
+@dataclass(frozen=True)
+class Intent:
+    """None everywhere for a cluster that only runs tasks."""
+
+    placement: Placement | None = None
+    manifest: Manifest | None = None
+    model_dir: str | None = None  # on every node, HOME-relative
+
+    @property
+    def serving(self) -> tuple[str, ...] | None:
+        """Hosts that hold a rank, in rank order; None without a model."""
+        return None if self.placement is None else tuple(n.name for n in self.placement.nodes)
+
+
+def without(cluster: Cluster, host: str) -> Cluster:
+    """The cluster as it is once `host` is drained (for `orch drain`'s placement)."""
+    hosts = dict(cluster.hosts)
+    hosts[host] = replace(hosts[host], drained=True)
+    nodes = cluster.placement.nodes
+    placement = cluster.placement if nodes == "auto" else replace(
+        cluster.placement, nodes=tuple(n for n in nodes if n != host))
+    return replace(cluster, hosts=hosts, placement=placement)
+
+
+def resolve_intent(cluster: Cluster) -> Intent:
+    """Place the model and list its files; PlacementError (with numbers) when it cannot fit."""
+    model = cluster.model
+    if model is None:
+        return Intent()
+    meta = load_model_meta(model)
+    placement = require_fit(plan_placement(cluster, meta))
+    if model.path is not None:
+        manifest = local_manifest(model.path, cache=cache_dir())
+        name = model.path.name
+    else:
+        assert model.repo is not None
+        client = HubClient(model.endpoint, token=hub_token())
+        manifest = hub_manifest(client, model.repo, model.revision, cache=cache_dir())
+        name = model.repo
+    missing = sorted({f for n in placement.nodes for f in n.files} - set(manifest.files))
+    if missing:
+        raise ModelError(f"the placement needs files the model does not list: {missing}")
+    return Intent(placement, manifest, model_directory(cluster.runtime.dir, name))
