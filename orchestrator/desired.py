@@ -22,7 +22,7 @@ from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.pyenv import PythonEnv
-from orchestrator.serving import Wheelhouse, model_inputs, worker_resources
+from orchestrator.serving import Wheelhouse, WorkerSettings, model_inputs, worker_resources
 
 
 def orch_path(cluster: Cluster, *parts: str) -> str:
@@ -109,7 +109,9 @@ def desired_state(
                     home=known.home if known else "~",
                     system=known.os_system if known else "Darwin",
                     model_dir=inputs.model_dir, files=inputs.files,
-                    model_files_id=inputs.model_files_id, wheelhouse=wheelhouse)
+                    model_files_id=inputs.model_files_id, wheelhouse=wheelhouse,
+                    settings=WorkerSettings(throttle_interval=cluster.runtime.throttle_interval,
+                                            env=dict(cluster.runtime.env)))
             else:
                 resources.append(PythonEnv(orch_path(cluster, "venv"), cluster.runtime.python,
                                            cluster.runtime.packages))

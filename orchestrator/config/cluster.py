@@ -55,6 +55,8 @@ class Runtime:
     api_port: int = 8080
     ring_port: int = 47100
     sync_port: int = 47300
+    env: tuple[tuple[str, str], ...] = ()  # extra worker environment, sorted
+    throttle_interval: int = 10
     dir: str = ".orch"
 
 

@@ -109,6 +109,11 @@ class RuntimeSection(_Strict):
     api_port: Port = Field(8080, description="port of rank 0's OpenAI-compatible API")
     ring_port: Port = Field(47100, description="port each rank's ring listens on")
     sync_port: Port = Field(47300, description="port nodes serve model files to peers on")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="extra environment for the workers, e.g. "
+                                            "MLX_RING_VERBOSE: '1'")
+    throttle_interval: int = Field(10, ge=1, le=3600,
+                                   description="launchd's minimum seconds between worker starts")
     dir: str = Field(".orch", description="orch's directory on each node, relative to HOME")
 
 

@@ -17,8 +17,10 @@ answers 200 is read only as far as needed, never to the end of a multi-GB file.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -91,16 +93,30 @@ def urllib_transport(url: str, headers: Mapping[str, str], limit: int) -> HttpRe
     request = urllib.request.Request(url, headers=dict(headers))  # noqa: S310 (checked above)
     try:
         with opener.open(request, timeout=TIMEOUT_S) as response:
-            return HttpResponse(response.status, dict(response.headers.items()),
-                                response.read(limit))
+            body = response.read(limit)
+            expected = response.headers.get("Content-Length")
+            if expected is not None and expected.isdigit() and len(body) < min(int(expected),
+                                                                              limit):
+                raise TransientHubError(f"{_public(url)}: the body was cut short")
+            return HttpResponse(response.status, dict(response.headers.items()), body)
     except urllib.error.HTTPError as exc:
         with exc:
             body = exc.read(ERROR_BODY_LIMIT) if exc.fp is not None else b""
             return HttpResponse(exc.code, dict(exc.headers.items()) if exc.headers else {},
                                 body)
+    except http.client.HTTPException as exc:  # IncompleteRead: the connection was cut
+        raise TransientHubError(f"{_public(url)}: {type(exc).__name__}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ModelError(f"cannot reach {_public(url)}: {reason}") from None
+
+
+class TransientHubError(ModelError):
+    """A response cut short: worth another try (the Hub and its CDN drop connections)."""
+
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,17 @@ class HubClient:
 
     def _get(self, url: str, what: str, repo: str, extra: Mapping[str, str] | None = None,
              limit: int = JSON_LIMIT) -> HttpResponse:
-        response = self.transport(url, self._headers(extra), limit)
+        for attempt in range(ATTEMPTS):
+            try:
+                response = self.transport(url, self._headers(extra), limit)
+            except TransientHubError:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+                continue
+            if response.status not in RETRY_STATUSES or attempt == ATTEMPTS - 1:
+                break
+            time.sleep(min(2.0, 0.1 * 2**attempt))
         if response.status in (200, 206):
             return response
         if response.status in (401, 403):

@@ -21,11 +21,12 @@ from click.testing import CliRunner
 from orchestrator import engine
 from orchestrator.cli import main
 from orchestrator.config import Cluster
+from orchestrator.intent import Intent
 from orchestrator.placement import HubClient, ModelMeta, load_local_meta, plan_placement
 from orchestrator.resources.base import Resource
 from orchestrator.resources.model_files import model_directory, model_files_by_host
 from orchestrator.sandbox.hosts import RunningHost
-from orchestrator.sync import hub_manifest, hub_token, transfers
+from orchestrator.sync import hub_manifest, hub_token
 from orchestrator.sync.cache import cache_dir
 from orchestrator.testing import Faults, TestHub
 from orchestrator.testing.tiny_model import make_tiny_deepseek
@@ -72,7 +73,8 @@ def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
              test_hosts: list[RunningHost]) -> None:
     """This test's cluster declares only the model files; a fresh controller cache; HF_TOKEN."""
 
-    def desired(cluster: Cluster, nodes: Sequence[str]) -> dict[str, list[Resource]]:
+    def desired(cluster: Cluster, intent: Intent, nodes: Sequence[str],
+                facts: object = None, wheelhouse: object = None) -> dict[str, list[Resource]]:
         assert cluster.model is not None and cluster.model.repo is not None
         client = HubClient(endpoint=cluster.model.endpoint, token=hub_token())
         manifest = hub_manifest(client, cluster.model.repo, cluster.model.revision,
@@ -83,9 +85,9 @@ def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
                                                                 cluster.model.repo), files)
         return {name: [by_host[name]] if name in by_host else [] for name in cluster.hosts}
 
+    # No workers: this cluster serves nothing, it only holds the model's files.
+    monkeypatch.setattr(engine, "resolve_intent", lambda cluster: Intent())
     monkeypatch.setattr(engine, "desired_state", desired)
-    monkeypatch.setattr(transfers, "DEFAULT_SYNC_PORT",
-                        free_port([h.address for h in test_hosts]))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
@@ -103,7 +105,8 @@ def write_cluster(directory: Path, hosts: Sequence[RunningHost], hub: TestHub,
     (directory / "cluster.yml").write_text(
         f"name: synctest\ninventory: inventory.yml\n"
         f"model:\n  repo: {REPO}\n  endpoint: {hub.endpoint}\n"
-        f"placement:\n  nodes: [{', '.join(nodes)}]\nruntime:\n  packages: []\n")
+        f"placement:\n  nodes: [{', '.join(nodes)}]\nruntime:\n  packages: []\n"
+        f"  sync_port: {free_port([h.address for h in hosts])}\n")
     return directory / "cluster.yml"
 
 

@@ -324,3 +324,18 @@ def git_blob_id(data: bytes) -> str:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def test_placement_reads_a_flaky_hub_without_failing(tmp_path: Path) -> None:
+    """Placement's metadata reads (tree, config, index, headers) retry cut and 503 answers."""
+    from orchestrator.placement.hub import HubClient, load_hub_meta
+    from orchestrator.testing.tiny_model import make_tiny_deepseek
+
+    model = make_tiny_deepseek(tmp_path / "m", n_layers=3, n_files=3)
+    faults = Faults(cut_fraction=0.3, error_fraction=0.1, retry_after=0, seed=3, api=True)
+    with TestHub({"org/flaky": model}, faults=faults) as hub:
+        meta = load_hub_meta("org/flaky", "main", client=HubClient(endpoint=hub.endpoint))
+        assert sum(hub.stats().faults.values()) > 0
+    assert meta.num_layers == 3
+    assert sorted(f.name for f in meta.files) == sorted(
+        p.name for p in model.glob("model*.safetensors"))
