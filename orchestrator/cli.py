@@ -392,3 +392,52 @@ def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any
         exit_with(ExitCode.UNREACHABLE)
     exit_with(ExitCode.OK if result.healthy or (no_probe and result.ring == "serving")
               else ExitCode.ERROR)
+
+
+def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -> None:
+    from orchestrator.drain import roll
+
+    report = asyncio.run(roll(cluster_file, node, run_options(**ssh), drain=drain,
+                              echo=lambda line: click.echo(line, err=as_json)))
+    health = report.cutover.extra.get("health") or {}
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        click.echo(render.plan_text(report.cutover_plan))
+        click.echo(render.report_text(report.cutover))
+        outage = report.outage_s
+        click.echo("Outage: " + ("none observed" if outage == 0 else
+                                 f"{outage:.1f} s (last answer of the old ring → first of the "
+                                 "new)" if outage is not None else "unknown (no answer seen)"))
+    if report.cutover.by_status(HostStatus.FAILED) or not health.get("ok", False):
+        sys.exit(int(ExitCode.ERROR))
+    if report.cutover.by_status(HostStatus.UNREACHABLE):
+        sys.exit(int(ExitCode.UNREACHABLE))
+
+
+@main.command("drain")
+@CLUSTER_ARG
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@ssh_options
+@reports_errors
+def drain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> None:
+    """Roll NODE out of the running cluster with the shortest outage.
+
+    Refuses (exit 1, nothing changed) if the other nodes cannot hold the model. Otherwise
+    copies what the new placement needs from peers while the old ring serves, records
+    `drained: true` in the inventory (comments kept), restarts the ring without NODE and
+    reports the outage. NODE keeps its model files.
+    """
+    _roll(cluster_file, node, True, as_json, ssh)
+
+
+@main.command("undrain")
+@CLUSTER_ARG
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@ssh_options
+@reports_errors
+def undrain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> None:
+    """Bring NODE back into the cluster: the reverse of `orch drain`."""
+    _roll(cluster_file, node, False, as_json, ssh)

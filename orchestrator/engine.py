@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -277,8 +277,13 @@ async def apply(
     serial: int | None = None,
     fail_fast: bool = False,
     command: str = "orch apply",
+    only: Callable[[Change], bool] | None = None,
 ) -> tuple[Plan, ApplyReport]:
-    """Lock the cluster, plan (or check a saved plan still holds), apply, unlock."""
+    """Lock the cluster, plan (or check a saved plan still holds), apply, unlock.
+
+    `only` applies just the changes it accepts (e.g. `orch drain` pre-staging model files
+    while the old ring serves); the rest stay pending, and no health check follows.
+    """
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
         lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
@@ -288,6 +293,8 @@ async def apply(
             current = prepared.plan
             if saved is not None:
                 _check_saved(saved, current)
+            if only is not None:
+                current = current.only(only)
             transfers = for_plan(cluster, current, prepared.desired)
             async with transfers.serving(conns) if transfers else nullcontext():
                 report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
@@ -295,7 +302,7 @@ async def apply(
                                           transfers=transfers)
             if transfers is not None:
                 report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
-            if prepared.intent.placement is not None and not report.by_status(
+            if only is None and prepared.intent.placement is not None and not report.by_status(
                     HostStatus.FAILED) and not report.by_status(HostStatus.UNREACHABLE):
                 report = await _verify(cluster, prepared.intent.placement, conns, report,
                                        current.has_changes)

@@ -44,13 +44,18 @@ def without(cluster: Cluster, host: str) -> Cluster:
     return replace(cluster, hosts=hosts, placement=placement)
 
 
+def place(cluster: Cluster) -> Placement:
+    """Only the placement (headers, no file hashing); PlacementError when it cannot fit."""
+    assert cluster.model is not None
+    return require_fit(plan_placement(cluster, load_model_meta(cluster.model)))
+
+
 def resolve_intent(cluster: Cluster) -> Intent:
     """Place the model and list its files; PlacementError (with numbers) when it cannot fit."""
     model = cluster.model
     if model is None:
         return Intent()
-    meta = load_model_meta(model)
-    placement = require_fit(plan_placement(cluster, meta))
+    placement = place(cluster)
     if model.path is not None:
         manifest = local_manifest(model.path, cache=cache_dir())
         name = model.path.name

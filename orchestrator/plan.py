@@ -11,8 +11,8 @@ task deleted from the playbook, a node drained) becomes a `-` change, so apply c
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.facts import FactRequest, HostFacts
@@ -87,6 +87,12 @@ class Plan:
     cluster_file: str
     hosts: tuple[HostPlan, ...]
     unreachable: Mapping[str, str] = field(default_factory=dict)  # host -> reason
+
+    def only(self, keep: Callable[[Change], bool]) -> Plan:
+        """The plan restricted to the changes `keep` accepts (records stay as planned)."""
+        hosts = tuple(replace(h, changes=tuple(c for c in h.changes if keep(c)))
+                      for h in self.hosts)
+        return replace(self, hosts=hosts)
 
     @property
     def changes(self) -> list[tuple[str, Change]]:

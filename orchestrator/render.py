@@ -74,6 +74,15 @@ def report_text(report: ApplyReport) -> str:
         lines.append(line)
     counts = {s: len(report.by_status(s)) for s in HostStatus}
     lines.append("Apply: " + ", ".join(f"{n} {s.value}" for s, n in counts.items()) + ".")
+    transfers = report.extra.get("transfers")
+    if transfers:
+        from orchestrator.sync.transfers import summary_text
+
+        lines.append(summary_text(transfers))
+    health = report.extra.get("health")
+    if health:
+        lines.append(("Ring: serving at " if health["ok"] else "Ring: NOT serving at ")
+                     + f"{health['api_url']}. {health['message']}")
     return "\n".join(lines)
 
 

@@ -48,7 +48,9 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
 def plan_placement(cluster: Cluster, meta: ModelMeta,
                    facts: Mapping[str, HostFacts] | None = None) -> Placement:
     """Place the cluster's model; `require_fit` on the result refuses with numbers."""
-    requested = None if cluster.placement.nodes == "auto" else tuple(cluster.placement.nodes)
+    # A listed node that is drained (`orch drain`) is left out, as it is from `auto`.
+    requested = None if cluster.placement.nodes == "auto" else tuple(
+        n for n in cluster.placement.nodes if not cluster.hosts[n].drained)
     return place(meta, nodes_from_cluster(cluster, facts), policy_from_cluster(cluster, meta),
                  requested)
 
