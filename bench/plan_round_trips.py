@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from orchestrator.apply import apply_host
-from orchestrator.log import configure
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.facts import parse_facts
+from orchestrator.log import configure
 from orchestrator.plan import diff_host, fact_request
 from orchestrator.resources.base import Resource
 from orchestrator.resources.files import File
