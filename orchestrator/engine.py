@@ -67,11 +67,13 @@ def selected_hosts(cluster: Cluster, limit: Sequence[str] | None) -> list[str]:
     return [h for h in cluster.hosts if h in limit]
 
 
-def serving_nodes(cluster: Cluster) -> list[str]:
-    """The hosts that serve: the listed placement nodes, or every host not drained."""
-    if cluster.placement.nodes != "auto":
-        return list(cluster.placement.nodes)
-    return [name for name, host in cluster.hosts.items() if not host.drained]
+def serving_nodes(cluster: Cluster, intent: Intent) -> list[str]:
+    """The hosts that serve: the placement's ranks; without a model, the listed placement
+    nodes or every host, drained ones left out either way (as placement leaves them out)."""
+    if intent.serving is not None:
+        return list(intent.serving)
+    listed = cluster.hosts if cluster.placement.nodes == "auto" else cluster.placement.nodes
+    return [name for name in listed if not cluster.hosts[name].drained]
 
 
 @asynccontextmanager
@@ -139,7 +141,7 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     is asked for in a second, smaller call.
     """
     intent = await asyncio.to_thread(resolve_intent, cluster)
-    nodes = list(intent.serving) if intent.serving is not None else serving_nodes(cluster)
+    nodes = serving_nodes(cluster, intent)
     sketch = desired_state(cluster, intent, nodes)
     facts = await gather_facts(conns, sketch, options.ssh.concurrency, cluster=cluster.name,
                                read_only=read_only)
@@ -201,11 +203,6 @@ async def _complete_facts(
     return merged
 
 
-async def plan_run(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                   options: RunOptions, *, read_only: bool) -> Plan:
-    return (await prepare(cluster, conns, options, read_only=read_only)).plan
-
-
 async def plan(cluster: Cluster, options: RunOptions,
                *, with_diff: bool = False) -> tuple[Plan, dict[str, int]]:
     """The plan, and the SSH round trips it cost per host. Writes nothing on any host.
@@ -216,7 +213,7 @@ async def plan(cluster: Cluster, options: RunOptions,
     hosts = selected_hosts(cluster, options.limit)
     read_only = replace(options.ssh, install_agent=False)
     async with connected(cluster, hosts, read_only) as conns:
-        result = await plan_run(cluster, conns, options, read_only=True)
+        result = (await prepare(cluster, conns, options, read_only=True)).plan
         if with_diff:
             result = await add_diffs(result, conns, options.ssh.concurrency)
         return result, _round_trips(conns)
@@ -337,9 +334,8 @@ def _round_trips(conns: Mapping[str, Connection | HostError]) -> dict[str, int]:
 async def facts(cluster: Cluster, options: RunOptions) -> dict[str, dict[str, object]]:
     """The facts each host gives for its desired resources, as plain JSON-able data."""
     hosts = selected_hosts(cluster, options.limit)
-    intent = resolve_intent(cluster)
-    nodes = list(intent.serving) if intent.serving is not None else serving_nodes(cluster)
-    desired = desired_state(cluster, intent, nodes)
+    intent = await asyncio.to_thread(resolve_intent, cluster)
+    desired = desired_state(cluster, intent, serving_nodes(cluster, intent))
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
         gathered = await gather_facts(conns, desired, options.ssh.concurrency,
                                       cluster=cluster.name, read_only=True)

@@ -8,6 +8,7 @@ from typing import Any
 from orchestrator.apply import ApplyReport, HostStatus
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Action, Change
+from orchestrator.sync.transfers import summary_text
 
 
 def _value(value: Any) -> str:
@@ -76,8 +77,6 @@ def report_text(report: ApplyReport) -> str:
     lines.append("Apply: " + ", ".join(f"{n} {s.value}" for s, n in counts.items()) + ".")
     transfers = report.extra.get("transfers")
     if transfers:
-        from orchestrator.sync.transfers import summary_text
-
         lines.append(summary_text(transfers))
     health = report.extra.get("health")
     if health:
