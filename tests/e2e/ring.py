@@ -27,6 +27,7 @@ from orchestrator.worker import WORKER_SCRIPT
 from orchestrator.worker import mlx_worker as worker_module
 from orchestrator.worker.hostfile import render_hostfile
 from orchestrator.worker.status import WorkerStatus, parse_status
+from tests.fixtures.groups import FakeGroup
 
 INDEX = "model.safetensors.index.json"
 
@@ -41,19 +42,6 @@ class _Selected(Exception):
     def __init__(self, files: set[str]) -> None:
         super().__init__(files)
         self.files = files
-
-
-class _FakeGroup:
-    """Just what ``PipelineMixin.pipeline`` asks of a group."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
 
 
 def mlx_lm_rank_files(model_dir: Path, split: Sequence[int], rank: int) -> set[str]:
@@ -77,7 +65,7 @@ def mlx_lm_rank_files(model_dir: Path, split: Sequence[int], rank: int) -> set[s
     undo = worker_module.install_split_hook(list(split))
     mlx_utils._download = download
     try:
-        mlx_utils.sharded_load(str(model_dir), pipeline_group=_FakeGroup(rank, len(split)))
+        mlx_utils.sharded_load(str(model_dir), pipeline_group=FakeGroup(rank, len(split)))
     except _Selected as selected:
         return selected.files
     finally:

@@ -5,24 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from orchestrator.sandbox import cluster as sandbox
 from orchestrator.worker.health import chat_completion
 from tests.e2e.test_ring import reference
+from tests.fixtures.cli import run_orch as orch
 
 PROMPT = "Say OK."
 MAX_TOKENS = 8
 REPO = Path(__file__).resolve().parents[2]
-
-
-def orch(*args: str | Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    return proc
 
 
 def test_drain_and_undrain_keep_serving_the_same_tokens(tmp_path: Path) -> None:

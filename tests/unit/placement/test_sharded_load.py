@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from orchestrator.placement import files_for_layers, layer_ranges, load_local_meta
+from tests.fixtures.groups import FakeGroup
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 mx = pytest.importorskip("mlx.core")
@@ -22,19 +23,6 @@ mlx_utils = pytest.importorskip("mlx_lm.utils")
 pipeline_module = pytest.importorskip("mlx_lm.models.pipeline")
 
 SPLITS = [(6,), (3, 3), (1, 5), (5, 1), (1, 2, 3), (3, 2, 1), (2, 1, 1, 2), (1,) * 6]
-
-
-class Group:
-    """The two methods of `mx.distributed.Group` that pipelining asks for."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +53,7 @@ def mlx_lm_load(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     def load(path: Path, rank: int, split: tuple[int, ...]) -> tuple[Any, set[str]]:
         forced["split"] = list(split)
         chosen.clear()
-        model, _tokenizer = mlx_utils.sharded_load(str(path), pipeline_group=Group(rank,
+        model, _tokenizer = mlx_utils.sharded_load(str(path), pipeline_group=FakeGroup(rank,
                                                                                    len(split)))
         assert len(chosen) == 1
         return model, chosen[0]

@@ -20,6 +20,7 @@ from orchestrator.placement import (
     solve,
 )
 from orchestrator.placement.split import evaluate
+from tests.fixtures.groups import FakeGroup
 
 PLAIN = PlacementPolicy(reserve_bytes=0, kv_cache_bytes=0, overhead=Fraction(0))
 
@@ -147,19 +148,6 @@ def test_even_split_is_mlx_lms() -> None:
     assert even_split(10, 4) == (3, 3, 2, 2)
 
 
-class _Group:
-    """What PipelineMixin.pipeline asks of a distributed group: its rank and size."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
-
-
 @pytest.mark.parametrize(("num_layers", "split"), [
     (61, None), (61, (22, 22, 17)), (7, None), (7, (1, 2, 4)), (10, None), (5, (5,)),
 ])
@@ -173,5 +161,5 @@ def test_layer_ranges_match_mlx_lm_pipeline(num_layers: int, split: tuple[int, .
     for rank in range(len(counts)):
         stage = mixin()
         stage.layers = list(range(num_layers))
-        stage.pipeline(_Group(rank, len(counts)), split=list(split) if split else None)
+        stage.pipeline(FakeGroup(rank, len(counts)), split=list(split) if split else None)
         assert (stage.start_idx, stage.end_idx) == expected[rank]
