@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.apply import apply_host
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.facts import parse_facts
 from orchestrator.log import configure
 from orchestrator.plan import diff_host, fact_request
 from orchestrator.resources.base import Resource
 from orchestrator.resources.files import File
-from orchestrator.sandbox.hosts import GIB, HostSpec, running_hosts
+from orchestrator.run.apply import apply_host
+from orchestrator.simulator.hosts import GIB, HostSpec, running_hosts
 
 
 async def orch_plan(conns: list[Connection], resources: list[Resource]) -> int:

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 import click
 
-from orchestrator import __version__, engine, log, render
-from orchestrator.apply import HostStatus
+from orchestrator import __version__, log, render
 from orchestrator.config import Cluster, load_cluster
-from orchestrator.engine import RunOptions
 from orchestrator.errors import ConfigError, ExitCode, OrchError, PlanError
 from orchestrator.executor import SSHOptions
 from orchestrator.plan import Plan
+from orchestrator.run import engine
+from orchestrator.run.apply import HostStatus
+from orchestrator.run.engine import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -320,8 +321,8 @@ def sandbox() -> None:
 @reports_errors
 def sandbox_up(nodes: int, directory: Path | None) -> None:
     """Start N simulated Macs and a local hub, apply the sandbox cluster, ask it a question."""
-    from orchestrator.sandbox import cluster as sandbox_cluster
-    from orchestrator.sandbox import session
+    from orchestrator.simulator import cluster as sandbox_cluster
+    from orchestrator.simulator import session
 
     started = sandbox_cluster.up(directory or sandbox_cluster.default_dir(), nodes)
     click.echo(f"sandbox: {len(started.nodes)} simulated Macs, hub {started.hub_endpoint}, "
@@ -336,7 +337,7 @@ def sandbox_up(nodes: int, directory: Path | None) -> None:
 @reports_errors
 def sandbox_status(as_json: bool, directory: Path | None) -> None:
     """Is the sandbox up: its cluster file, API URL and simulated Macs."""
-    from orchestrator.sandbox import cluster as sandbox_cluster
+    from orchestrator.simulator import cluster as sandbox_cluster
 
     report = sandbox_cluster.status(directory or sandbox_cluster.default_dir())
     if as_json:
@@ -356,7 +357,7 @@ def sandbox_status(as_json: bool, directory: Path | None) -> None:
 @reports_errors
 def sandbox_down(directory: Path | None) -> None:
     """Stop every process the sandbox started and remove its state."""
-    from orchestrator.sandbox import cluster as sandbox_cluster
+    from orchestrator.simulator import cluster as sandbox_cluster
 
     killed = sandbox_cluster.down(directory or sandbox_cluster.default_dir())
     click.echo(f"sandbox: down ({len(killed)} processes stopped)")

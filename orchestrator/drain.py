@@ -19,17 +19,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator import engine
-from orchestrator.apply import ApplyReport
 from orchestrator.config import Cluster, load_cluster
 from orchestrator.config.edit import set_drained
-from orchestrator.engine import RunOptions
 from orchestrator.errors import PlanError
-from orchestrator.intent import place, resolve_intent, without
+from orchestrator.placement.intent import place, resolve_intent, without
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Change
-from orchestrator.serving import api_url
-from orchestrator.worker.health import chat_completion
+from orchestrator.resources.layout import api_url
+from orchestrator.run import engine
+from orchestrator.run.apply import ApplyReport
+from orchestrator.run.engine import RunOptions
+from orchestrator.verify.health import chat_completion
 
 PROBE_INTERVAL = 0.5
 

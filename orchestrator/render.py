@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.apply import ApplyReport, HostStatus
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Action, Change
-from orchestrator.sync.transfers import summary_text
+from orchestrator.run.apply import ApplyReport, HostStatus
+from orchestrator.run.transfers import summary_text
 
 
 def _value(value: Any) -> str:

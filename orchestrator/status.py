@@ -24,20 +24,20 @@ from orchestrator.errors import HostError
 from orchestrator.executor import Connection
 from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState
 from orchestrator.placement.choose import Placement
+from orchestrator.plan.ring import FORMED, ring_restart_reasons
+from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.pyenv import normalize
-from orchestrator.serving.layout import WorkerLayout, api_url
-from orchestrator.serving.observe import Observation, observe_ring
-from orchestrator.serving.ring import FORMED, ring_restart_reasons
-from orchestrator.worker.health import (
+from orchestrator.verify.health import (
     CompletionError,
     Transport,
     chat_completion,
     urllib_transport,
 )
+from orchestrator.verify.observe import Observation, observe_ring
 from orchestrator.worker.status import WorkerState
 
 if TYPE_CHECKING:
-    from orchestrator.engine import RunOptions
+    from orchestrator.run.engine import RunOptions
 
 __all__ = [
     "ClusterStatus",
@@ -313,7 +313,7 @@ def status_text(status: ClusterStatus) -> str:
 async def cluster_status(cluster: Cluster, placement: Placement, options: RunOptions,
                          **gather: Any) -> ClusterStatus:
     """Connect to the placement's nodes (read-only: the agent is never installed), gather."""
-    from orchestrator.engine import connected
+    from orchestrator.run.engine import connected
 
     hosts = [n.name for n in placement.nodes]
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:

@@ -1,14 +1,14 @@
 """Placement: will the model fit, on which Macs, how many layers each — before touching a host.
 
-Data flows one way: `load_model_meta` measures the model (config, index, safetensors headers;
-local or Hub, never the weights), `plan_placement` chooses nodes and an exact memory-weighted
-layer split, and `render_table` / `to_json` show the result. `require_fit` turns a placement
-that does not fit into a `PlacementError` carrying the numbers.
+Data flows one way: `load_model_meta` measures the model through `orchestrator.model` (config,
+index, safetensors headers; local or Hub, never the weights), `plan_placement` chooses nodes
+and an exact memory-weighted layer split, and `render_table` / `to_json` show the result.
+`require_fit` turns a placement that does not fit into a `PlacementError` carrying the numbers.
 
-Modules: `safetensors` (headers), `model_meta` (bytes per layer, files per layer range), `hub`
-(Hub reads), `policy` (the memory model and its calibrated defaults), `chips` (bandwidth
+Modules: `policy` (the memory model and its calibrated defaults), `chips` (bandwidth
 table), `split` (the exact solver), `choose` (node choice, refusals), `estimate` (the guide's
-formula and the decode-speed bound), `render` (views), `adapter` (cluster file → inputs).
+formula and the decode-speed bound), `render` (views), `adapter` (cluster file → inputs),
+`intent` (placement and the manifest together: what the cluster asks for).
 """
 
 from orchestrator.placement.adapter import (
@@ -31,17 +31,6 @@ from orchestrator.placement.estimate import (
     estimated_meta,
     guide_estimate_bytes,
 )
-from orchestrator.placement.hub import HttpResponse, HubClient, Transport, load_hub_meta
-from orchestrator.placement.model_meta import (
-    Footprint,
-    ModelFile,
-    ModelMeta,
-    build_meta,
-    files_for_layers,
-    layer_of,
-    load_local_meta,
-    requantized,
-)
 from orchestrator.placement.policy import (
     DEFAULT_KV_CACHE_GB,
     DEFAULT_OVERHEAD,
@@ -55,7 +44,6 @@ from orchestrator.placement.policy import (
     wired_limit_mb,
 )
 from orchestrator.placement.render import render_table, to_json
-from orchestrator.placement.safetensors import Header, TensorInfo, read_header
 from orchestrator.placement.split import (
     SplitProblem,
     SplitResult,
@@ -74,42 +62,27 @@ __all__ = [
     "GB",
     "GUIDE_OVERHEAD",
     "DecodeEstimate",
-    "Footprint",
-    "Header",
-    "HttpResponse",
-    "HubClient",
-    "ModelFile",
-    "ModelMeta",
     "NodePlacement",
     "NodeSpec",
     "Placement",
     "PlacementPolicy",
     "SplitProblem",
     "SplitResult",
-    "TensorInfo",
-    "Transport",
     "bandwidth_gbps",
-    "build_meta",
     "decode_estimate",
     "estimated_meta",
     "even_split",
-    "files_for_layers",
     "guide_estimate_bytes",
     "has_split",
-    "layer_of",
     "layer_ranges",
-    "load_hub_meta",
-    "load_local_meta",
     "load_model_meta",
     "nodes_from_cluster",
     "normalize_chip",
     "place",
     "plan_placement",
     "policy_from_cluster",
-    "read_header",
     "refusal_message",
     "render_table",
-    "requantized",
     "require_fit",
     "solve",
     "to_json",

@@ -1,34 +1,27 @@
 """The seam between the loaded cluster file and the pure placement functions.
 
-RAM comes from the inventory (``memory_gb``, Apple's GiB) until facts exist, and from the facts
-(``hw.memsize``) after: a host whose facts say otherwise is placed by what it really has.
+RAM and chip come from the inventory (``memory_gb``, Apple's GiB): placement runs before any
+host is contacted, since which files each node needs (and so what facts to ask for) follows
+from it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from orchestrator.config import Cluster, ModelSpec
 from orchestrator.errors import ModelError
-from orchestrator.facts import HostFacts
+from orchestrator.model.hub import HubClient, Transport, load_hub_meta, urllib_transport
+from orchestrator.model.meta import ModelMeta, load_local_meta
+from orchestrator.model.token import hub_token
 from orchestrator.placement.choose import Placement, place
-from orchestrator.placement.hub import HubClient, Transport, load_hub_meta, urllib_transport
-from orchestrator.placement.model_meta import ModelMeta, load_local_meta
 from orchestrator.placement.policy import GUIDE_OVERHEAD, NodeSpec, PlacementPolicy
 
 
-def nodes_from_cluster(cluster: Cluster,
-                       facts: Mapping[str, HostFacts] | None = None) -> tuple[NodeSpec, ...]:
-    """Every inventory host as a `NodeSpec`, in inventory order; facts override RAM and chip."""
-    nodes = []
-    for host in cluster.hosts.values():
-        fact = (facts or {}).get(host.name)
-        memory = fact.memory_bytes if fact is not None and fact.memory_bytes else None
-        chip = fact.chip if fact is not None and fact.chip else None
-        nodes.append(NodeSpec(name=host.name, memory_bytes=memory or host.memory_bytes,
-                              chip=chip or host.chip, drained=host.drained))
-    return tuple(nodes)
+def nodes_from_cluster(cluster: Cluster) -> tuple[NodeSpec, ...]:
+    """Every inventory host as a `NodeSpec`, in inventory order."""
+    return tuple(NodeSpec(name=host.name, memory_bytes=host.memory_bytes, chip=host.chip,
+                          drained=host.drained) for host in cluster.hosts.values())
 
 
 def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> PlacementPolicy:
@@ -45,13 +38,12 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
                                          kv_cache_gb=spec.kv_cache_gb)
 
 
-def plan_placement(cluster: Cluster, meta: ModelMeta,
-                   facts: Mapping[str, HostFacts] | None = None) -> Placement:
+def plan_placement(cluster: Cluster, meta: ModelMeta) -> Placement:
     """Place the cluster's model; `require_fit` on the result refuses with numbers."""
     # A listed node that is drained (`orch drain`) is left out, as it is from `auto`.
     requested = None if cluster.placement.nodes == "auto" else tuple(
         n for n in cluster.placement.nodes if not cluster.hosts[n].drained)
-    return place(meta, nodes_from_cluster(cluster, facts), policy_from_cluster(cluster, meta),
+    return place(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
                  requested)
 
 
@@ -59,14 +51,13 @@ def load_model_meta(spec: ModelSpec, *, environ: Mapping[str, str] | None = None
                     transport: Transport | None = None) -> ModelMeta:
     """Measure the model: the local directory when ``model.path`` is set, else the Hub.
 
-    Reads only config, index and safetensors headers. ``HF_TOKEN`` (from ``environ``, default
-    the process environment) authenticates Hub requests.
+    Reads only config, index and safetensors headers. The Hub token is `hub_token`'s (the
+    same one the sync uses: ``HF_TOKEN``, else the file ``hf auth login`` writes).
     """
     if spec.path is not None:
         return load_local_meta(spec.path)
     if spec.repo is None:
         raise ModelError("the model has neither `path` nor `repo`")
-    env = os.environ if environ is None else environ
-    client = HubClient(endpoint=spec.endpoint.rstrip("/"), token=env.get("HF_TOKEN") or None,
+    client = HubClient(endpoint=spec.endpoint.rstrip("/"), token=hub_token(environ),
                        transport=transport or urllib_transport)
     return load_hub_meta(spec.repo, spec.revision, client=client)

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from orchestrator.errors import PlacementError
+from orchestrator.model.meta import ModelMeta, files_for_layers, requantized
 from orchestrator.placement.chips import bandwidth_gbps
 from orchestrator.placement.estimate import DecodeEstimate, decode_estimate
-from orchestrator.placement.model_meta import ModelMeta, files_for_layers, requantized
 from orchestrator.placement.policy import GB, GIB, NodeSpec, PlacementPolicy, wired_limit_mb
 from orchestrator.placement.split import (
     SplitProblem,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.placement.model_meta import Footprint, ModelMeta
+from orchestrator.model.meta import Footprint, ModelMeta
 from orchestrator.placement.policy import GB, GUIDE_OVERHEAD
 
 DECODE_FORMULA = "s/token ≈ Σ active_bytes_r / bandwidth_r + max_r head_bytes / bandwidth_r " \

@@ -7,7 +7,7 @@ facts for a converged node read no file data.
 
 The diff is one change listing the files that are missing or whose sha256 differs, with one
 ``fetch`` step per file. A fetch step's ``source`` is None here; the planner fills it in for the
-whole cluster at once (`orchestrator.sync.schedule.assign_sources`), because which node a file
+whole cluster at once (`orchestrator.plan.sources.assign_sources`), because which node a file
 comes from depends on every other node.
 
 Files in the directory that are not declared:
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.facts import FactRequest, FileKind, Guard, HostFacts
+from orchestrator.model.manifest import WEIGHT_GLOB, Manifest, needed_files
 from orchestrator.resources.base import Action, Change, FieldChange, Resource, Step
-from orchestrator.sync.manifest import WEIGHT_GLOB, Manifest, needed_files
 
-__all__ = ["STRAY_GUARD_SCRIPT", "ModelFiles", "model_directory", "model_files_by_host",
+__all__ = ["STRAY_GUARD_SCRIPT", "ModelFiles", "model_files_by_host",
            "model_files_in"]
 
 # sh -c STRAY_GUARD_SCRIPT sh DIR KEEP...: exit 0 when DIR holds a `model*.safetensors` (file or
@@ -137,15 +137,6 @@ class ModelFiles:
     def cleanup(self) -> tuple[Step, ...]:
         # Kept on purpose (see the module docstring): a node that leaves still serves peers.
         return ()
-
-
-def model_directory(runtime_dir: str, name: str) -> str:
-    """``~/<runtime dir>/models/<name>``; ``name`` from a repo id (``org/model`` becomes
-    ``org--model``, as the Hub's own cache names it) or a local directory's name."""
-    safe = name.strip("/").replace("/", "--")
-    if not safe or safe.startswith("."):
-        raise ValueError(f"bad model name {name!r}")
-    return "/".join(["~", runtime_dir.strip("/"), "models", safe])
 
 
 def model_files_by_host(manifest: Manifest, directory: str,

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.sandbox import cluster as sandbox
-from orchestrator.worker.health import chat_completion
+from orchestrator.simulator import cluster as sandbox
+from orchestrator.verify.health import chat_completion
 from tests.e2e.test_ring import reference
 from tests.fixtures.cli import run_orch as orch
 

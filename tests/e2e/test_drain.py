@@ -7,8 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-from orchestrator.sandbox import cluster as sandbox
-from orchestrator.worker.health import chat_completion
+from orchestrator.simulator import cluster as sandbox
+from orchestrator.verify.health import chat_completion
 from tests.e2e.test_ring import reference
 from tests.fixtures.cli import run_orch as orch
 

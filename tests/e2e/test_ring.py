@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from orchestrator.placement.model_meta import files_for_layers, load_local_meta
+from orchestrator.model.meta import files_for_layers, load_local_meta
 from orchestrator.placement.policy import PlacementPolicy
 from orchestrator.placement.split import SplitProblem, layer_ranges, solve
-from orchestrator.worker.health import (
-    RankSnapshot,
+from orchestrator.plan.ring import RankSnapshot
+from orchestrator.verify.health import (
     chat_completion,
     explain_not_ready,
     rank_problems,

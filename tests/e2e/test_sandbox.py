@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from orchestrator.sandbox.processes import port_open
+from orchestrator.simulator.processes import port_open
 
 REPO = Path(__file__).parents[2]
 USER = "orchsbx"

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.worker import mlx_worker
-from orchestrator.worker.health import (
-    RankSnapshot,
+from orchestrator.plan.ring import RankSnapshot
+from orchestrator.verify.health import (
     ReadyStage,
     Transport,
     explain_not_ready,
     rank_problems,
     wait_ready,
 )
+from orchestrator.worker import mlx_worker
 from orchestrator.worker.hostfile import parse_hostfile, render_hostfile
 from orchestrator.worker.status import WorkerState, parse_status
 from tests.e2e.ring import (

@@ -32,34 +32,26 @@ from typing import TypeVar
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.apply import HostStatus, apply_host
 from orchestrator.cli import main
 from orchestrator.config import Cluster, load_cluster
 from orchestrator.errors import HostError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.facts import HostFacts, JobState, parse_facts
+from orchestrator.model.meta import load_local_meta
 from orchestrator.placement import plan_placement
 from orchestrator.placement.choose import Placement
-from orchestrator.placement.model_meta import load_local_meta
 from orchestrator.placement.policy import PlacementPolicy
 from orchestrator.plan import Plan, diff_host, fact_request
+from orchestrator.plan.ring import RESTART_FIELD, couple_ring
 from orchestrator.resources.base import Resource
-from orchestrator.sandbox.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
-from orchestrator.sandbox.processes import free_port
-from orchestrator.serving import (
-    RingHealth,
-    Wheelhouse,
-    WorkerLayout,
-    WorkerSettings,
-    build_wheelhouse,
-    cluster_platform,
-    couple_ring,
-    verify_ring,
-    worker_resources,
-    worker_services,
-)
-from orchestrator.serving.ring import RESTART_FIELD
+from orchestrator.resources.layout import WorkerLayout
+from orchestrator.resources.wheelhouse import Wheelhouse, build_wheelhouse, cluster_platform
+from orchestrator.resources.worker import WorkerSettings, worker_resources, worker_services
+from orchestrator.run.apply import HostStatus, apply_host
+from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
+from orchestrator.simulator.processes import free_port
 from orchestrator.status import ClusterStatus, gather_status, status_text
+from orchestrator.verify.ring import RingHealth, verify_ring
 from orchestrator.worker.status import parse_status
 from tests.e2e.test_ring import reference
 from tests.fixtures.tiny_model import make_tiny_deepseek

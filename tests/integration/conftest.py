@@ -1,7 +1,7 @@
 """Fixtures for integration tests: real OpenSSH sshd hosts that look like Macs.
 
 ``test_hosts`` starts three simulated Macs once per session (see
-``orchestrator.sandbox.hosts``): two Mac Studio M2 Ultra 192 GiB and a MacBook Pro M4 Max
+``orchestrator.simulator.hosts``): two Mac Studio M2 Ultra 192 GiB and a MacBook Pro M4 Max
 128 GiB, on 127.0.0.11-13. Override ``test_host_specs`` in a nested conftest to change them.
 Nothing is skipped: without sshd the fixture fails and says what to install.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sandbox.hosts import (
+from orchestrator.simulator.hosts import (
     HostSpec,
     RunningHost,
     SandboxError,

@@ -29,7 +29,7 @@ from orchestrator.facts import (
     LaunchdRef,
     parse_facts,
 )
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
 
 T = TypeVar("T")
 OLD = time.time() - 3600

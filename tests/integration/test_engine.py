@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_cluster
-from orchestrator.engine import RunOptions, plan
 from orchestrator.executor import SSHOptions
-from orchestrator.sandbox.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
+from orchestrator.run.engine import RunOptions, plan
+from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
 from tests.integration.conftest import TreeHash
 
 GIB = 1024**3

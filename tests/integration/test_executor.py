@@ -34,7 +34,7 @@ from orchestrator.executor import (
     Target,
     for_each_host,
 )
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
 
 T = TypeVar("T")
 

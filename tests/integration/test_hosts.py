@@ -23,7 +23,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, reboot, running_hosts
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, reboot, running_hosts
 
 
 def ssh(host: RunningHost, command: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -13,14 +13,21 @@ from typing import TypeVar
 
 import pytest
 
-from orchestrator.apply import HostOutcome, HostStatus, apply_host
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.facts import HostFacts, JobState, LaunchdRef, parse_facts
 from orchestrator.plan import HostPlan, diff_host, fact_request
 from orchestrator.resources.base import Resource
 from orchestrator.resources.launchd import HASH_ENV, LaunchdService, render_plist
 from orchestrator.resources.sysctl import Sysctl
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, reboot, start_hosts, stop_hosts
+from orchestrator.run.apply import HostOutcome, HostStatus, apply_host
+from orchestrator.simulator.hosts import (
+    GIB,
+    HostSpec,
+    RunningHost,
+    reboot,
+    start_hosts,
+    stop_hosts,
+)
 
 CLUSTER = "services-test"
 

@@ -18,18 +18,22 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
-from orchestrator import engine
 from orchestrator.cli import main
 from orchestrator.config import Cluster
-from orchestrator.intent import Intent
-from orchestrator.placement import HubClient, ModelMeta, load_local_meta, plan_placement
+from orchestrator.model.cache import cache_dir
+from orchestrator.model.hub import HubClient
+from orchestrator.model.manifest import hub_manifest, model_directory
+from orchestrator.model.meta import ModelMeta, load_local_meta
+from orchestrator.model.token import hub_token
+from orchestrator.placement import plan_placement
+from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
-from orchestrator.resources.model_files import model_directory, model_files_by_host
-from orchestrator.sandbox.hosts import RunningHost
-from orchestrator.sync import hub_manifest, hub_token
-from orchestrator.sync.cache import cache_dir
-from orchestrator.testing import Faults, TestHub
-from orchestrator.testing.tiny_model import make_tiny_deepseek
+from orchestrator.resources.model_files import model_files_by_host
+from orchestrator.run import engine
+from orchestrator.simulator.faults import Faults
+from orchestrator.simulator.hosts import RunningHost
+from orchestrator.simulator.hub import TestHub
+from orchestrator.simulator.tiny_model import make_tiny_deepseek
 
 REPO = "org/tiny"
 TOKEN = "hf_integration_secret_f00dfeed1234"

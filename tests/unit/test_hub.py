@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.placement.hub import HubClient
-from orchestrator.testing import Faults, TestHub
-from orchestrator.testing.faults import Pacer
-from orchestrator.testing.hubrepo import lfs_pointer
+from orchestrator.model.hub import HubClient
+from orchestrator.simulator.faults import Faults, Pacer
+from orchestrator.simulator.hub import TestHub
+from orchestrator.simulator.hubrepo import lfs_pointer
 
 REPO = "org/tiny"
 TOKEN = "hf_test_token_0123456789abcdef"
@@ -328,8 +328,8 @@ def sha256(data: bytes) -> str:
 
 def test_placement_reads_a_flaky_hub_without_failing(tmp_path: Path) -> None:
     """Placement's metadata reads (tree, config, index, headers) retry cut and 503 answers."""
-    from orchestrator.placement.hub import HubClient, load_hub_meta
-    from orchestrator.testing.tiny_model import make_tiny_deepseek
+    from orchestrator.model.hub import HubClient, load_hub_meta
+    from orchestrator.simulator.tiny_model import make_tiny_deepseek
 
     model = make_tiny_deepseek(tmp_path / "m", n_layers=3, n_files=3)
     faults = Faults(cut_fraction=0.3, error_fraction=0.1, retry_after=0, seed=3, api=True)

@@ -37,7 +37,8 @@ from orchestrator.agent.transfer import (
     fetch,
     serve_files,
 )
-from orchestrator.testing import Faults, TestHub
+from orchestrator.simulator.faults import Faults
+from orchestrator.simulator.hub import TestHub
 
 REPO = "org/tiny-model"
 TOKEN = "hf_SeCrEt_token_4f9a8b7c6d5e"

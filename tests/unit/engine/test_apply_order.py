@@ -6,11 +6,11 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from orchestrator.apply import HostStatus, apply_plan
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import CommandResult, Connection
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.run.apply import HostStatus, apply_plan
 
 
 class Recorder:

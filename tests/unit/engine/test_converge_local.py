@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.apply import HostStatus, apply_host
 from orchestrator.executor import LocalConnection
 from orchestrator.facts import HostFacts, parse_facts
 from orchestrator.plan import HostPlan, diff_host, fact_request
@@ -24,6 +23,7 @@ from orchestrator.resources.base import Action, Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.pyenv import PythonEnv
+from orchestrator.run.apply import HostStatus, apply_host
 
 CLUSTER = "local-test"
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.placement import ModelMeta, NodeSpec, load_local_meta
+from orchestrator.model.meta import ModelMeta, load_local_meta
+from orchestrator.placement import NodeSpec
 from tests.fixtures.deepseek_like import make_deepseek_like
 
 GIB = 2**30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from orchestrator.placement import Footprint, ModelFile, ModelMeta
+from orchestrator.model.meta import Footprint, ModelFile, ModelMeta
 
 
 def synthetic_meta(layer_bytes: Sequence[int], shared: int = 0, *,

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.config import load_cluster
-from orchestrator.facts import HostFacts
+from orchestrator.model.meta import ModelMeta
 from orchestrator.placement import (
     GB,
-    ModelMeta,
-    NodeSpec,
     nodes_from_cluster,
     plan_placement,
     policy_from_cluster,
@@ -26,29 +24,11 @@ def write_cluster(tmp_path: Path, model: Path, placement: str = "  nodes: auto\n
     return path
 
 
-def facts(host: str, memory_bytes: int | None, chip: str | None) -> HostFacts:
-    return HostFacts(host=host, os_system="Darwin", os_version="15.1", user="admin", uid=501,
-                     home="/Users/admin", python_version="3.11.9", memory_bytes=memory_bytes,
-                     chip=chip)
-
-
 def test_the_lab_inventory_becomes_the_guides_macs(tmp_path: Path, deepseek_dir: Path) -> None:
     cluster = load_cluster(write_cluster(tmp_path, deepseek_dir))
     nodes = {n.name: n for n in nodes_from_cluster(cluster)}
     assert nodes == {n.name: n for n in LAB}
     assert nodes["studio-1"].memory_bytes == 206_158_430_208  # hw.memsize of a 192 GB Studio
-
-
-def test_facts_override_the_inventory(tmp_path: Path, deepseek_dir: Path,
-                                      deepseek_meta: ModelMeta) -> None:
-    cluster = load_cluster(write_cluster(tmp_path, deepseek_dir))
-    seen = {"mbp-m4": facts("mbp-m4", 64 * GIB, "Apple M4 Max"),
-            "studio-1": facts("studio-1", None, None)}  # unknown facts keep the inventory
-    nodes = {n.name: n for n in nodes_from_cluster(cluster, seen)}
-    assert nodes["mbp-m4"] == NodeSpec("mbp-m4", 64 * GIB, "Apple M4 Max")
-    assert nodes["studio-1"] == NodeSpec("studio-1", 192 * GIB, "M2 Ultra")
-    placement = plan_placement(cluster, deepseek_meta, seen)
-    assert [n.name for n in placement.nodes] == ["studio-1", "studio-2", "mbp-m3"]
 
 
 def test_placement_settings_reach_the_policy(tmp_path: Path, deepseek_dir: Path,

@@ -7,14 +7,8 @@ import dataclasses
 import pytest
 
 from orchestrator.errors import PlacementError
-from orchestrator.placement import (
-    GB,
-    ModelMeta,
-    NodeSpec,
-    PlacementPolicy,
-    place,
-    require_fit,
-)
+from orchestrator.model.meta import ModelMeta
+from orchestrator.placement import GB, NodeSpec, PlacementPolicy, place, require_fit
 from tests.unit.placement.conftest import GIB, LAB
 from tests.unit.placement.helpers import synthetic_meta
 

@@ -20,13 +20,9 @@ import pytest
 
 from orchestrator.config import ModelSpec
 from orchestrator.errors import ModelError
-from orchestrator.placement import (
-    HubClient,
-    ModelMeta,
-    load_hub_meta,
-    load_local_meta,
-    load_model_meta,
-)
+from orchestrator.model.hub import HubClient, load_hub_meta
+from orchestrator.model.meta import ModelMeta, load_local_meta
+from orchestrator.placement import load_model_meta
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 REPO = "mlx-community/DeepSeek-R1-4bit"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ModelError
-from orchestrator.placement import (
+from orchestrator.model.meta import (
     ModelMeta,
     files_for_layers,
     layer_of,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from orchestrator.placement import ModelMeta, PlacementPolicy, place, render_table, to_json
+from orchestrator.model.meta import ModelMeta
+from orchestrator.placement import PlacementPolicy, place, render_table, to_json
 from tests.unit.placement.conftest import LAB
 
 GUIDE = ["studio-1", "studio-2", "mbp-m4"]

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from orchestrator.errors import ModelError
-from orchestrator.placement import read_header
-from orchestrator.placement.safetensors import header_length, parse_header
+from orchestrator.model.safetensors import header_length, parse_header, read_header
 
 
 def test_reads_what_the_safetensors_library_writes(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.placement import files_for_layers, layer_ranges, load_local_meta
+from orchestrator.model.meta import files_for_layers, load_local_meta
+from orchestrator.placement import layer_ranges
 from tests.fixtures.groups import FakeGroup
 from tests.fixtures.tiny_model import make_tiny_deepseek
 

@@ -7,14 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Cluster, Host, ModelSpec, PlacementSpec, Runtime
-from orchestrator.facts import (
-    FileFact,
-    FileKind,
-    HostFacts,
-    JobState,
-    LaunchdJob,
-    VenvFact,
-)
+from orchestrator.facts import FileFact, FileKind, HostFacts, JobState, LaunchdJob, VenvFact
 from orchestrator.placement.choose import Placement, place
 from orchestrator.placement.policy import GIB, NodeSpec, PlacementPolicy
 from orchestrator.worker.status import WorkerState, WorkerStatus

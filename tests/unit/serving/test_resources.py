@@ -17,24 +17,19 @@ from orchestrator.placement.policy import GIB
 from orchestrator.resources.base import Resource
 from orchestrator.resources.files import File
 from orchestrator.resources.launchd import HASH_ENV, LaunchdService
+from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.pyenv import PythonEnv
 from orchestrator.resources.sysctl import Sysctl
-from orchestrator.serving import (
+from orchestrator.resources.wheelhouse import NodePlatform, Wheel, Wheelhouse, WheelhouseFiles
+from orchestrator.resources.wired import default_wired_limit_mb, wired_limit
+from orchestrator.resources.worker import (
     FileDigest,
     ModelInputs,
-    Wheel,
-    Wheelhouse,
-    WheelhouseFiles,
-    WorkerLayout,
     WorkerSettings,
-    api_url,
-    default_wired_limit_mb,
     model_inputs,
-    wired_limit,
     worker_resources,
     worker_services,
 )
-from orchestrator.serving.wheelhouse import NodePlatform
 from orchestrator.worker import worker_script
 from orchestrator.worker.hostfile import parse_hostfile
 from tests.unit.serving.helpers import HOME, cluster, placement

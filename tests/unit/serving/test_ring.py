@@ -6,11 +6,10 @@ import json
 
 from orchestrator.facts import FileKind, JobState, LaunchdJob
 from orchestrator.plan import Plan, diff_host, record_for
+from orchestrator.plan.ring import RESTART_FIELD, RankView, couple_ring, ring_restart_reasons
 from orchestrator.resources.base import Action, Change, FieldChange, Resource, Step
 from orchestrator.resources.files import File
 from orchestrator.resources.launchd import HASH_ENV, LaunchdService, render_plist
-from orchestrator.serving import RankView, couple_ring, ring_restart_reasons
-from orchestrator.serving.ring import RESTART_FIELD
 from orchestrator.worker.status import WorkerState
 from tests.unit.serving.helpers import facts, file_fact, job, status
 

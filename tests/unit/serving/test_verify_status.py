@@ -10,8 +10,8 @@ from orchestrator.config import Cluster
 from orchestrator.errors import HostError, HostUnreachable
 from orchestrator.executor import Connection
 from orchestrator.placement.choose import Placement
-from orchestrator.serving import verify_ring
 from orchestrator.status import ClusterStatus, gather_status, parse_etime, status_json, status_text
+from orchestrator.verify.ring import verify_ring
 from orchestrator.worker.status import WorkerState
 from tests.unit.serving.fakes import FakeAPI, FakeNode
 from tests.unit.serving.helpers import cluster, placement, status

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.apply import run_step
 from orchestrator.errors import PlanError
 from orchestrator.executor import LocalConnection
 from orchestrator.facts import FileKind
 from orchestrator.resources.base import Action, Step
-from orchestrator.serving import (
+from orchestrator.resources.wheelhouse import (
     NodePlatform,
     Wheel,
     WheelhouseFiles,
@@ -27,6 +26,7 @@ from orchestrator.serving import (
     node_requirements,
     platform_of,
 )
+from orchestrator.run.apply import run_step
 from tests.unit.serving.helpers import facts, file_fact
 
 LINUX = NodePlatform("Linux", "x86_64", "3.11", glibc="2.36")

@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from orchestrator.facts import FileFact, FileKind, HostFacts
+from orchestrator.model.manifest import Entry, HubOrigin, Manifest
 from orchestrator.plan import HostPlan, diff_host
 from orchestrator.resources.model_files import ModelFiles
-from orchestrator.sync.manifest import Entry, HubOrigin, Manifest
 
 DIRECTORY = "~/.orch/models/org--tiny"
 WEIGHTS = tuple(f"model-0000{i}-of-00006.safetensors" for i in range(1, 7))

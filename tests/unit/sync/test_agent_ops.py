@@ -20,7 +20,7 @@ from orchestrator.agent import agent_source, agent_source_hash
 from orchestrator.errors import ActionFailed
 from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import call_agent
-from orchestrator.testing import TestHub
+from orchestrator.simulator.hub import TestHub
 
 TOKEN = "hf_agent_ops_secret_987654321"
 PEER_TOKEN = "peer-token-0123456789abcdef"

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ModelError
-from orchestrator.placement.hub import HubClient
-from orchestrator.sync import cache as cache_mod
-from orchestrator.sync.credentials import hub_token, redact
-from orchestrator.sync.manifest import (
+from orchestrator.model import cache as cache_mod
+from orchestrator.model.hub import HubClient
+from orchestrator.model.manifest import (
     Entry,
     HubOrigin,
     LocalOrigin,
@@ -21,7 +20,8 @@ from orchestrator.sync.manifest import (
     local_manifest,
     needed_files,
 )
-from orchestrator.testing import TestHub
+from orchestrator.model.token import hub_token, redact
+from orchestrator.simulator.hub import TestHub
 
 TOKEN = "hf_manifest_secret_0123456789"
 

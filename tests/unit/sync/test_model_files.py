@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.facts import FileFact, FileKind
+from orchestrator.model.manifest import model_directory
 from orchestrator.resources.base import Action
 from orchestrator.resources.model_files import (
     ModelFiles,
-    model_directory,
     model_files_by_host,
     model_files_in,
 )

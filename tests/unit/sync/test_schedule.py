@@ -6,8 +6,8 @@ import math
 import random
 from collections import Counter
 
+from orchestrator.plan.sources import assign_sources, holders_of
 from orchestrator.resources.model_files import ModelFiles
-from orchestrator.sync.schedule import assign_sources, holders_of
 from tests.unit.sync.helpers import META, WEIGHTS, facts, manifest, node, plans, sources
 
 EVERYTHING = (*WEIGHTS, *META)

@@ -15,24 +15,20 @@ from typing import Any
 
 import pytest
 
-from orchestrator.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.errors import HostError
 from orchestrator.executor import Connection, LocalConnection
 from orchestrator.facts import HostFacts, parse_facts
-from orchestrator.placement.hub import HubClient
+from orchestrator.model.hub import HubClient
+from orchestrator.model.manifest import Manifest, hub_manifest
 from orchestrator.plan import Plan, diff_host, fact_request
+from orchestrator.plan.sources import assign_sources
 from orchestrator.resources.base import Action, Change, FieldChange, Step
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
-from orchestrator.sync import (
-    Manifest,
-    Peer,
-    TransferContext,
-    assign_sources,
-    hub_manifest,
-    summary_text,
-)
-from orchestrator.sync.progress import EventProgress, Progress, RichProgress, Tracker
-from orchestrator.testing import Faults, TestHub
+from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
+from orchestrator.run.progress import EventProgress, Progress, RichProgress, Tracker
+from orchestrator.run.transfers import Peer, TransferContext, summary_text
+from orchestrator.simulator.faults import Faults
+from orchestrator.simulator.hub import TestHub
 
 REPO = "org/tiny"
 TOKEN = "hf_transfers_secret_55aa66bb77cc"

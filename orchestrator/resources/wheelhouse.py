@@ -32,7 +32,7 @@ Two traps, both handled here:
 
 Pushing uses ``write`` steps whose bytes come from a controller file (``"source"``) instead of
 inline text, so a 45 MB wheel is neither held in the plan nor decoded as UTF-8
-(`orchestrator.apply.run_step` reads it at apply time); the plan JSON holds the source path and
+(`orchestrator.run.apply.run_step` reads it at apply time); the plan JSON holds the source path and
 the sha256 the agent verifies, so a saved plan stays exact.
 """
 

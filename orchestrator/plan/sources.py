@@ -35,7 +35,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.facts import HostFacts
-from orchestrator.plan import HostPlan
+from orchestrator.plan.core import HostPlan
 from orchestrator.resources.base import Change, Step
 
 if TYPE_CHECKING:  # model_files imports orchestrator.sync: a runtime import would be a cycle

@@ -46,8 +46,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from orchestrator.testing.faults import Fate, FaultPlan, Faults, Pacer
-from orchestrator.testing.hubrepo import LFS_THRESHOLD, Repo, RepoFile, index_repo
+from orchestrator.simulator.faults import Fate, FaultPlan, Faults, Pacer
+from orchestrator.simulator.hubrepo import LFS_THRESHOLD, Repo, RepoFile, index_repo
 
 __all__ = ["HubStats", "TestHub"]
 

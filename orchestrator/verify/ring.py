@@ -6,7 +6,7 @@ ranks: a rank that refused to start for a reason a restart cannot fix (bad confi
 wrong file, an mlx-lm without the worker's hooks: exit 2, 3 or 5) ends the wait early instead
 of burning the whole timeout. Then it reads every rank's status file: each must be serving a
 ring whose size is the node count. On failure the message names the rank to look at and shows
-the end of its log (`orchestrator.worker.health.explain_not_ready`).
+the end of its log (`orchestrator.verify.health.explain_not_ready`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from orchestrator.errors import HostError
 from orchestrator.executor import Connection
 from orchestrator.facts import JobState
 from orchestrator.placement.choose import Placement
-from orchestrator.serving.layout import WorkerLayout, api_url
-from orchestrator.serving.observe import observe_ring
-from orchestrator.serving.ring import RankView
-from orchestrator.worker.health import (
+from orchestrator.plan.ring import RankView
+from orchestrator.resources.layout import WorkerLayout, api_url
+from orchestrator.verify.health import (
     ReadyResult,
     ReadyStage,
     Transport,
@@ -32,6 +31,7 @@ from orchestrator.worker.health import (
     urllib_transport,
     wait_ready,
 )
+from orchestrator.verify.observe import observe_ring
 
 __all__ = ["FATAL_EXITS", "RingHealth", "capped", "verify_ring"]
 

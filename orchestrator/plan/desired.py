@@ -16,13 +16,14 @@ import jinja2
 from orchestrator.config import Cluster, CommandTask, DirectoryTask, Host, Task, TemplateTask
 from orchestrator.errors import ConfigError, Diagnostic, HostError
 from orchestrator.facts import HostFacts
-from orchestrator.intent import Intent
+from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.pyenv import PythonEnv
-from orchestrator.serving import Wheelhouse, WorkerSettings, model_inputs, worker_resources
+from orchestrator.resources.wheelhouse import Wheelhouse
+from orchestrator.resources.worker import WorkerSettings, model_inputs, worker_resources
 
 
 def orch_path(cluster: Cluster, *parts: str) -> str:

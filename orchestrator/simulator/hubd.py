@@ -1,4 +1,4 @@
-"""Run a `TestHub` as its own process, for the sandbox: `python -m orchestrator.testing.hubd`.
+"""Run a `TestHub` as its own process, for the sandbox: `python -m orchestrator.simulator.hubd`.
 
 The sandbox's hub must outlive `orch sandbox up` (every later `orch plan` reads the model's
 metadata from it), so it runs detached and is stopped by pid with `orch sandbox down`.
@@ -12,7 +12,7 @@ import signal
 import threading
 from pathlib import Path
 
-from orchestrator.testing.hub import TestHub
+from orchestrator.simulator.hub import TestHub
 
 
 def main(argv: list[str] | None = None) -> None:

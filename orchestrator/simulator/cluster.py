@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from orchestrator.sandbox import processes
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, SandboxError, start_hosts
+from orchestrator.simulator import processes
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, SandboxError, start_hosts
 
 REPO_ID = "sandbox/tiny-deepseek"
 ADDRESS_BASE = 41  # 127.0.0.41, .42, ...: apart from the test suite's 127.0.0.1x hosts
@@ -85,7 +85,7 @@ def up(directory: Path, nodes: int = 3) -> Sandbox:
         stop_processes(previous)
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
-        from orchestrator.testing.tiny_model import make_tiny_deepseek
+        from orchestrator.simulator.tiny_model import make_tiny_deepseek
 
         make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7)
     hosts = start_hosts(directory / "hosts", specs(nodes))
@@ -108,7 +108,7 @@ def _start_hub(directory: Path, model_dir: Path) -> tuple[str, str, int]:
     ready.unlink(missing_ok=True)
     log = (directory / "hub.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.testing.hubd", "--repo", f"{REPO_ID}={model_dir}",
+        [sys.executable, "-m", "orchestrator.simulator.hubd", "--repo", f"{REPO_ID}={model_dir}",
          "--ready-file", str(ready)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 30

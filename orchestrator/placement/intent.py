@@ -11,13 +11,12 @@ from dataclasses import dataclass, replace
 
 from orchestrator.config import Cluster
 from orchestrator.errors import ModelError
+from orchestrator.model.cache import cache_dir
+from orchestrator.model.hub import HubClient
+from orchestrator.model.manifest import Manifest, hub_manifest, local_manifest, model_directory
+from orchestrator.model.token import hub_token
 from orchestrator.placement import load_model_meta, plan_placement, require_fit
 from orchestrator.placement.choose import Placement
-from orchestrator.placement.hub import HubClient
-from orchestrator.resources.model_files import model_directory
-from orchestrator.sync.cache import cache_dir
-from orchestrator.sync.credentials import hub_token
-from orchestrator.sync.manifest import Manifest, hub_manifest, local_manifest
 
 
 @dataclass(frozen=True)

@@ -15,31 +15,26 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from orchestrator.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.config import Cluster
-from orchestrator.desired import desired_state
 from orchestrator.errors import HostError, PlanError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
-from orchestrator.intent import Intent, resolve_intent
-from orchestrator.lock import ClusterLock, new_holder
 from orchestrator.placement.choose import Placement
+from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
+from orchestrator.plan.desired import desired_state
+from orchestrator.plan.ring import couple_ring, ring_restart_reasons
+from orchestrator.plan.sources import assign_sources
 from orchestrator.resources.base import Change, Resource
+from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.model_files import model_files_in
-from orchestrator.serving import (
-    Wheelhouse,
-    WorkerLayout,
-    api_url,
-    cluster_platform,
-    couple_ring,
-    ensure_wheelhouse,
-    observe_ring,
-    ring_restart_reasons,
-    verify_ring,
-    worker_services,
-)
-from orchestrator.sync import assign_sources, for_plan
+from orchestrator.resources.wheelhouse import Wheelhouse, cluster_platform, ensure_wheelhouse
+from orchestrator.resources.worker import worker_services
+from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
+from orchestrator.run.lock import ClusterLock, new_holder
+from orchestrator.run.transfers import for_plan
+from orchestrator.verify.observe import observe_ring
+from orchestrator.verify.ring import verify_ring
 
 log = structlog.get_logger(__name__)
 
@@ -362,7 +357,7 @@ def _plain(value: object) -> dict[str, object]:
 
 
 async def unlock(cluster: Cluster, options: RunOptions, nonce: str) -> list[str]:
-    from orchestrator.lock import force_unlock
+    from orchestrator.run.lock import force_unlock
 
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:

@@ -16,8 +16,8 @@ from orchestrator.errors import HostError, HostUnreachable
 from orchestrator.executor import Connection
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
-from orchestrator.serving.layout import WorkerLayout
-from orchestrator.serving.ring import RankView
+from orchestrator.plan.ring import RankView
+from orchestrator.resources.layout import WorkerLayout
 from orchestrator.worker.status import parse_status
 
 __all__ = ["Observation", "observe_rank", "observe_ring"]

@@ -30,10 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from orchestrator.facts import JobState, LaunchdJob
-from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.core import HostPlan, Plan
 from orchestrator.resources.base import Action, Change, FieldChange, Step
 from orchestrator.resources.launchd import LaunchdService
-from orchestrator.worker.health import RankSnapshot
 from orchestrator.worker.status import WorkerState, WorkerStatus
 
 __all__ = ["RESTART_FIELD", "RankView", "couple_ring", "restart_change", "ring_restart_reasons"]
@@ -107,6 +106,18 @@ def _is_restart_only(change: Change) -> bool:
 
 
 @dataclass(frozen=True)
+class RankSnapshot:
+    """What the controller learned about one rank from its node (launchd state, files)."""
+
+    rank: int
+    host: str
+    running: bool | None  # the worker process is alive (None: unknown)
+    status: WorkerStatus | None  # its status file, if it has written one
+    log_tail: str  # the end of its stderr log
+    exit_code: int | None = None  # launchd's last exit status, when not running
+
+
+@dataclass(frozen=True)
 class RankView:
     """One rank as the controller sees it on its node: launchd's job and the status file."""
 
@@ -134,7 +145,7 @@ class RankView:
         return status
 
     def snapshot(self) -> RankSnapshot:
-        """What `orchestrator.worker.health` explains failures from."""
+        """What `orchestrator.verify.health` explains failures from."""
         exit_code = None if self.running else (self.job.last_exit if self.job else None)
         status = self.current if self.running else self.status
         return RankSnapshot(self.rank, self.host, self.running, status, self.log_tail,

@@ -45,8 +45,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.sandbox import processes
-from orchestrator.sandbox.processes import SandboxError
+from orchestrator.simulator import processes
+from orchestrator.simulator.processes import SandboxError
 
 __all__ = [
     "GIB",
@@ -455,7 +455,7 @@ def _sshd_config(shared: _Shared, host: RunningHost) -> str:
     login = shlex.join([str(shared.python3), "-I", "-S", str(shared.libexec_dir / "orch-login"),
                         str(host.root)])  # fmt: skip
     return f"""\
-# Simulated Mac {host.name} (written by orchestrator.sandbox.hosts; regenerated at start)
+# Simulated Mac {host.name} (written by orchestrator.simulator.hosts; regenerated at start)
 ListenAddress {host.address}:{host.port}
 HostKey "{etc}/ssh_host_ed25519_key"
 PidFile "{run}/sshd.pid"

@@ -34,8 +34,8 @@ from types import MappingProxyType
 from typing import Literal
 
 from orchestrator.errors import ModelError
-from orchestrator.placement.hub import HubClient
-from orchestrator.sync.cache import HashStore, fetch_blob, sha256_file
+from orchestrator.model.cache import HashStore, fetch_blob, sha256_file
+from orchestrator.model.hub import HubClient
 
 __all__ = [
     "METADATA_PATTERNS",
@@ -194,3 +194,12 @@ def local_manifest(directory: Path, *, cache: Path) -> Manifest:
     if not files:
         raise ModelError(f"model directory {root} is empty")
     return Manifest(LocalOrigin(root), files, copies)
+
+
+def model_directory(runtime_dir: str, name: str) -> str:
+    """``~/<runtime dir>/models/<name>``; ``name`` from a repo id (``org/model`` becomes
+    ``org--model``, as the Hub's own cache names it) or a local directory's name."""
+    safe = name.strip("/").replace("/", "--")
+    if not safe or safe.startswith("."):
+        raise ValueError(f"bad model name {name!r}")
+    return "/".join(["~", runtime_dir.strip("/"), "models", safe])

@@ -7,14 +7,15 @@ import json
 import shlex
 from collections.abc import Callable
 
-from orchestrator import engine, render
-from orchestrator.apply import HostStatus
+from orchestrator import render
 from orchestrator.config import load_cluster
-from orchestrator.engine import RunOptions
 from orchestrator.errors import ExitCode
 from orchestrator.executor import SSHOptions
-from orchestrator.sandbox.cluster import Sandbox
-from orchestrator.worker.health import chat_completion
+from orchestrator.run import engine
+from orchestrator.run.apply import HostStatus
+from orchestrator.run.engine import RunOptions
+from orchestrator.simulator.cluster import Sandbox
+from orchestrator.verify.health import chat_completion
 
 PROMPT = "Name three colours."
 

@@ -45,16 +45,16 @@ from typing import Any
 
 import structlog
 
-from orchestrator.apply import run_step
 from orchestrator.config import Cluster
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import Connection
-from orchestrator.placement.hub import HubClient
+from orchestrator.model.hub import HubClient
+from orchestrator.model.manifest import HubOrigin, Manifest
+from orchestrator.model.token import hub_token, redact
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Change, Resource, Step
-from orchestrator.sync.credentials import hub_token, redact
-from orchestrator.sync.manifest import HubOrigin, Manifest
-from orchestrator.sync.progress import Progress, make_progress
+from orchestrator.run.apply import run_step
+from orchestrator.run.progress import Progress, make_progress
 
 __all__ = ["DEFAULT_SYNC_PORT", "FetchRecord", "Peer", "TransferContext", "for_plan",
            "summary_text"]

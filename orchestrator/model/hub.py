@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from orchestrator.errors import ModelError
-from orchestrator.placement.model_meta import (
+from orchestrator.model.meta import (
     CONFIG_FILE,
     INDEX_FILE,
     ModelMeta,
@@ -38,12 +38,7 @@ from orchestrator.placement.model_meta import (
     parse_config,
     parse_weight_map,
 )
-from orchestrator.placement.safetensors import (
-    PREFIX_BYTES,
-    Header,
-    header_length,
-    parse_header,
-)
+from orchestrator.model.safetensors import PREFIX_BYTES, Header, header_length, parse_header
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 TIMEOUT_S = 30.0

@@ -26,15 +26,10 @@ from orchestrator.placement.choose import NodePlacement, Placement
 from orchestrator.resources.base import Resource
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.launchd import LaunchdService, render_plist
+from orchestrator.resources.layout import WorkerLayout, absolute, api_bind_host, ring_endpoints
 from orchestrator.resources.pyenv import PythonEnv
-from orchestrator.serving.layout import (
-    WorkerLayout,
-    absolute,
-    api_bind_host,
-    ring_endpoints,
-)
-from orchestrator.serving.wheelhouse import Wheelhouse, node_requirements
-from orchestrator.serving.wired import wired_limit
+from orchestrator.resources.wheelhouse import Wheelhouse, node_requirements
+from orchestrator.resources.wired import wired_limit
 from orchestrator.worker import worker_script
 from orchestrator.worker.hostfile import render_hostfile
 

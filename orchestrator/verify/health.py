@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from orchestrator.worker.status import WorkerState, WorkerStatus
+from orchestrator.plan.ring import RankSnapshot
+from orchestrator.worker.status import WorkerState
 
 # (url, JSON body or None for GET, timeout seconds) -> (HTTP status, body). Raises OSError when
 # no HTTP answer came (refused, reset, timed out).
@@ -155,18 +156,6 @@ async def wait_ready(api_url: str, model: str = "default_model", timeout: float 
 
 
 # ------------------------------------------------------------------------- ranks and failures
-
-
-@dataclass(frozen=True)
-class RankSnapshot:
-    """What the controller learned about one rank from its node (launchd state, files)."""
-
-    rank: int
-    host: str
-    running: bool | None  # the worker process is alive (None: unknown)
-    status: WorkerStatus | None  # its status file, if it has written one
-    log_tail: str  # the end of its stderr log
-    exit_code: int | None = None  # launchd's last exit status, when not running
 
 
 def rank_problems(ranks: Sequence[RankSnapshot], expected_world_size: int) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ModelError
-from orchestrator.placement.safetensors import Header, read_header
+from orchestrator.model.safetensors import Header, read_header
 
 # mlx_lm.utils.sharded_load's rule, verbatim: the first `layers.N.` in a tensor name.
 LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.")

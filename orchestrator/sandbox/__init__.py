@@ -1,1 +1,0 @@
-"""Simulated Macs: real OpenSSH sshd hosts with macOS command stand-ins (see `hosts`)."""
