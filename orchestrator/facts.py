@@ -109,11 +109,13 @@ class FactRequest:
     launchd: frozenset[LaunchdRef] = frozenset()
     sysctl: frozenset[str] = frozenset()
     guards: frozenset[Guard] = frozenset()
+    trees: frozenset[str] = frozenset()  # directories listed with every file's fact
+    texts: frozenset[str] = frozenset()  # small files read whole (e.g. a worker's status)
     managed: bool = True
     cluster: str = "default"  # whose managed record to read (one per cluster on a host)
 
     def __post_init__(self) -> None:
-        for name in ("files", "venvs", "sysctl"):
+        for name in ("files", "venvs", "sysctl", "trees", "texts"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         object.__setattr__(self, "launchd", frozenset(self.launchd))
         object.__setattr__(self, "guards", frozenset(self.guards))
@@ -130,6 +132,8 @@ class FactRequest:
             launchd=frozenset().union(*(p.launchd for p in parts)),
             sysctl=frozenset().union(*(p.sysctl for p in parts)),
             guards=frozenset().union(*(p.guards for p in parts)),
+            trees=frozenset().union(*(p.trees for p in parts)),
+            texts=frozenset().union(*(p.texts for p in parts)),
             managed=any(p.managed for p in parts),
             cluster=_one_cluster(parts),
         )
@@ -139,13 +143,14 @@ class FactRequest:
         return FactRequest(files=self.files - other.files, venvs=self.venvs - other.venvs,
                            launchd=self.launchd - other.launchd,
                            sysctl=self.sysctl - other.sysctl,
-                           guards=self.guards - other.guards, managed=False,
+                           guards=self.guards - other.guards, trees=self.trees - other.trees,
+                           texts=self.texts - other.texts, managed=False,
                            cluster=self.cluster)
 
     @property
     def empty(self) -> bool:
         return not (self.files or self.venvs or self.launchd or self.sysctl or self.guards
-                    or self.managed)
+                    or self.trees or self.texts or self.managed)
 
     def to_json(self) -> dict[str, Any]:
         """The agent's `facts` request, sorted so equal requests serialize identically."""
@@ -155,6 +160,8 @@ class FactRequest:
             "launchd": [{"domain": r.domain, "label": r.label} for r in sorted(self.launchd)],
             "sysctl": sorted(self.sysctl),
             "guards": [{"id": g.id, "argv": list(g.argv)} for g in sorted(self.guards)],
+            "trees": sorted(self.trees),
+            "texts": sorted(self.texts),
             "managed": self.managed,
             "cluster": self.cluster,
         }
@@ -183,6 +190,8 @@ class HostFacts:
     launchd: Mapping[str, LaunchdJob] = field(default_factory=dict)
     sysctl: Mapping[str, str | None] = field(default_factory=dict)
     guards: Mapping[str, int] = field(default_factory=dict)
+    trees: Mapping[str, Mapping[str, FileFact]] = field(default_factory=dict)
+    texts: Mapping[str, str | None] = field(default_factory=dict)
     managed: Mapping[str, Any] = field(default_factory=dict)
     counters: Mapping[str, int] = field(default_factory=dict)
 
@@ -195,6 +204,8 @@ class HostFacts:
             launchd=MappingProxyType({**self.launchd, **more.launchd}),
             sysctl=MappingProxyType({**self.sysctl, **more.sysctl}),
             guards=MappingProxyType({**self.guards, **more.guards}),
+            trees=MappingProxyType({**self.trees, **more.trees}),
+            texts=MappingProxyType({**self.texts, **more.texts}),
             counters=MappingProxyType({k: self.counters.get(k, 0) + more.counters.get(k, 0)
                                        for k in {*self.counters, *more.counters}}),
         )
@@ -205,6 +216,20 @@ class HostFacts:
             return self.files[path]
         except KeyError:
             raise KeyError(f"{self.host}: file {path!r} was not in the fact request") from None
+
+    def tree(self, path: str) -> Mapping[str, FileFact]:
+        """Every file under a requested directory, by relative name (empty when absent)."""
+        try:
+            return self.trees[path]
+        except KeyError:
+            raise KeyError(f"{self.host}: tree {path!r} was not in the fact request") from None
+
+    def text(self, path: str) -> str | None:
+        """A requested small file's text; None when the file is absent."""
+        try:
+            return self.texts[path]
+        except KeyError:
+            raise KeyError(f"{self.host}: text {path!r} was not in the fact request") from None
 
     def job(self, ref: LaunchdRef) -> LaunchdJob:
         try:
@@ -300,6 +325,8 @@ TOP_KEYS = (
     "launchd",
     "sysctl",
     "guards",
+    "trees",
+    "texts",
     "managed",
     "counters",
 )
@@ -335,6 +362,9 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
         launchd=_each(r, "launchd", _job),
         sysctl=MappingProxyType(r.strings("sysctl", (str, _NONE))),
         guards=MappingProxyType(r.strings("guards", (int,))),
+        trees=_each(r, "trees", lambda t: MappingProxyType(
+            {name: _file(t.child(name)) for name in t.raw})),
+        texts=MappingProxyType(r.strings("texts", (str, _NONE))),
         managed=MappingProxyType(dict(r.get("managed", Mapping))),
         counters=MappingProxyType({k: counters.get(k, int) for k in counters.raw}),
     )
@@ -351,6 +381,8 @@ def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
         "launchd": {ref.key for ref in request.launchd},
         "sysctl": set(request.sysctl),
         "guards": {g.id for g in request.guards},
+        "trees": set(request.trees),
+        "texts": set(request.texts),
     }
     for name, keys in expected.items():
         got = set(getattr(facts, name))

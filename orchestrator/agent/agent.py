@@ -575,18 +575,61 @@ def string_list(value: Any, what: str) -> list[str]:
     return value
 
 
+TREE_DEPTH = 2  # a tree fact lists files this many directory levels down (wheelhouse/<key>/x)
+TREE_LIMIT = 10000  # entries; a tree fact is for orch's own small directories
+TEXT_LIMIT = 1 << 20  # bytes of a text fact (worker status files are a few hundred)
+
+
+def tree_fact(path: str, cache: HashCache) -> dict[str, Any]:
+    """Every regular file under `path` (relative name -> file fact), TREE_DEPTH levels down.
+
+    Why a listing: what a directory should hold may only be known once facts are in (the
+    wheelhouse's wheels depend on the node's platform); listing it answers in the same call.
+    """
+    top = expand(path)
+    found: dict[str, Any] = {}
+    if not os.path.isdir(top):
+        return found
+    for dirpath, dirnames, filenames in os.walk(top):
+        rel_dir = os.path.relpath(dirpath, top)
+        depth = 0 if rel_dir == "." else rel_dir.count(os.sep) + 1
+        if depth + 1 >= TREE_DEPTH:  # files of subdirectories here would be too deep
+            dirnames[:] = []
+        for name in filenames:
+            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+            if len(found) >= TREE_LIMIT:
+                raise AgentError(f"{path} holds more than {TREE_LIMIT} files")
+            fact = file_fact(os.path.join(dirpath, name), cache)
+            if fact["kind"] == "file":
+                found[rel] = fact
+    return found
+
+
+def text_fact(path: str) -> str | None:
+    """A small file's text (None when absent): state a process on the node writes, e.g. a
+    worker's status file, read in the facts call rather than in a second round trip."""
+    try:
+        with open(expand(path), "rb") as f:
+            data = f.read(TEXT_LIMIT + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if len(data) > TEXT_LIMIT:
+        raise AgentError(f"{path} is larger than {TEXT_LIMIT} bytes")
+    return data.decode("utf-8", "replace")
+
+
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
-    files, venvs, launchd, sysctls, guards, managed, cluster, read_only = fields(
+    files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only = fields(
         req,
         (),
-        {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "managed": True,
-         "cluster": "default",
-         "read_only": False},
+        {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "trees": [],
+         "texts": [], "managed": True, "cluster": "default", "read_only": False},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
         raise AgentError("launchd and guards must be lists")
     cache = HashCache()
     file_facts = {p: file_fact(p, cache) for p in string_list(files, "files")}
+    tree_facts = {p: tree_fact(p, cache) for p in string_list(trees, "trees")}
     if not read_only:  # a plan writes nothing on a host, not even orch's own hash cache
         cache.save()
     managed_record: Any = {}
@@ -612,6 +655,8 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
         "launchd": dict(launchd_fact(s) for s in launchd),
         "sysctl": {n: capture(["sysctl", "-n", n]) for n in string_list(sysctls, "sysctl")},
         "guards": dict(guard_status(g) for g in guards),
+        "trees": tree_facts,
+        "texts": {p: text_fact(p) for p in string_list(texts, "texts")},
         "managed": managed_record,
         "counters": cache.counters(),
     }

@@ -29,11 +29,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from orchestrator.facts import JobState, LaunchdJob
+from orchestrator.errors import HostError
+from orchestrator.facts import FactRequest, HostFacts, JobState, LaunchdJob
 from orchestrator.plan.core import HostPlan, Plan
 from orchestrator.resources.base import Action, Change, FieldChange, Step
 from orchestrator.resources.launchd import LaunchdService
-from orchestrator.worker.status import WorkerState, WorkerStatus
+from orchestrator.resources.layout import WorkerLayout
+from orchestrator.worker.status import WorkerState, WorkerStatus, parse_status
 
 __all__ = ["RESTART_FIELD", "RankView", "couple_ring", "restart_change", "ring_restart_reasons"]
 
@@ -150,6 +152,35 @@ class RankView:
         status = self.current if self.running else self.status
         return RankSnapshot(self.rank, self.host, self.running, status, self.log_tail,
                             exit_code)
+
+
+def rank_fact_request(layout: WorkerLayout) -> FactRequest:
+    """What a rank's view needs from its node: launchd's job and the worker's status file.
+
+    Asked in the same facts call as the plan's resources, so observing the ring costs no
+    round trip of its own.
+    """
+    return FactRequest(launchd=frozenset({layout.job}), texts=frozenset({layout.status}),
+                       managed=False)
+
+
+def rank_view(host: str, rank: int, facts: HostFacts | HostError | None,
+              layout: WorkerLayout, *, log_tail: str = "") -> RankView:
+    """One rank as its node's facts show it (facts answering `rank_fact_request`)."""
+    if facts is None or isinstance(facts, HostError):
+        reason = "no connection" if facts is None else str(facts).removeprefix(f"{host}: ")
+        return RankView(rank, host, False, None, None, reason)
+    text = facts.text(layout.status)
+    problem = None
+    status = None
+    if text is None:
+        problem = f"no status file at {layout.status}"
+    else:
+        try:
+            status = parse_status(text)
+        except ValueError as exc:
+            problem = str(exc)
+    return RankView(rank, host, True, facts.job(layout.job), status, problem, log_tail)
 
 
 def ring_restart_reasons(views: Sequence[RankView], expected_world_size: int, *,

@@ -1,11 +1,11 @@
 """Packages reach N nodes with one download: a wheelhouse the controller builds and pushes.
 
 The controller runs ``pip download --only-binary=:all: --platform … --python-version …`` once
-for the nodes' platform into its own cache (``~/.cache/orch/wheelhouse/<request key>/``),
-pushes the wheels to each node (``~/.orch/wheelhouse/<content key>/``, through the agent's
-``write``, sha256-verified), and every node installs with ``--no-index --find-links`` from that
-directory. PyPI is asked once per (platform, pinned packages), not once per node, and a node
-never needs to reach the internet.
+for the nodes' platform (`orchestrator.run.wheelhouse`, at apply time) into its own cache
+(``~/.cache/orch/wheelhouse/<request key>/``), pushes the wheels to each node
+(``~/.orch/wheelhouse/<content key>/``, through the agent's ``write``, sha256-verified), and
+every node installs with ``--no-index --find-links`` from that directory. PyPI is asked once per
+(platform, pinned packages), not once per node, and a node never needs to reach the internet.
 
 Identical on every node: the wheelhouse is also a lock. The venv is declared with every wheel
 pinned (``numpy==2.4.6``, ``transformers==5.24.0``, … not just mlx and mlx-lm), so the venv
@@ -38,22 +38,15 @@ the sha256 the agent verifies, so a saved plan stays exact.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import json
-import os
 import platform as platform_module
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import PlanError
-from orchestrator.facts import FactRequest, FileKind, HostFacts
+from orchestrator.facts import FactRequest, HostFacts
 from orchestrator.resources.base import Action, Change, FieldChange, Step
 from orchestrator.resources.pyenv import normalize
 
@@ -62,10 +55,7 @@ __all__ = [
     "Wheel",
     "Wheelhouse",
     "WheelhouseFiles",
-    "build_wheelhouse",
     "cluster_platform",
-    "default_cache_dir",
-    "ensure_wheelhouse",
     "node_requirements",
     "platform_of",
 ]
@@ -73,7 +63,6 @@ __all__ = [
 MANIFEST = "orch-wheelhouse.json"
 OLDEST_GLIBC_MINOR = 17  # manylinux2014
 WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
-PIP_TIMEOUT = 900.0
 
 
 @dataclass(frozen=True, order=True)
@@ -223,96 +212,6 @@ class Wheelhouse:
         return WheelhouseFiles(node_dir, str(self.directory), tuple(sorted(self.wheels)))
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "orch" / "wheelhouse"
-
-
-def _request_key(requirements: Sequence[str], node: NodePlatform) -> str:
-    raw = json.dumps({"requirements": sorted(requirements), "platform": node.key,
-                      "tags": node.pip_platforms()}, sort_keys=True)
-    return f"{node.key}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
-
-
-def _load(directory: Path) -> Wheelhouse | None:
-    """A cached wheelhouse whose manifest and files agree (by size), else None."""
-    try:
-        raw = json.loads((directory / MANIFEST).read_text())
-        wheels = tuple(Wheel(w["filename"], w["sha256"], int(w["size"])) for w in raw["wheels"])
-        node = NodePlatform(**raw["platform"])
-        requirements = tuple(raw["requirements"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    for wheel in wheels:
-        try:
-            if (directory / wheel.filename).stat().st_size != wheel.size:
-                return None
-        except OSError:
-            return None
-    return Wheelhouse(directory, node, requirements, wheels)
-
-
-def build_wheelhouse(requirements: Sequence[str], node: NodePlatform,
-                     cache_dir: Path | None = None, *, python: str = sys.executable,
-                     timeout: float = PIP_TIMEOUT) -> Wheelhouse:
-    """Download (once) every wheel ``requirements`` need on ``node``; reuse the cache after.
-
-    Blocking (a subprocess); `ensure_wheelhouse` runs it in a thread. Raises PlanError with
-    pip's own message when a wheel does not exist for the platform.
-    """
-    root = cache_dir or default_cache_dir()
-    requirements = node_requirements(requirements, node.system)
-    final = root / _request_key(requirements, node)
-    cached = _load(final)
-    if cached is not None:
-        return cached
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
-    try:
-        argv = [python, "-m", "pip", "download", "--disable-pip-version-check", "--quiet",
-                "--only-binary=:all:", "--dest", str(staging), "--implementation", "cp",
-                "--python-version", node.python]
-        for tag in node.pip_platforms():
-            argv += ["--platform", tag]
-        done = subprocess.run([*argv, *requirements], capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
-            raise PlanError(f"pip download for {node.key} failed: "
-                            + ("; ".join(errors) or done.stderr.strip()[-1500:]))
-        wheels = tuple(sorted(Wheel(p.name, _sha256(p), p.stat().st_size)
-                              for p in staging.iterdir() if p.name.endswith(".whl")))
-        manifest = {"requirements": list(requirements), "wheels": [vars(w) for w in wheels],
-                    "platform": vars(node)}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if final.exists() and _load(final) is None:  # damaged (a file changed or went)
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            staging.rename(final)
-        except OSError:  # another run finished the same download first: use that one
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    result = _load(final)
-    if result is None:
-        raise PlanError(f"the wheelhouse in {final} is incomplete; remove it and retry")
-    return result
-
-
-async def ensure_wheelhouse(requirements: Sequence[str], node: NodePlatform,
-                            cache_dir: Path | None = None) -> Wheelhouse:
-    return await asyncio.to_thread(build_wheelhouse, requirements, node, cache_dir)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class WheelhouseFiles:
     """The controller's wheels present on a node, byte for byte (one resource per wheelhouse).
@@ -332,12 +231,23 @@ class WheelhouseFiles:
     def _node_path(self, wheel: Wheel) -> str:
         return f"{self.path}/{wheel.filename}"
 
+    @property
+    def root(self) -> str:
+        """The directory every wheelhouse of the node lives in, listed by facts.
+
+        Listed, not asked file by file: which wheels a node needs follows from its platform,
+        which the same facts call reports, so one round trip answers both.
+        """
+        return self.path.rsplit("/", 1)[0]
+
     def facts_needed(self) -> FactRequest:
-        return FactRequest(files=frozenset(self._node_path(w) for w in self.wheels))
+        return FactRequest(trees=frozenset({self.root}))
 
     def diff(self, facts: HostFacts) -> Change | None:
+        listed = facts.tree(self.root)
+        key = self.path.rsplit("/", 1)[1]
         missing = [w for w in self.wheels
-                   if (fact := facts.file(self._node_path(w))).kind is not FileKind.FILE
+                   if (fact := listed.get(f"{key}/{w.filename}")) is None
                    or fact.sha256 != w.sha256]
         if not missing:
             return None

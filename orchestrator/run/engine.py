@@ -23,17 +23,17 @@ from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
 from orchestrator.plan.desired import desired_state
-from orchestrator.plan.ring import couple_ring, ring_restart_reasons
+from orchestrator.plan.ring import couple_ring, rank_fact_request, rank_view, ring_restart_reasons
 from orchestrator.plan.sources import assign_sources
-from orchestrator.resources.base import Change, Resource
+from orchestrator.resources.base import Action, Change, FieldChange, Resource
 from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.model_files import model_files_in
-from orchestrator.resources.wheelhouse import Wheelhouse, cluster_platform, ensure_wheelhouse
+from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
 from orchestrator.resources.worker import worker_services
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, new_holder
 from orchestrator.run.transfers import for_plan
-from orchestrator.verify.observe import observe_ring
+from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
 from orchestrator.verify.ring import verify_ring
 
 log = structlog.get_logger(__name__)
@@ -86,21 +86,32 @@ async def connected(cluster: Cluster, hosts: Sequence[str],
 
 async def gather_facts(
     conns: Mapping[str, Connection | HostError],
-    desired: Mapping[str, Sequence[Resource]],
+    requests: Mapping[str, FactRequest],
     concurrency: int,
     *,
-    cluster: str,
     read_only: bool,
 ) -> dict[str, HostFacts | HostError]:
-    """One agent call per host, asking for everything that host's resources need."""
+    """One agent call per host, asking for everything in that host's request."""
 
     async def facts_of(conn: Connection) -> HostFacts:
-        request = fact_request(desired[conn.name], cluster)
+        request = requests[conn.name]
         raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
         return parse_facts(conn.name, raw, request)
 
     return await for_each_host(conns, facts_of, concurrency)
 
+
+def host_requests(cluster: Cluster, intent: Intent,
+                  desired: Mapping[str, Sequence[Resource]]) -> dict[str, FactRequest]:
+    """Each host's one facts request: its resources' needs, plus, on a rank's node, what the
+    ring's state is read from (the worker's job and status file)."""
+    requests = {name: fact_request(resources, cluster.name)
+                for name, resources in desired.items()}
+    if intent.placement is not None:
+        observe = rank_fact_request(WorkerLayout.of(cluster))
+        for node in intent.placement.nodes:
+            requests[node.name] = requests[node.name].merge(observe)
+    return requests
 
 def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
                facts: Mapping[str, HostFacts | HostError]) -> Plan:
@@ -130,66 +141,90 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
                   options: RunOptions, *, read_only: bool) -> Prepared:
     """Placement (offline), facts (one agent call per host), then the plan as data.
 
-    A serving node's worker needs its HOME and OS, which only facts give: the fact request is
-    built from the desired state with "~" for HOME (the same paths), and the desired state is
-    rebuilt once facts are in. What that adds (the wheelhouse, chosen by the nodes' platform)
-    is asked for in a second, smaller call.
+    A serving node's worker needs its HOME, OS and Python, which only facts give: the fact
+    request is built from the desired state with "~" for HOME, which asks for the same paths
+    (the wheelhouse is asked for as a directory listing, whatever its wheels turn out to be),
+    and the desired state is rebuilt once facts are in. The ranks' jobs and status files come
+    in the same call, so a converged serving cluster plans in one round trip per host.
+
+    A read-only run never downloads: without the wheelhouse in this controller's cache, each
+    serving host's plan is the download (`pending_wheelhouse`), which apply carries out first.
     """
     intent = await asyncio.to_thread(resolve_intent, cluster)
     nodes = serving_nodes(cluster, intent)
     sketch = desired_state(cluster, intent, nodes)
-    facts = await gather_facts(conns, sketch, options.ssh.concurrency, cluster=cluster.name,
+    asked = host_requests(cluster, intent, sketch)
+    facts = await gather_facts(conns, {n: asked[n] for n in conns}, options.ssh.concurrency,
                                read_only=read_only)
-    wheelhouse = await _wheelhouse(cluster, nodes, facts) if intent.placement else None
-    desired = desired_state(cluster, intent, nodes, facts, wheelhouse)
-    facts = await _complete_facts(conns, sketch, desired, facts, options, cluster.name,
-                                  read_only=read_only)
+    wheelhouse: Wheelhouse | NodePlatform | None = None
+    if intent.placement is not None:
+        wheelhouse = await _wheelhouse(cluster, nodes, facts, download=not read_only)
+    built = wheelhouse if isinstance(wheelhouse, Wheelhouse) else None
+    desired = desired_state(cluster, intent, nodes, facts, built)
+    facts = await _complete_facts(conns, asked, host_requests(cluster, intent, desired), facts,
+                                  options, read_only=read_only)
     result = build_plan(cluster, desired, facts)
     if intent.placement is not None:
-        views = [o.view for o in await observe_ring(intent.placement,
-                                                     WorkerLayout.of(cluster), conns)]
-        broken = ring_restart_reasons(views, len(intent.placement.nodes))
-        result = couple_ring(result, worker_services(cluster, desired), broken=broken)
+        if isinstance(wheelhouse, NodePlatform):
+            result = pending_wheelhouse(result, nodes, wheelhouse, cluster.runtime.packages)
+        else:
+            layout = WorkerLayout.of(cluster)
+            views = [rank_view(n.name, n.rank, facts.get(n.name), layout)
+                     for n in intent.placement.nodes]
+            broken = ring_restart_reasons(views, len(intent.placement.nodes))
+            result = couple_ring(result, worker_services(cluster, desired), broken=broken)
     return Prepared(intent, desired, result)
 
 
 async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
-                      facts: Mapping[str, HostFacts | HostError]) -> Wheelhouse | None:
-    """Packages for the nodes' platform, downloaded once on this controller (cached)."""
+                      facts: Mapping[str, HostFacts | HostError], *,
+                      download: bool) -> Wheelhouse | NodePlatform | None:
+    """Packages for the nodes' platform, from this controller's cache; downloaded once when
+    `download`, else the platform it would be downloaded for (None: no node answered)."""
     known = [f for n in nodes if isinstance(f := facts.get(n), HostFacts)]
     if not known:
         return None
-    return await ensure_wheelhouse(cluster.runtime.packages, cluster_platform(known))
+    platform = cluster_platform(known)
+    if download:
+        return await ensure_wheelhouse(cluster.runtime.packages, platform)
+    return cached_wheelhouse(cluster.runtime.packages, platform) or platform
+
+
+def pending_wheelhouse(result: Plan, nodes: Sequence[str], platform: NodePlatform,
+                       packages: Sequence[str]) -> Plan:
+    """The plan when the wheelhouse is not in this controller's cache: on each serving host,
+    the download, standing for everything that depends on it (the venv, the worker), which
+    is known only once the wheels are. Other hosts keep their plans."""
+    change = Change(
+        f"wheelhouse:{platform.key}", Action.CREATE,
+        (FieldChange("wheelhouse", "not in this controller's cache",
+                     f"{', '.join(packages)} for {platform.key}: downloaded by orch apply"),),
+        ())
+    hosts = tuple(replace(h, changes=(change,)) if h.host in nodes else h for h in result.hosts)
+    return replace(result, hosts=hosts)
 
 
 async def _complete_facts(
     conns: Mapping[str, Connection | HostError],
-    sketch: Mapping[str, Sequence[Resource]],
-    desired: Mapping[str, Sequence[Resource]],
+    asked: Mapping[str, FactRequest],
+    needed: Mapping[str, FactRequest],
     facts: Mapping[str, HostFacts | HostError],
     options: RunOptions,
-    cluster: str,
     *,
     read_only: bool,
 ) -> dict[str, HostFacts | HostError]:
-    """Ask each host only for what the final desired state needs beyond the first request."""
+    """Ask a host again only for what the final desired state needs beyond the first request
+    (nothing, for every resource orch declares today: the first request is complete)."""
     extra: dict[str, FactRequest] = {}
     for name, fact in facts.items():
         if isinstance(fact, HostFacts):
-            delta = fact_request(desired[name], cluster).minus(fact_request(sketch[name],
-                                                                             cluster))
+            delta = needed[name].minus(asked[name])
             if not delta.empty:
                 extra[name] = delta
     if not extra:
         return dict(facts)
-    asking = {n: c for n, c in conns.items() if n in extra}
-
-    async def more(conn: Connection) -> HostFacts:
-        request = extra[conn.name]
-        raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
-        return parse_facts(conn.name, raw, request)
-
-    added = await for_each_host(asking, more, options.ssh.concurrency)
+    added = await gather_facts({n: c for n, c in conns.items() if n in extra}, extra,
+                               options.ssh.concurrency, read_only=read_only)
     merged = dict(facts)
     for name, fact in added.items():
         base = merged[name]
@@ -331,9 +366,10 @@ async def facts(cluster: Cluster, options: RunOptions) -> dict[str, dict[str, ob
     hosts = selected_hosts(cluster, options.limit)
     intent = await asyncio.to_thread(resolve_intent, cluster)
     desired = desired_state(cluster, intent, serving_nodes(cluster, intent))
+    requests = host_requests(cluster, intent, desired)
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
-        gathered = await gather_facts(conns, desired, options.ssh.concurrency,
-                                      cluster=cluster.name, read_only=True)
+        gathered = await gather_facts(conns, {n: requests[n] for n in conns},
+                                      options.ssh.concurrency, read_only=True)
     return {name: ({"unreachable": str(f)} if isinstance(f, HostError) else _plain(f))
             for name, f in gathered.items()}
 

@@ -16,9 +16,8 @@ from orchestrator.errors import HostError, HostUnreachable
 from orchestrator.executor import Connection
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
-from orchestrator.plan.ring import RankView
+from orchestrator.plan.ring import RankView, rank_fact_request, rank_view
 from orchestrator.resources.layout import WorkerLayout
-from orchestrator.worker.status import parse_status
 
 __all__ = ["Observation", "observe_rank", "observe_ring"]
 
@@ -32,18 +31,19 @@ class Observation:
 async def observe_rank(conn: Connection | HostError | None, host: str, rank: int,
                        layout: WorkerLayout, *, log_lines: int = 0,
                        extra: FactRequest | None = None) -> Observation:
-    """One rank's view; never raises for a host problem (it is recorded in the view)."""
+    """One rank's view; never raises for a host problem (it is recorded in the view).
+
+    One facts call answers the job, the status file and `extra`; the log tail, when asked
+    for, is a second call.
+    """
     if conn is None or isinstance(conn, HostError):
-        reason = "no connection" if conn is None else str(conn).removeprefix(f"{host}: ")
-        return Observation(RankView(rank, host, False, None, None, reason), None)
-    request = FactRequest(launchd=frozenset({layout.job}), managed=False)
+        return Observation(rank_view(host, rank, conn, layout), None)
+    request = rank_fact_request(layout)
     if extra is not None:
         request = request.merge(extra)
     try:
         raw = await conn.agent("facts", {**request.to_json(), "read_only": True})
         facts = parse_facts(conn.name, raw, request)
-        answer = await conn.agent("read", {"paths": [layout.status]})
-        text = answer.get("contents", {}).get(layout.status)
         tail = ""
         if log_lines > 0:
             done = await conn.agent("run", {"argv": ["tail", "-n", str(log_lines),
@@ -54,17 +54,7 @@ async def observe_rank(conn: Connection | HostError | None, host: str, rank: int
         return Observation(RankView(rank, host, False, None, None, str(exc)), None)
     except HostError as exc:
         return Observation(RankView(rank, host, True, None, None, str(exc)), None)
-    problem = None
-    status = None
-    if text is None:
-        problem = f"no status file at {layout.status}"
-    else:
-        try:
-            status = parse_status(text)
-        except ValueError as exc:
-            problem = str(exc)
-    view = RankView(rank, host, True, facts.job(layout.job), status, problem, tail)
-    return Observation(view, facts)
+    return Observation(rank_view(host, rank, facts, layout, log_tail=tail), facts)
 
 
 async def observe_ring(placement: Placement, layout: WorkerLayout,

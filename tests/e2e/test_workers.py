@@ -45,9 +45,10 @@ from orchestrator.plan import Plan, diff_host, fact_request
 from orchestrator.plan.ring import RESTART_FIELD, couple_ring
 from orchestrator.resources.base import Resource
 from orchestrator.resources.layout import WorkerLayout
-from orchestrator.resources.wheelhouse import Wheelhouse, build_wheelhouse, cluster_platform
+from orchestrator.resources.wheelhouse import Wheelhouse, cluster_platform
 from orchestrator.resources.worker import WorkerSettings, worker_resources, worker_services
 from orchestrator.run.apply import HostStatus, apply_host
+from orchestrator.run.wheelhouse import build_wheelhouse
 from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
 from orchestrator.simulator.processes import free_port
 from orchestrator.status import ClusterStatus, gather_status, status_text

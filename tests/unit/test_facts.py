@@ -4,6 +4,7 @@ except one end-to-end check that the real agent's answer parses."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -68,6 +69,9 @@ def raw_facts() -> dict[str, Any]:
         },
         "sysctl": {"iogpu.wired_limit_mb": "180000", "nope": None},
         "guards": {"mlx-importable": 0},
+        "trees": {"~/.orch/wheelhouse": {
+            "k1/a.whl": {"kind": "file", "size": 3, "mode": 0o644, "sha256": SHA}}},
+        "texts": {"~/.orch/serve/lab/status.json": '{"rank": 0}', "~/gone": None},
         "managed": {"resources": ["file:~/a"]},
         "counters": {"files_hashed": 0, "bytes_hashed": 0, "hash_cache_hits": 1},
     }
@@ -87,6 +91,10 @@ def test_parse_complete_answer() -> None:
     assert facts.launchd["system/com.orch.wired"].state is JobState.NOT_LOADED
     assert facts.sysctl == {"iogpu.wired_limit_mb": "180000", "nope": None}
     assert facts.guards == {"mlx-importable": 0}
+    assert facts.tree("~/.orch/wheelhouse") == {"k1/a.whl": FileFact(FileKind.FILE, 3, 0o644,
+                                                                     SHA)}
+    assert facts.text("~/.orch/serve/lab/status.json") == '{"rank": 0}'
+    assert facts.text("~/gone") is None
     assert facts.counters["hash_cache_hits"] == 1
 
 
@@ -155,6 +163,8 @@ def test_answers_must_match_the_request() -> None:
         ),
         sysctl=frozenset({"iogpu.wired_limit_mb", "nope"}),
         guards=frozenset({Guard("mlx-importable", ("python3", "-c", "import mlx"))}),
+        trees=frozenset({"~/.orch/wheelhouse"}),
+        texts=frozenset({"~/.orch/serve/lab/status.json", "~/gone"}),
     )
     assert isinstance(parse_facts("m", raw_facts(), request), HostFacts)
     bigger = request.merge(FactRequest(files=frozenset({"~/new"})))
@@ -208,6 +218,8 @@ def test_to_json_is_sorted_and_deterministic() -> None:
         "launchd": [{"domain": "system", "label": "a"}, {"domain": "user", "label": "z"}],
         "sysctl": [],
         "guards": [{"id": "a", "argv": ["true", "x"]}, {"id": "b", "argv": ["false"]}],
+        "trees": [],
+        "texts": [],
         "managed": True,
         "cluster": "default",
     }
@@ -217,11 +229,17 @@ def test_to_json_is_sorted_and_deterministic() -> None:
 def test_real_agent_answer_parses(tmp_path: Path) -> None:
     """The agent and facts.py agree on the protocol (the skew this strictness exists for)."""
     (tmp_path / "f").write_text("x")
+    (tmp_path / "wh" / "k1" / "deep" / "deeper").mkdir(parents=True)
+    (tmp_path / "wh" / "top.whl").write_text("t")
+    (tmp_path / "wh" / "k1" / "a.whl").write_text("a")
+    (tmp_path / "wh" / "k1" / "deep" / "too-deep.whl").write_text("d")
     request = FactRequest(
         files=frozenset({"~/f", "~/nope"}),
         venvs=frozenset({"~/venv"}),
         sysctl=frozenset({"hw.memsize"}),
         guards=frozenset({Guard("t", ("true",))}),
+        trees=frozenset({"~/wh", "~/no-such-dir"}),
+        texts=frozenset({"~/f", "~/absent"}),
     )
     proc = subprocess.run(
         [sys.executable, str(AGENT_FILE), "facts"],
@@ -234,3 +252,9 @@ def test_real_agent_answer_parses(tmp_path: Path) -> None:
     assert facts.file("~/f").kind is FileKind.FILE
     assert facts.venvs["~/venv"].exists is False
     assert facts.guards == {"t": 0}
+    # two levels down (wheelhouse/<key>/<wheel>), regular files only
+    assert sorted(facts.tree("~/wh")) == ["k1/a.whl", "top.whl"]
+    assert facts.tree("~/wh")["k1/a.whl"].sha256 == hashlib.sha256(b"a").hexdigest()
+    assert facts.tree("~/no-such-dir") == {}
+    assert facts.text("~/f") == "x"
+    assert facts.text("~/absent") is None

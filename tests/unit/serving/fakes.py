@@ -75,6 +75,9 @@ class FakeNode:
                           "packages": dict(self.packages)} for v in request["venvs"]},
             "launchd": {f"{j['domain']}/{j['label']}": self.job for j in request["launchd"]},
             "sysctl": {}, "guards": {}, "managed": {},
+            "trees": {t: {} for t in request.get("trees", [])},
+            "texts": {p: (status_text(self.status) if self.status and p == LAYOUT_STATUS
+                          else None) for p in request.get("texts", [])},
             "counters": {"files_hashed": 0, "bytes_hashed": 0, "hash_cache_hits": 0},
         }
 

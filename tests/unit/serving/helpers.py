@@ -47,11 +47,13 @@ def file_fact(sha: str | None, kind: FileKind = FileKind.FILE, mode: int = 0o644
 def facts(host: str = "mac1", *, files: Mapping[str, FileFact] | None = None,
           launchd: Mapping[str, LaunchdJob] | None = None,
           venvs: Mapping[str, VenvFact] | None = None,
-          managed: Mapping[str, Any] | None = None) -> HostFacts:
+          managed: Mapping[str, Any] | None = None,
+          trees: Mapping[str, Mapping[str, FileFact]] | None = None) -> HostFacts:
     return HostFacts(host=host, os_system="Darwin", os_version="14.5", user="orch", uid=501,
                      home=HOME, python_version="3.11.7", memory_bytes=192 * GIB,
                      chip="Apple M2 Ultra", files=dict(files or {}), venvs=dict(venvs or {}),
-                     launchd=dict(launchd or {}), managed=dict(managed or {}))
+                     launchd=dict(launchd or {}), managed=dict(managed or {}),
+                     trees=dict(trees or {}))
 
 
 def job(state: JobState = JobState.RUNNING, pid: int | None = 100,

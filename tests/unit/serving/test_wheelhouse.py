@@ -15,18 +15,17 @@ import pytest
 
 from orchestrator.errors import PlanError
 from orchestrator.executor import LocalConnection
-from orchestrator.facts import FileKind
 from orchestrator.resources.base import Action, Step
 from orchestrator.resources.wheelhouse import (
     NodePlatform,
     Wheel,
     WheelhouseFiles,
-    build_wheelhouse,
     cluster_platform,
     node_requirements,
     platform_of,
 )
 from orchestrator.run.apply import run_step
+from orchestrator.run.wheelhouse import build_wheelhouse
 from tests.unit.serving.helpers import facts, file_fact
 
 LINUX = NodePlatform("Linux", "x86_64", "3.11", glibc="2.36")
@@ -144,19 +143,24 @@ def test_push_resource_writes_only_missing_wheels_from_the_controller_cache() ->
     push = WheelhouseFiles("~/.orch/wheelhouse/k", "/cache/k", wheels)
     assert push.id == "wheelhouse:~/.orch/wheelhouse/k"
     paths = [f"~/.orch/wheelhouse/k/{w.filename}" for w in wheels]
-    assert push.facts_needed().files == frozenset(paths)
-    none = facts(files={p: file_fact(None, FileKind.MISSING) for p in paths})
+    names = [f"k/{w.filename}" for w in wheels]
+    # one listing of the wheelhouse root: which wheels are wanted is known only after facts
+    assert push.facts_needed().trees == frozenset({"~/.orch/wheelhouse"})
+    assert push.facts_needed().files == frozenset()
+    none = facts(trees={"~/.orch/wheelhouse": {"other/x.whl": file_fact("c" * 64)}})
     change = push.diff(none)
     assert change is not None and change.action is Action.CREATE
     assert [s.request["source"] for s in change.steps] == ["/cache/k/a-1-py3-none-any.whl",
                                                            "/cache/k/b-1-py3-none-any.whl"]
     assert all("content" not in s.request for s in change.steps)
-    half = facts(files={paths[0]: file_fact("a" * 64), paths[1]: file_fact("0" * 64)})
+    half = facts(trees={"~/.orch/wheelhouse": {names[0]: file_fact("a" * 64),
+                                               names[1]: file_fact("0" * 64)}})
     change = push.diff(half)
     assert change is not None and change.action is Action.UPDATE
     assert [s.request["path"] for s in change.steps] == [paths[1]]
     assert change.fields[0].before == "1 of 2 present"
-    done = facts(files={paths[0]: file_fact("a" * 64), paths[1]: file_fact("b" * 64)})
+    done = facts(trees={"~/.orch/wheelhouse": {names[0]: file_fact("a" * 64),
+                                               names[1]: file_fact("b" * 64)}})
     assert push.diff(done) is None
     assert push.cleanup() == (Step("remove", {"path": "~/.orch/wheelhouse/k"}),)
 
