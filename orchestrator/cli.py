@@ -375,16 +375,12 @@ def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any
 
     Exit 0 when the ring serves and answers, 1 when it does not, 3 when a node is unreachable.
     """
-    from orchestrator import placement as placing
     from orchestrator.status import cluster_status, status_json, status_text
 
     cluster = load(cluster_file)
     if cluster.model is None:
         raise PlanError(f"{cluster_file} declares no model: there is no service to report on")
-    placed = placing.require_fit(placing.plan_placement(
-        cluster, placing.load_model_meta(cluster.model)))
-    result = asyncio.run(cluster_status(cluster, placed, run_options(**ssh),
-                                        probe=not no_probe))
+    result = asyncio.run(cluster_status(cluster, run_options(**ssh), probe=not no_probe))
     if as_json:
         click.echo(json.dumps(status_json(result), indent=2, sort_keys=True))
     else:

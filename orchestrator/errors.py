@@ -6,6 +6,7 @@
     ├── PlacementError              the model does not fit the chosen nodes (exit 1)
     ├── PlanError                   a saved plan cannot be applied (stale, wrong cluster) (exit 1)
     ├── LockHeld                    another run holds the cluster lock (exit 4)
+    ├── ServiceError                the ring's API gave no usable answer (exit 1)
     └── HostError(host)             something failed on one host
         ├── HostUnreachable         could not connect / authenticate (exit 3)
         ├── HostKeyRejected         unknown or changed host key (exit 3)
@@ -63,6 +64,10 @@ class ConfigError(OrchError):
 
 class ModelError(OrchError):
     """The model's metadata cannot be read, or names files that are not there."""
+
+
+class ServiceError(OrchError):
+    """The serving ring's OpenAI-compatible API did not answer as it should."""
 
 
 class PlacementError(OrchError):

@@ -6,8 +6,9 @@ node's own clock), rank, layers (from the worker's status file), and RSS (``ps r
 the cluster: the ring (serving / forming / broken / down), its size against the node count, the
 API URL, ``/health`` and the latency of one real probe completion.
 
-`gather_status` does the reading (three or four agent calls per node, concurrently, and two
-HTTP requests); `status_text` / `status_json` are views over the same frozen data.
+`gather_status` does the reading (two agent calls per node, concurrently: facts with the job,
+status file, venv and model files; then ``ps``; and two HTTP requests); `status_text` /
+`status_json` are views over the same frozen data.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.config import Cluster
 from orchestrator.errors import HostError
 from orchestrator.executor import Connection
 from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState
 from orchestrator.placement.choose import Placement
+from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan.ring import FORMED, ring_restart_reasons
 from orchestrator.resources.layout import WorkerLayout, api_url
+from orchestrator.resources.model_files import model_files_by_host
 from orchestrator.resources.pyenv import normalize
+from orchestrator.run.engine import RunOptions, connected
 from orchestrator.verify.health import (
     CompletionError,
     Transport,
@@ -36,14 +40,12 @@ from orchestrator.verify.health import (
 from orchestrator.verify.observe import Observation, observe_ring
 from orchestrator.worker.status import WorkerState
 
-if TYPE_CHECKING:
-    from orchestrator.run.engine import RunOptions
-
 __all__ = [
     "ClusterStatus",
     "NodeStatus",
     "cluster_status",
     "gather_status",
+    "model_file_list",
     "status_json",
     "status_text",
 ]
@@ -310,11 +312,26 @@ def status_text(status: ClusterStatus) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def cluster_status(cluster: Cluster, placement: Placement, options: RunOptions,
-                         **gather: Any) -> ClusterStatus:
-    """Connect to the placement's nodes (read-only: the agent is never installed), gather."""
-    from orchestrator.run.engine import connected
+def model_file_list(intent: Intent) -> ModelFileList:
+    """Per serving host, the model files its rank needs (path -> sha256), as the sync declares
+    them: what "files verified n/n" counts."""
+    if intent.placement is None or intent.manifest is None or intent.model_dir is None:
+        return {}
+    by_host = model_files_by_host(intent.manifest, intent.model_dir,
+                                  {n.name: n.files for n in intent.placement.nodes})
+    return {host: {files.path(rel): files.manifest.files[rel].sha256
+                   for rel in sorted(files.needed)}
+            for host, files in by_host.items()}
 
-    hosts = [n.name for n in placement.nodes]
+
+async def cluster_status(cluster: Cluster, options: RunOptions, **gather: Any) -> ClusterStatus:
+    """Place the model, connect to its nodes (read-only: the agent is never installed), gather.
+
+    Placement refuses with numbers (PlacementError) when the model does not fit.
+    """
+    intent = await asyncio.to_thread(resolve_intent, cluster)
+    assert intent.placement is not None
+    hosts = [n.name for n in intent.placement.nodes]
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
-        return await gather_status(cluster, conns, placement, **gather)
+        return await gather_status(cluster, conns, intent.placement,
+                                   model_files=model_file_list(intent), **gather)

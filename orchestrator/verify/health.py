@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from orchestrator.errors import ServiceError
 from orchestrator.plan.ring import RankSnapshot
 from orchestrator.worker.status import WorkerState
 
@@ -78,14 +79,15 @@ class ReadyResult:
         return self.stage is ReadyStage.READY
 
 
-class CompletionError(Exception):
-    """A chat completion came back without a usable answer."""
+class CompletionError(ServiceError):
+    """A chat completion came back without a usable answer, or no answer came."""
 
 
 async def chat_completion(api_url: str, prompt: str, *, model: str = "default_model",
                           max_tokens: int = 4, timeout: float = 60.0,
                           transport: Transport = urllib_transport) -> Completion:
-    """One greedy chat completion (temperature 0) with token ids; CompletionError or OSError.
+    """One greedy chat completion (temperature 0) with token ids, or CompletionError (also when
+    no HTTP answer came: refused, reset, timed out).
 
     ``model`` stays ``"default_model"`` unless you know better: a name other than the loaded
     model makes mlx-lm reload on every rank (orch's worker pins it, plain mlx-lm does not).
@@ -97,8 +99,11 @@ async def chat_completion(api_url: str, prompt: str, *, model: str = "default_mo
         "temperature": 0.0,
         "logprobs": True,
     }).encode()
-    status, raw = await asyncio.to_thread(
-        transport, api_url.rstrip("/") + "/v1/chat/completions", body, timeout)
+    url = api_url.rstrip("/") + "/v1/chat/completions"
+    try:
+        status, raw = await asyncio.to_thread(transport, url, body, timeout)
+    except OSError as exc:
+        raise CompletionError(f"no answer from {url}: {type(exc).__name__}: {exc}") from exc
     if status != 200:
         raise CompletionError(f"/v1/chat/completions answered {status}: {_snippet(raw)}")
     return parse_completion(raw)
