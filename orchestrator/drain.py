@@ -2,8 +2,9 @@
 
 The order is what keeps the outage short: the new placement is checked first (refused with
 numbers, nothing changed, if the remaining nodes cannot hold the model); every file the new
-placement needs is copied from peers while the old ring keeps serving; only then is the drain
-declared in the inventory and the cluster converged, which restarts the ring with its new
+placement needs is copied from peers while the old ring keeps serving, and a returning node
+gets everything but its running worker (environment, wheelhouse, configs) then too; only then
+is the drain declared in the inventory and the cluster converged, which restarts the ring with its new
 hostfile and split and removes the drained node's worker (its files stay: a LAN source).
 A probe asks the API for a completion throughout, so the outage reported is the real one:
 from the last answer of the old ring to the first answer of the new one.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from orchestrator.config.edit import set_drained
 from orchestrator.errors import PlanError
 from orchestrator.placement.intent import place, resolve_intent, without
 from orchestrator.plan import Plan
-from orchestrator.resources.base import Change
-from orchestrator.resources.layout import api_url
+from orchestrator.resources.base import Action, Change
+from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.run import engine
 from orchestrator.run.apply import ApplyReport
 from orchestrator.run.engine import RunOptions
@@ -94,6 +95,23 @@ def _is_model_files(change: Change) -> bool:
     return change.resource.startswith("model_files:")
 
 
+def prestaged(old_ring: Sequence[str], cluster: Cluster) -> Callable[[str, Change], bool]:
+    """What can be applied while the old ring serves: model files on any host, and on a host
+    outside the old ring (a node coming back) everything but starting its worker — its
+    Python environment, wheelhouse, wired limit and configs — so the cut-over only restarts
+    ranks, and an undrain's outage is a drain's."""
+    running = set(old_ring)
+    worker = WorkerLayout.of(cluster).service_id
+
+    def keep(host: str, change: Change) -> bool:
+        if _is_model_files(change):
+            return True
+        return (host not in running and change.resource != worker
+                and change.action is not Action.DELETE)
+
+    return keep
+
+
 def _undrained(cluster: Cluster, host: str) -> Cluster:
     hosts = dict(cluster.hosts)
     hosts[host] = replace(hosts[host], drained=False)
@@ -112,19 +130,20 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
     if cluster.model is None:
         raise PlanError(f"{cluster_file} serves no model: there is nothing to drain from")
     target = without(cluster, node) if drain else _undrained(cluster, node)
-    # Refuses with numbers (PlacementError) before anything is touched or hashed.
-    await asyncio.to_thread(place, target)
-    old = await asyncio.to_thread(resolve_intent, cluster)
+    # Refuses with numbers (PlacementError) before anything is touched; placed once, here.
     new = await asyncio.to_thread(resolve_intent, target)
-    assert old.placement is not None and new.placement is not None
+    old = await asyncio.to_thread(place, cluster)
+    assert new.placement is not None
+    old_ring = [n.name for n in old.nodes]
     echo(f"{'drain' if drain else 'undrain'} {node}: ring "
-         f"{', '.join(old.serving or ())} → {', '.join(new.serving or ())}, "
+         f"{', '.join(old_ring)} → {', '.join(new.serving or ())}, "
          f"split {list(new.placement.split)}")
 
-    probe = Probe([api_url(cluster, old.placement)])
+    probe = Probe([api_url(cluster, old)])
     probing = asyncio.create_task(probe.run())
     try:
-        _, staged = await engine.apply(target, options, only=_is_model_files,
+        _, staged = await engine.apply(target, options, only=prestaged(old_ring, cluster),
+                                       intent=new,
                                        command=f"orch {'drain' if drain else 'undrain'} "
                                                f"(pre-stage) {node}")
         echo("pre-staged: " + _bytes_line(staged))
@@ -133,7 +152,7 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
         if new_url not in probe.urls:
             probe.urls.append(new_url)
         cut_started = time.time()
-        plan, cutover = await engine.apply(declared, options,
+        plan, cutover = await engine.apply(declared, options, intent=new,
                                            command=f"orch {'drain' if drain else 'undrain'} "
                                                    f"{node}")
         # Give the probe the new ring's first answer (apply already waited for readiness).

@@ -103,3 +103,14 @@ class Cluster:
     tasks: tuple[Task, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[Diagnostic, ...] = ()
+
+    @property
+    def listed_nodes(self) -> tuple[str, ...] | None:
+        """The hosts `placement.nodes` lists that may serve, in its order; None for `auto`.
+
+        The one place drained hosts are left out of a list: placement (which also leaves them
+        out of `auto`), the engine and drain all read it.
+        """
+        if self.placement.nodes == "auto":
+            return None
+        return tuple(n for n in self.placement.nodes if not self.hosts[n].drained)

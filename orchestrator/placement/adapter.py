@@ -40,11 +40,8 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
 
 def plan_placement(cluster: Cluster, meta: ModelMeta) -> Placement:
     """Place the cluster's model; `require_fit` on the result refuses with numbers."""
-    # A listed node that is drained (`orch drain`) is left out, as it is from `auto`.
-    requested = None if cluster.placement.nodes == "auto" else tuple(
-        n for n in cluster.placement.nodes if not cluster.hosts[n].drained)
     return place(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
-                 requested)
+                 cluster.listed_nodes)
 
 
 def load_model_meta(spec: ModelSpec, *, environ: Mapping[str, str] | None = None,

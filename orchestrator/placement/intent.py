@@ -37,10 +37,7 @@ def without(cluster: Cluster, host: str) -> Cluster:
     """The cluster as it is once `host` is drained (for `orch drain`'s placement)."""
     hosts = dict(cluster.hosts)
     hosts[host] = replace(hosts[host], drained=True)
-    nodes = cluster.placement.nodes
-    placement = cluster.placement if nodes == "auto" else replace(
-        cluster.placement, nodes=tuple(n for n in nodes if n != host))
-    return replace(cluster, hosts=hosts, placement=placement)
+    return replace(cluster, hosts=hosts)  # `listed_nodes` leaves drained hosts out
 
 
 def place(cluster: Cluster) -> Placement:

@@ -88,9 +88,10 @@ class Plan:
     hosts: tuple[HostPlan, ...]
     unreachable: Mapping[str, str] = field(default_factory=dict)  # host -> reason
 
-    def only(self, keep: Callable[[Change], bool]) -> Plan:
-        """The plan restricted to the changes `keep` accepts (records stay as planned)."""
-        hosts = tuple(replace(h, changes=tuple(c for c in h.changes if keep(c)))
+    def only(self, keep: Callable[[str, Change], bool]) -> Plan:
+        """The plan restricted to the changes `keep(host, change)` accepts (records stay as
+        planned)."""
+        hosts = tuple(replace(h, changes=tuple(c for c in h.changes if keep(h.host, c)))
                       for h in self.hosts)
         return replace(self, hosts=hosts)
 

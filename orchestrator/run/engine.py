@@ -67,8 +67,10 @@ def serving_nodes(cluster: Cluster, intent: Intent) -> list[str]:
     nodes or every host, drained ones left out either way (as placement leaves them out)."""
     if intent.serving is not None:
         return list(intent.serving)
-    listed = cluster.hosts if cluster.placement.nodes == "auto" else cluster.placement.nodes
-    return [name for name in listed if not cluster.hosts[name].drained]
+    listed = cluster.listed_nodes
+    if listed is None:
+        return [name for name, host in cluster.hosts.items() if not host.drained]
+    return list(listed)
 
 
 @asynccontextmanager
@@ -138,7 +140,8 @@ class Prepared:
 
 
 async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                  options: RunOptions, *, read_only: bool) -> Prepared:
+                  options: RunOptions, *, read_only: bool,
+                  intent: Intent | None = None) -> Prepared:
     """Placement (offline), facts (one agent call per host), then the plan as data.
 
     A serving node's worker needs its HOME, OS and Python, which only facts give: the fact
@@ -149,8 +152,10 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
 
     A read-only run never downloads: without the wheelhouse in this controller's cache, each
     serving host's plan is the download (`pending_wheelhouse`), which apply carries out first.
+    `intent`, when the caller has placed the model already, is used as it is.
     """
-    intent = await asyncio.to_thread(resolve_intent, cluster)
+    if intent is None:
+        intent = await asyncio.to_thread(resolve_intent, cluster)
     nodes = serving_nodes(cluster, intent)
     sketch = desired_state(cluster, intent, nodes)
     asked = host_requests(cluster, intent, sketch)
@@ -304,19 +309,21 @@ async def apply(
     serial: int | None = None,
     fail_fast: bool = False,
     command: str = "orch apply",
-    only: Callable[[Change], bool] | None = None,
+    only: Callable[[str, Change], bool] | None = None,
+    intent: Intent | None = None,
 ) -> tuple[Plan, ApplyReport]:
     """Lock the cluster, plan (or check a saved plan still holds), apply, unlock.
 
-    `only` applies just the changes it accepts (e.g. `orch drain` pre-staging model files
-    while the old ring serves); the rest stay pending, and no health check follows.
+    `only(host, change)` applies just the changes it accepts (e.g. `orch drain` pre-staging
+    model files while the old ring serves); the rest stay pending, and no health check
+    follows. `intent` is the placement the caller made already (drain places once).
     """
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
         lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
         await lock.acquire(conns)
         try:
-            prepared = await prepare(cluster, conns, options, read_only=False)
+            prepared = await prepare(cluster, conns, options, read_only=False, intent=intent)
             current = prepared.plan
             if saved is not None:
                 _check_saved(saved, current)
