@@ -4,8 +4,8 @@ The order is what keeps the outage short: the new placement is checked first (re
 numbers, nothing changed, if the remaining nodes cannot hold the model); every file the new
 placement needs is copied from peers while the old ring keeps serving, and a returning node
 gets everything but its running worker (environment, wheelhouse, configs) then too; only then
-is the drain declared in the inventory and the cluster converged, which restarts the ring with its new
-hostfile and split and removes the drained node's worker (its files stay: a LAN source).
+is the drain declared in the inventory and the cluster converged, which restarts the ring with
+its new hostfile and split and removes the drained node's worker (its files stay: a LAN source).
 A probe asks the API for a completion throughout, so the outage reported is the real one:
 from the last answer of the old ring to the first answer of the new one.
 """
