@@ -232,3 +232,17 @@ def test_model_spec_uses_hf_token_from_the_environment(serve: object, tiny_dir: 
     same_shape(meta, load_local_meta(tiny_dir))
     local = load_model_meta(ModelSpec(repo=None, revision=None, path=tiny_dir))
     same_shape(local, meta)
+
+
+def test_placement_reads_the_token_hf_auth_login_wrote(serve: object, tiny_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """Issue #13 item 7: a token only in ~/.cache/huggingface/token (what `hf auth login`
+    writes) authenticates placement's Hub reads too, as it does the sync's."""
+    hub = serve(MiniHub(tiny_dir, token=TOKEN))  # type: ignore[operator]
+    spec = ModelSpec(repo=REPO, revision="main", path=None, endpoint=hub.url + "/")
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / ".cache" / "huggingface" / "token").write_text(TOKEN + "\n")
+    meta = load_model_meta(spec, environ={"HOME": str(tmp_path)})
+    same_shape(meta, load_local_meta(tiny_dir))
+    with pytest.raises(ModelError, match="401"):  # and without it, the Hub refuses
+        load_model_meta(spec, environ={"HOME": str(tmp_path / "elsewhere")})
