@@ -21,14 +21,8 @@ from orchestrator.resources.base import Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
-from orchestrator.resources.pyenv import PythonEnv
 from orchestrator.resources.wheelhouse import Wheelhouse
 from orchestrator.resources.worker import WorkerSettings, model_inputs, worker_resources
-
-
-def orch_path(cluster: Cluster, *parts: str) -> str:
-    """A path under orch's directory on a node, HOME-relative ("~/.orch/venv")."""
-    return "/".join(["~", cluster.runtime.dir.strip("/"), *parts])
 
 
 def host_vars(cluster: Cluster, host: Host) -> dict[str, Any]:
@@ -113,9 +107,8 @@ def desired_state(
                     model_files_id=inputs.model_files_id, wheelhouse=wheelhouse,
                     settings=WorkerSettings(throttle_interval=cluster.runtime.throttle_interval,
                                             env=dict(cluster.runtime.env)))
-            else:
-                resources.append(PythonEnv(orch_path(cluster, "venv"), cluster.runtime.python,
-                                           cluster.runtime.packages))
+            # A cluster that serves no model installs no Python environment (issue #14): its
+            # hosts get their tasks only, and nothing another cluster's workers use.
             resources.extend(task_resource(t, cluster, host) for t in cluster.tasks
                              if _targets(t, cluster, host))
         result[name] = resources
