@@ -7,8 +7,8 @@ the readiness check and `orch status` can never disagree about them. Paths are H
 
 Per node, under ``~/<runtime.dir>`` (default ``~/.orch``)::
 
-    venv/                         the Python environment (shared by the node's clusters)
-    wheelhouse/<key>/             the wheels it was installed from, pushed by the controller
+    serve/<cluster>/venv/         the Python environment
+    serve/<cluster>/wheelhouse/<key>/  the wheels it was installed from, pushed by the controller
     serve/<cluster>/mlx_worker.py the worker entry point
     serve/<cluster>/worker.json   its config (model dir, split, files with sha256, API address)
     serve/<cluster>/hostfile.json the ring hostfile (multi-node services only)
@@ -17,6 +17,10 @@ Per node, under ``~/<runtime.dir>`` (default ``~/.orch``)::
     serve/<cluster>/hf-cache/     HF_HUB_CACHE: mlx-lm's /v1/models needs an existing folder
 
 and the job's plist at ``~/Library/LaunchAgents/com.orch.<cluster>.worker.plist``.
+
+Everything is under the cluster's own directory, the venv and the wheelhouse included: what one
+cluster records for removal can never be something another cluster on the same Mac runs from
+(a shared venv would need reference counting; a second copy costs disk, never a broken ring).
 """
 
 from __future__ import annotations
@@ -60,14 +64,14 @@ class WorkerLayout:
 
     @property
     def venv(self) -> str:
-        return f"{self.root}/venv"
+        return f"{self.dir}/venv"
 
     @property
     def venv_python(self) -> str:
         return f"{self.venv}/bin/python"
 
     def wheelhouse(self, key: str) -> str:
-        return f"{self.root}/wheelhouse/{key}"
+        return f"{self.dir}/wheelhouse/{key}"
 
     @property
     def dir(self) -> str:

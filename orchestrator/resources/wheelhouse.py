@@ -3,9 +3,10 @@
 The controller runs ``pip download --only-binary=:all: --platform … --python-version …`` once
 for the nodes' platform (`orchestrator.run.wheelhouse`, at apply time) into its own cache
 (``~/.cache/orch/wheelhouse/<request key>/``), pushes the wheels to each node
-(``~/.orch/wheelhouse/<content key>/``, through the agent's ``write``, sha256-verified), and
-every node installs with ``--no-index --find-links`` from that directory. PyPI is asked once per
-(platform, pinned packages), not once per node, and a node never needs to reach the internet.
+(``~/.orch/serve/<cluster>/wheelhouse/<content key>/``, through the agent's ``write``,
+sha256-verified), and every node installs with ``--no-index --find-links`` from that
+directory. PyPI is asked once per (platform, pinned packages), not once per node, and a node
+never needs to reach the internet.
 
 Identical on every node: the wheelhouse is also a lock. The venv is declared with every wheel
 pinned (``numpy==2.4.6``, ``transformers==5.24.0``, … not just mlx and mlx-lm), so the venv
@@ -220,7 +221,7 @@ class WheelhouseFiles:
     stale wheel; an older wheelhouse becomes a removal through the managed record.
     """
 
-    path: str  # on the node, HOME-relative: "~/.orch/wheelhouse/<key>"
+    path: str  # on the node, HOME-relative: "~/.orch/serve/<cluster>/wheelhouse/<key>"
     source: str  # the controller's directory holding the same wheels
     wheels: tuple[Wheel, ...]
 

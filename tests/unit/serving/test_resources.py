@@ -76,7 +76,7 @@ def file(items: list[Resource], suffix: str) -> File:
 def test_three_nodes_in_apply_order_with_the_job_last() -> None:
     ids = [r.id for r in resources(3)]
     assert ids == [
-        "python_env:~/.orch/venv",
+        "python_env:~/.orch/serve/lab/venv",
         "directory:~/.orch/serve/lab",
         "directory:~/.orch/serve/lab/hf-cache",
         "file:~/.orch/serve/lab/mlx_worker.py",
@@ -114,7 +114,7 @@ def test_plist_runs_the_worker_in_the_user_domain_as_the_design_says() -> None:
     items = resources(3, rank=1)
     body = plist(items)
     assert body["Label"] == "com.orch.lab.worker"
-    assert body["ProgramArguments"] == [f"{HOME}/.orch/venv/bin/python",
+    assert body["ProgramArguments"] == [f"{HOME}/.orch/serve/lab/venv/bin/python",
                                         f"{HOME}/.orch/serve/lab/mlx_worker.py",
                                         f"{HOME}/.orch/serve/lab/worker.json"]
     assert body["LimitLoadToSessionType"] == "Background"
@@ -246,10 +246,10 @@ def test_with_a_wheelhouse_it_is_pushed_first_and_the_venv_is_locked_to_it() -> 
     items = resources(3, wheelhouse=house)
     push, env = items[0], items[1]
     assert isinstance(push, WheelhouseFiles) and isinstance(env, PythonEnv)
-    assert push.path == f"~/.orch/wheelhouse/{house.key}" and push.source == "/cache/w"
+    assert push.path == f"~/.orch/serve/lab/wheelhouse/{house.key}" and push.source == "/cache/w"
     assert env.packages == ("mlx-lm==0.32.2", "mlx==0.32.4", "numpy==2.4.6")
     assert env.pip_args == ("--no-compile", "--no-index", "--find-links",
-                            f".orch/wheelhouse/{house.key}")
+                            f".orch/serve/lab/wheelhouse/{house.key}")
     other = replace(house, wheels=(*wheels[:2], Wheel(wheels[2].filename, "4" * 64, 30)))
     assert other.key != house.key  # content-addressed: a changed wheel is a new directory
 
