@@ -21,15 +21,12 @@ from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, f
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
-from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
+from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state
-from orchestrator.plan.ring import couple_ring, rank_fact_request, rank_view, ring_restart_reasons
-from orchestrator.plan.sources import assign_sources
-from orchestrator.resources.base import Action, Change, FieldChange, Resource
-from orchestrator.resources.layout import WorkerLayout, api_url
-from orchestrator.resources.model_files import model_files_in
+from orchestrator.resources.base import Change, Resource
+from orchestrator.resources.layout import api_url
 from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
-from orchestrator.resources.worker import worker_services
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, new_holder
 from orchestrator.run.transfers import for_plan
@@ -103,33 +100,6 @@ async def gather_facts(
     return await for_each_host(conns, facts_of, concurrency)
 
 
-def host_requests(cluster: Cluster, intent: Intent,
-                  desired: Mapping[str, Sequence[Resource]]) -> dict[str, FactRequest]:
-    """Each host's one facts request: its resources' needs, plus, on a rank's node, what the
-    ring's state is read from (the worker's job and status file)."""
-    requests = {name: fact_request(resources, cluster.name)
-                for name, resources in desired.items()}
-    if intent.placement is not None:
-        observe = rank_fact_request(WorkerLayout.of(cluster))
-        for node in intent.placement.nodes:
-            requests[node.name] = requests[node.name].merge(observe)
-    return requests
-
-def build_plan(cluster: Cluster, desired: Mapping[str, Sequence[Resource]],
-               facts: Mapping[str, HostFacts | HostError]) -> Plan:
-    host_plans = []
-    unreachable: dict[str, str] = {}
-    for name, fact in facts.items():
-        if isinstance(fact, HostError):
-            unreachable[name] = str(fact).removeprefix(f"{name}: ")
-            continue
-        host_plans.append(diff_host(cluster.name, desired[name], fact))
-    model = model_files_in(desired)
-    if model is not None:  # which host each model file comes from: a cluster-wide decision
-        host_plans = list(assign_sources(host_plans, facts, model))
-    return Plan(cluster.name, str(cluster.file), tuple(host_plans), unreachable)
-
-
 @dataclass(frozen=True)
 class Prepared:
     """The plan and what it was computed from, for apply and verify."""
@@ -151,7 +121,7 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     in the same call, so a converged serving cluster plans in one round trip per host.
 
     A read-only run never downloads: without the wheelhouse in this controller's cache, each
-    serving host's plan is the download (`pending_wheelhouse`), which apply carries out first.
+    serving host's plan is the download (`with_pending_wheelhouse`), which apply does first.
     `intent`, when the caller has placed the model already, is used as it is.
     """
     if intent is None:
@@ -168,16 +138,8 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     desired = desired_state(cluster, intent, nodes, facts, built)
     facts = await _complete_facts(conns, asked, host_requests(cluster, intent, desired), facts,
                                   options, read_only=read_only)
-    result = build_plan(cluster, desired, facts)
-    if intent.placement is not None:
-        if isinstance(wheelhouse, NodePlatform):
-            result = pending_wheelhouse(result, nodes, wheelhouse, cluster.runtime.packages)
-        else:
-            layout = WorkerLayout.of(cluster)
-            views = [rank_view(n.name, n.rank, facts.get(n.name), layout)
-                     for n in intent.placement.nodes]
-            broken = ring_restart_reasons(views, len(intent.placement.nodes))
-            result = couple_ring(result, worker_services(cluster, desired), broken=broken)
+    pending = wheelhouse if isinstance(wheelhouse, NodePlatform) else None
+    result = plan_cluster(cluster, intent, desired, facts, pending_wheelhouse=pending)
     return Prepared(intent, desired, result)
 
 
@@ -193,20 +155,6 @@ async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
     if download:
         return await ensure_wheelhouse(cluster.runtime.packages, platform)
     return cached_wheelhouse(cluster.runtime.packages, platform) or platform
-
-
-def pending_wheelhouse(result: Plan, nodes: Sequence[str], platform: NodePlatform,
-                       packages: Sequence[str]) -> Plan:
-    """The plan when the wheelhouse is not in this controller's cache: on each serving host,
-    the download, standing for everything that depends on it (the venv, the worker), which
-    is known only once the wheels are. Other hosts keep their plans."""
-    change = Change(
-        f"wheelhouse:{platform.key}", Action.CREATE,
-        (FieldChange("wheelhouse", "not in this controller's cache",
-                     f"{', '.join(packages)} for {platform.key}: downloaded by orch apply"),),
-        ())
-    hosts = tuple(replace(h, changes=(change,)) if h.host in nodes else h for h in result.hosts)
-    return replace(result, hosts=hosts)
 
 
 async def _complete_facts(
