@@ -44,8 +44,12 @@ def needed_mb(node: NodePlacement) -> int:
     return -(-node.bytes // MIB)
 
 
-def wired_limit(node: NodePlacement) -> Sysctl | None:
-    """The `Sysctl` raising the node's wired limit, or None when the default already fits."""
+def wired_limit(node: NodePlacement, runtime_root: str = "~/.orch") -> Sysctl | None:
+    """The `Sysctl` raising the node's wired limit, or None when the default already fits.
+
+    `runtime_root` is orch's directory on the node (`runtime.dir`), where the daemon's plist
+    is staged before root installs it."""
     if needed_mb(node) <= default_wired_limit_mb(node.memory_bytes):
         return None
-    return Sysctl(SYSCTL, node.wired_limit_mb, WIRED_LIMIT_LABEL)
+    return Sysctl(SYSCTL, node.wired_limit_mb, WIRED_LIMIT_LABEL,
+                  staging_dir=f"{runtime_root}/system")

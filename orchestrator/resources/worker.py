@@ -172,7 +172,7 @@ def worker_resources(
         resources.append(wheelhouse.files(layout.wheelhouse(wheelhouse.key)))
     env_resource = python_env(cluster, system, wheelhouse)
     resources.append(env_resource)
-    sysctl = wired_limit(node)
+    sysctl = wired_limit(node, layout.root)
     if sysctl is not None:
         resources.append(sysctl)
     script = File(layout.script, worker_script().decode(), 0o644)
