@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, BinaryIO, Final, cast
 
 import yaml
 
@@ -163,7 +163,7 @@ def read_text_bounded(file: Path, what: str) -> str:
     """
     try:
         with file.open("rb") as stream:
-            data = stream.read(MAX_FILE_BYTES + 1)
+            data = _read_at_most(stream, MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError([Diagnostic(file, 1, 1, "file not found")]) from None
     except OSError as exc:
@@ -185,6 +185,14 @@ def read_text_bounded(file: Path, what: str) -> str:
         raise ConfigError([Diagnostic(
             file, line, col, f"byte 0x{data[exc.start]:02x} is not UTF-8 text; expected {what} "
             "in UTF-8 (is it a binary file?)")]) from None
+
+
+def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
+    """Up to `limit` bytes, in chunks: `read(limit)` would allocate all of `limit` up front."""
+    data = bytearray()
+    while len(data) < limit and (chunk := stream.read(min(limit - len(data), 1 << 16))):
+        data += chunk
+    return data
 
 
 class _Refused(yaml.MarkedYAMLError):
