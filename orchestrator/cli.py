@@ -83,7 +83,7 @@ def error_lines(exc: BaseException) -> list[str]:
     if isinstance(exc, KeyboardInterrupt):
         return ["interrupted"]
     if isinstance(exc, click.Abort):
-        return ["aborted: nothing more was changed"]
+        return ["aborted"]
     return [f"error: {exc}"]
 
 
