@@ -134,7 +134,7 @@ class OrchGroup(click.Group):
         try:
             outcome = run(args, prog_name, complete_var, standalone_mode=False,
                           windows_expand_args=windows_expand_args, **extra)
-        except (OrchError, click.ClickException, click.Abort, KeyboardInterrupt) as exc:
+        except tuple(kind for kind, _ in EXIT_CODES) as exc:
             for line in error_lines(exc):
                 click.echo(line, err=True)
             sys.exit(exit_code_for(exc))

@@ -179,3 +179,24 @@ def test_the_table_agrees_with_every_error_class_exit_code() -> None:
     for cls in classes:
         assert exit_code_for(cls.__new__(cls)) == cls.exit_code, cls.__name__
     assert [kind for kind, _ in EXIT_CODES][-1] is KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("exc", "code", "line"), [
+    (errors.LockHeld("locked by ci@runner (nonce 1a2b)"), 4,
+     "error: locked by ci@runner (nonce 1a2b)"),
+    (errors.HostUnreachable("a", "connection refused"), 3, "error: a: connection refused"),
+    (errors.PlacementError("needs 420 GB, has 384 GB"), 1, "error: needs 420 GB, has 384 GB"),
+    (KeyboardInterrupt(), INTERRUPTED, "interrupted"),
+])
+def test_an_error_raised_by_a_command_exits_through_the_one_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException, code: int,
+        line: str) -> None:
+    def fail(_: Path) -> None:
+        raise exc
+
+    monkeypatch.setattr("orchestrator.cli.load_cluster", fail)
+    (tmp_path / "cluster.yml").write_text("name: lab\n")
+    result = CliRunner().invoke(main, ["validate", str(tmp_path / "cluster.yml")])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == code
+    assert result.stderr.strip().splitlines() == [line]
