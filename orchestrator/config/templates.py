@@ -82,7 +82,7 @@ def check_template(src: Path, origin: str) -> list[Diagnostic]:
         for included in jinja2.meta.find_referenced_templates(tree):
             if included is None:
                 continue  # a computed name: only rendering can tell
-            if not (src.parent.joinpath(*split_template_path(included))).is_file():
+            if not _exists(src.parent, included):
                 problems.append(Diagnostic(
                     Path(filename), *_find(source, included),
                     f"template {included!r} is not found; expected a file beside {src.name} "
@@ -107,6 +107,14 @@ def render_template(src: Path, variables: Mapping[str, Any], origin: str) -> str
     except Exception as exc:  # the template's own code failed: see the docstring
         file, line = _template_frame(exc, loader.loaded) or (src, 1)
         raise ConfigError([_at_use(exc, file, line, origin)]) from None
+
+
+def _exists(directory: Path, name: str) -> bool:
+    """Whether the loader would find `name` (jinja refuses names that climb out with `..`)."""
+    try:
+        return directory.joinpath(*split_template_path(name)).is_file()
+    except jinja2.TemplateNotFound:
+        return False
 
 
 def _syntax(exc: jinja2.TemplateSyntaxError, file: Path, origin: str) -> Diagnostic:
