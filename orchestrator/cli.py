@@ -221,6 +221,15 @@ def load(cluster_file: Path) -> Cluster:
     return cluster
 
 
+def _in_a_directory(_ctx: click.Context, param: click.Parameter, value: Path | None
+                    ) -> Path | None:
+    """Refuse an output path whose directory is missing before any host is contacted."""
+    if value is not None and not value.absolute().parent.is_dir():
+        raise click.BadParameter(f"directory {str(value.parent)!r} does not exist; expected a "
+                                 "file in an existing directory", param=param)
+    return value
+
+
 def plan_exit_code(result: Plan, detailed: bool) -> ExitCode:
     """A plan's outcome: unreachable hosts first, then drift only when it was asked about."""
     if result.unreachable:
@@ -246,7 +255,7 @@ def report_exit_code(report: ApplyReport, *, healthy: bool = True) -> ExitCode:
               help="Exit 2 when there are changes (for drift checks): 0 none, 1 error, "
                    "3 unreachable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_in_a_directory,
               help="Save the plan as JSON, for `orch apply FILE`.")
 @click.option("--diff", "show_diff", is_flag=True, help="Show file content changes.")
 @ssh_options
@@ -256,7 +265,11 @@ def plan_command(cluster_file: Path, detailed_exitcode: bool, as_json: bool, out
     cluster = load(cluster_file)
     result, _ = asyncio.run(engine.plan(cluster, run_options(**ssh), with_diff=show_diff))
     if out is not None:
-        out.write_text(render.plan_json(result) + "\n")
+        try:
+            out.write_text(render.plan_json(result) + "\n")
+        except OSError as exc:
+            raise PlanError(f"{out}: cannot save the plan: {exc.strerror or exc}; expected a "
+                            "writable file") from None
     click.echo(render.plan_json(result) if as_json else render.plan_text(result,
                                                                         show_diff=show_diff))
     return plan_exit_code(result, detailed_exitcode)
@@ -286,6 +299,8 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
     if target.suffix == ".json":
         try:
             saved = Plan.from_json(json.loads(target.read_text()))
+        except OSError as exc:
+            raise PlanError(f"{target}: cannot read the plan: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanError(f"{target}: not a plan saved by `orch plan --out`: {exc}") from None
         cluster_file = Path(saved.cluster_file)

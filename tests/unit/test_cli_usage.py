@@ -200,3 +200,17 @@ def test_an_error_raised_by_a_command_exits_through_the_one_table(
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == code
     assert result.stderr.strip().splitlines() == [line]
+
+
+def test_plan_out_into_a_missing_directory_is_refused_before_any_host(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yml"
+    cluster.write_text("name: lab\nhosts:\n  a: {address: 127.0.0.1, port: 1, ring_ip: 10.1.0.1, "
+                       "memory_gb: 64}\n")
+    result = CliRunner().invoke(main, ["plan", str(cluster), "--out",
+                                       str(tmp_path / "missing" / "plan.json"),
+                                       "--known-hosts", str(tmp_path / "known_hosts")])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (f"error: orch plan: Invalid value for '--out': directory "
+                             f"'{tmp_path / 'missing'}' does not exist; expected a file in an "
+                             "existing directory (see 'orch plan --help')\n")
