@@ -1,29 +1,37 @@
 """The `orch` command: parse arguments, call one function, map errors to exit codes.
 
 This layer stays thin on purpose. Every command's work lives in a module that can be tested
-without click; here we only translate `OrchError`s into a message on stderr and the exit code
-DESIGN.md promises (0 ok, 1 error, 2 changes pending, 3 unreachable, 4 lock held).
+without click. A command returns the `ExitCode` its outcome calls for (or raises); `OrchGroup`
+is the one place that turns a return value, an `OrchError` or a click usage error into a
+message on stderr and the exit code README promises (0 ok, 1 error, 2 changes pending,
+3 unreachable, 4 lock held). Nothing else in this module calls `sys.exit`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, NoReturn, TypeVar, overload
 
 import click
 
 from orchestrator import __version__, log, render
 from orchestrator.config import Cluster, load_cluster
-from orchestrator.errors import ConfigError, ExitCode, OrchError, PlanError
+from orchestrator.errors import (
+    ConfigError,
+    ExitCode,
+    HostUnreachable,
+    LockHeld,
+    OrchError,
+    PlanError,
+)
 from orchestrator.executor import SSHOptions
 from orchestrator.plan import Plan
 from orchestrator.run import engine
-from orchestrator.run.apply import HostStatus
+from orchestrator.run.apply import ApplyReport, HostStatus
 from orchestrator.run.engine import RunOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,32 +39,110 @@ F = TypeVar("F", bound=Callable[..., Any])
 CLUSTER_ARG = click.argument(
     "cluster_file", metavar="CLUSTER", type=click.Path(dir_okay=False, path_type=Path))
 
+INTERRUPTED: Final = 130  # the shell's code for SIGINT, so a script can tell ^C from failure
 
-def reports_errors(fn: F) -> F:
-    """Print an OrchError as its message (never a traceback) and exit with its code."""
+#: Every exception the CLI turns into an exit code, most specific first; the first match wins.
+#: Click's usage errors are 1 here, not click's 2: 2 is "changes pending", and a CI drift
+#: check must never read a typo as drift. `OrchError.exit_code` must agree (a test checks).
+EXIT_CODES: Final[tuple[tuple[type[BaseException], int], ...]] = (
+    (LockHeld, ExitCode.LOCK_HELD),
+    (HostUnreachable, ExitCode.UNREACHABLE),
+    (OrchError, ExitCode.ERROR),
+    (click.ClickException, ExitCode.ERROR),
+    (click.Abort, ExitCode.ERROR),
+    (KeyboardInterrupt, INTERRUPTED),
+)
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for an exception that ended a command (see `EXIT_CODES`)."""
+    exc = _unwrap_interrupt(exc)
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return int(code)
+    raise TypeError(f"no exit code for {type(exc).__name__}") from exc
+
+
+def _unwrap_interrupt(exc: BaseException) -> BaseException:
+    """Click turns ^C into `Abort` (from the KeyboardInterrupt); ^C is not a declined prompt."""
+    if isinstance(exc, click.Abort) and isinstance(exc.__cause__, KeyboardInterrupt):
+        return exc.__cause__
+    return exc
+
+
+def error_lines(exc: BaseException) -> list[str]:
+    """What the user reads on stderr for an exception that ended a command (no traceback)."""
+    exc = _unwrap_interrupt(exc)
+    if isinstance(exc, ConfigError):
+        n = sum(d.severity == "error" for d in exc.diagnostics)
+        return [*map(str, exc.diagnostics),
+                f"{n} error{'s' if n != 1 else ''}; nothing was changed on any host."]
+    if isinstance(exc, click.UsageError):
+        return [_usage_line(exc)]
+    if isinstance(exc, click.ClickException):
+        return [f"error: {_one_line(exc.format_message())}"]
+    if isinstance(exc, KeyboardInterrupt):
+        return ["interrupted"]
+    if isinstance(exc, click.Abort):
+        return ["aborted"]
+    return [f"error: {exc}"]
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """One line naming the command, what was wrong and where to read what was expected."""
+    ctx = exc.ctx
+    where = ctx.command_path if ctx is not None else "orch"
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError) or (
+            ctx is not None and isinstance(ctx.command, click.Group)
+            and exc.message == "Missing command."):
+        assert ctx is not None and isinstance(ctx.command, click.Group)
+        message = f"missing command; expected one of: {', '.join(ctx.command.list_commands(ctx))}"
+    else:
+        message = _one_line(exc.format_message())
+    return f"error: {where}: {message} (see '{where} --help')"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class OrchGroup(click.Group):
+    """The root group: the one place where outcomes and errors become the process exit code.
+
+    Click's standalone mode would print usage errors over several lines and exit 2; instead
+    the command runs with standalone mode off and everything that ends it, returned or
+    raised, parsing or running, goes through `exit_code_for` and `error_lines`.
+    """
+
+    @overload
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: Literal[True] = True,
+             **extra: Any) -> NoReturn: ...
+
+    @overload
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = ...,
+             **extra: Any) -> Any: ...
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        """Run the command line and exit with the code its outcome maps to."""
+        run = super().main
+        if not standalone_mode:  # an embedding caller handles exceptions itself
+            return run(args, prog_name, complete_var, standalone_mode=False,
+                       windows_expand_args=windows_expand_args, **extra)
         try:
-            return fn(*args, **kwargs)
-        except OrchError as exc:
-            if isinstance(exc, ConfigError):
-                for diagnostic in exc.diagnostics:
-                    click.echo(str(diagnostic), err=True)
-                n = sum(d.severity == "error" for d in exc.diagnostics)
-                click.echo(f"{n} error{'s' if n != 1 else ''}; nothing was changed on any host.",
-                           err=True)
-            else:
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(int(exc.exit_code))
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
+            outcome = run(args, prog_name, complete_var, standalone_mode=False,
+                          windows_expand_args=windows_expand_args, **extra)
+        except tuple(kind for kind, _ in EXIT_CODES) as exc:
+            for line in error_lines(exc):
+                click.echo(line, err=True)
+            sys.exit(exit_code_for(exc))
+        sys.exit(int(outcome) if isinstance(outcome, ExitCode) else int(ExitCode.OK))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("orch", cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="orch")
 @click.option("-v", "--verbose", count=True, help="More log events on stderr (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
@@ -72,15 +158,14 @@ def main(verbose: int, quiet: bool, log_format: str | None) -> None:
       orch plan cluster.yml          what apply would change (read-only)
       orch apply cluster.yml         make it so
 
-    Exit codes: 0 ok / no changes, 1 error, 2 changes pending, 3 hosts unreachable,
-    4 cluster lock held.
+    Exit codes: 0 ok / no changes, 1 error (bad input or usage, a failed action),
+    2 changes pending, 3 hosts unreachable, 4 cluster lock held.
     """
     log.configure(-1 if quiet else verbose, log_format)  # type: ignore[arg-type]
 
 
 @main.command()
 @CLUSTER_ARG
-@reports_errors
 def validate(cluster_file: Path) -> None:
     """Check CLUSTER, its inventory and playbooks, offline, reporting every problem at once."""
     cluster = load(cluster_file)
@@ -137,11 +222,31 @@ def load(cluster_file: Path) -> Cluster:
     return cluster
 
 
+def _in_a_directory(_ctx: click.Context, param: click.Parameter, value: Path | None
+                    ) -> Path | None:
+    """Refuse an output path whose directory is missing before any host is contacted."""
+    if value is not None and not value.absolute().parent.is_dir():
+        raise click.BadParameter(f"directory {str(value.parent)!r} does not exist; expected a "
+                                 "file in an existing directory", param=param)
+    return value
+
+
 def plan_exit_code(result: Plan, detailed: bool) -> ExitCode:
+    """A plan's outcome: unreachable hosts first, then drift only when it was asked about."""
     if result.unreachable:
         return ExitCode.UNREACHABLE
     if detailed and result.has_changes:
         return ExitCode.CHANGES_PENDING
+    return ExitCode.OK
+
+
+def report_exit_code(report: ApplyReport, *, healthy: bool = True) -> ExitCode:
+    """An apply's outcome: a failed host (or an unhealthy ring) outranks an unreachable one,
+    which still leaves the others applied."""
+    if report.by_status(HostStatus.FAILED) or not healthy:
+        return ExitCode.ERROR
+    if report.by_status(HostStatus.UNREACHABLE):
+        return ExitCode.UNREACHABLE
     return ExitCode.OK
 
 
@@ -151,21 +256,24 @@ def plan_exit_code(result: Plan, detailed: bool) -> ExitCode:
               help="Exit 2 when there are changes (for drift checks): 0 none, 1 error, "
                    "3 unreachable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_in_a_directory,
               help="Save the plan as JSON, for `orch apply FILE`.")
 @click.option("--diff", "show_diff", is_flag=True, help="Show file content changes.")
 @ssh_options
-@reports_errors
 def plan_command(cluster_file: Path, detailed_exitcode: bool, as_json: bool, out: Path | None,
-                 show_diff: bool, **ssh: Any) -> None:
+                 show_diff: bool, **ssh: Any) -> ExitCode:
     """Show what `orch apply` would change, touching nothing (read-only on every host)."""
     cluster = load(cluster_file)
     result, _ = asyncio.run(engine.plan(cluster, run_options(**ssh), with_diff=show_diff))
     if out is not None:
-        out.write_text(render.plan_json(result) + "\n")
+        try:
+            out.write_text(render.plan_json(result) + "\n")
+        except OSError as exc:
+            raise PlanError(f"{out}: cannot save the plan: {exc.strerror or exc}; expected a "
+                            "writable file") from None
     click.echo(render.plan_json(result) if as_json else render.plan_text(result,
                                                                         show_diff=show_diff))
-    sys.exit(int(plan_exit_code(result, detailed_exitcode)))
+    return plan_exit_code(result, detailed_exitcode)
 
 
 @main.command("apply")
@@ -179,10 +287,9 @@ def plan_command(cluster_file: Path, detailed_exitcode: bool, as_json: bool, out
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan and outcome as JSON.")
 @ssh_options
-@reports_errors
 def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff: bool,
                   serial: int | None, fail_fast: bool, yes: bool, as_json: bool,
-                  **ssh: Any) -> None:
+                  **ssh: Any) -> ExitCode:
     """Converge every host to CLUSTER (or apply a plan saved with `orch plan --out`).
 
     A host that fails does not stop the others (unless --fail-fast). Exit 0 when every host
@@ -193,6 +300,8 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
     if target.suffix == ".json":
         try:
             saved = Plan.from_json(json.loads(target.read_text()))
+        except OSError as exc:
+            raise PlanError(f"{target}: cannot read the plan: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanError(f"{target}: not a plan saved by `orch plan --out`: {exc}") from None
         cluster_file = Path(saved.cluster_file)
@@ -202,7 +311,7 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
         result, _ = asyncio.run(engine.plan(cluster, options, with_diff=show_diff))
         click.echo(render.plan_json(result) if as_json
                    else render.plan_text(result, show_diff=show_diff))
-        sys.exit(int(plan_exit_code(result, detailed_exitcode)))
+        return plan_exit_code(result, detailed_exitcode)
     if not yes and saved is None:
         if not sys.stdin.isatty():
             raise PlanError("refusing to apply without confirmation: pass --yes, or review "
@@ -210,7 +319,7 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
         preview, _ = asyncio.run(engine.plan(cluster, options, with_diff=show_diff))
         click.echo(render.plan_text(preview, show_diff=show_diff))
         if not preview.has_changes:
-            sys.exit(int(plan_exit_code(preview, False)))
+            return plan_exit_code(preview, False)
         click.confirm("Apply these changes?", abort=True)
         saved = preview
     result, report = asyncio.run(engine.apply(cluster, options, saved=saved, serial=serial,
@@ -223,18 +332,14 @@ def apply_command(target: Path, check: bool, detailed_exitcode: bool, show_diff:
         if saved is None:
             click.echo(render.plan_text(result, show_diff=show_diff))
         click.echo(render.report_text(report))
-    if report.by_status(HostStatus.FAILED):
-        sys.exit(int(ExitCode.ERROR))
-    if report.by_status(HostStatus.UNREACHABLE):
-        sys.exit(int(ExitCode.UNREACHABLE))
+    return report_exit_code(report)
 
 
 @main.command("facts")
 @CLUSTER_ARG
 @click.argument("host", required=False)
 @ssh_options
-@reports_errors
-def facts_command(cluster_file: Path, host: str | None, **ssh: Any) -> None:
+def facts_command(cluster_file: Path, host: str | None, **ssh: Any) -> ExitCode:
     """Print the facts the planner sees for every host (or HOST), as JSON."""
     cluster = load(cluster_file)
     options = run_options(**ssh)
@@ -242,8 +347,8 @@ def facts_command(cluster_file: Path, host: str | None, **ssh: Any) -> None:
         options = RunOptions(ssh=options.ssh, limit=(host,))
     facts = asyncio.run(engine.facts(cluster, options))
     click.echo(json.dumps(facts, indent=2, sort_keys=True, default=str))
-    if any("unreachable" in v for v in facts.values()):
-        sys.exit(int(ExitCode.UNREACHABLE))
+    unreachable = any("unreachable" in v for v in facts.values())
+    return ExitCode.UNREACHABLE if unreachable else ExitCode.OK
 
 
 @main.command("unlock")
@@ -251,7 +356,6 @@ def facts_command(cluster_file: Path, host: str | None, **ssh: Any) -> None:
 @click.option("--force", "nonce", required=True, metavar="NONCE",
               help="The nonce of the lock to remove, as printed by the run that holds it.")
 @ssh_options
-@reports_errors
 def unlock_command(cluster_file: Path, nonce: str, **ssh: Any) -> None:
     """Remove a cluster lock left behind by a run that died."""
     cluster = load(cluster_file)
@@ -270,9 +374,8 @@ def unlock_command(cluster_file: Path, nonce: str, **ssh: Any) -> None:
                    "the guide's params × bits/8 × (1+O) estimate. Needs --bits and --layers.")
 @click.option("--bits", type=float, default=None, help="Bits per parameter, with --params.")
 @click.option("--layers", type=int, default=None, help="Number of layers, with --params.")
-@reports_errors
 def place(cluster_file: Path, as_json: bool, params: float | None, bits: float | None,
-          layers: int | None) -> None:
+          layers: int | None) -> ExitCode:
     """Offline: which Macs, how many layers each, bytes and files per node, and the verdict.
 
     Reads only the model's config, index and safetensors headers (local `model.path`, or the
@@ -296,11 +399,7 @@ def place(cluster_file: Path, as_json: bool, params: float | None, bits: float |
         click.echo(json.dumps(placement.to_json(result), indent=2))
     else:
         click.echo(placement.render_table(result), nl=False)
-    exit_with(ExitCode.OK if result.fits else ExitCode.ERROR)
-
-
-def exit_with(code: ExitCode) -> None:
-    sys.exit(int(code))
+    return ExitCode.OK if result.fits else ExitCode.ERROR
 
 
 SANDBOX_DIR = click.option(
@@ -318,8 +417,7 @@ def sandbox() -> None:
 @click.option("--nodes", type=click.IntRange(1, 9), default=3, show_default=True,
               help="How many simulated Macs (each runs one rank).")
 @SANDBOX_DIR
-@reports_errors
-def sandbox_up(nodes: int, directory: Path | None) -> None:
+def sandbox_up(nodes: int, directory: Path | None) -> ExitCode:
     """Start N simulated Macs and a local hub, apply the sandbox cluster, ask it a question."""
     from orchestrator.simulator import cluster as sandbox_cluster
     from orchestrator.simulator import session
@@ -327,14 +425,12 @@ def sandbox_up(nodes: int, directory: Path | None) -> None:
     started = sandbox_cluster.up(directory or sandbox_cluster.default_dir(), nodes)
     click.echo(f"sandbox: {len(started.nodes)} simulated Macs, hub {started.hub_endpoint}, "
                f"cluster file {started.cluster_file}")
-    code = asyncio.run(session.apply_and_ask(started, echo=click.echo))
-    sys.exit(int(code))
+    return asyncio.run(session.apply_and_ask(started, echo=click.echo))
 
 
 @sandbox.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @SANDBOX_DIR
-@reports_errors
 def sandbox_status(as_json: bool, directory: Path | None) -> None:
     """Is the sandbox up: its cluster file, API URL and simulated Macs."""
     from orchestrator.simulator import cluster as sandbox_cluster
@@ -354,7 +450,6 @@ def sandbox_status(as_json: bool, directory: Path | None) -> None:
 
 @sandbox.command("down")
 @SANDBOX_DIR
-@reports_errors
 def sandbox_down(directory: Path | None) -> None:
     """Stop every process the sandbox started and remove its state."""
     from orchestrator.simulator import cluster as sandbox_cluster
@@ -368,8 +463,7 @@ def sandbox_down(directory: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--no-probe", is_flag=True, help="Do not send the probe chat completion.")
 @ssh_options
-@reports_errors
-def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any) -> None:
+def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any) -> ExitCode:
     """Per node: reachable, mlx / mlx-lm, worker state, pid, uptime, rank, layers, RSS; and the
     ring, the API URL and the latency of a probe completion. Read-only.
 
@@ -386,12 +480,12 @@ def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any
     else:
         click.echo(status_text(result), nl=False)
     if result.unreachable:
-        exit_with(ExitCode.UNREACHABLE)
-    exit_with(ExitCode.OK if result.healthy or (no_probe and result.ring == "serving")
-              else ExitCode.ERROR)
+        return ExitCode.UNREACHABLE
+    return (ExitCode.OK if result.healthy or (no_probe and result.ring == "serving")
+            else ExitCode.ERROR)
 
 
-def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -> None:
+def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -> ExitCode:
     from orchestrator.drain import roll
 
     report = asyncio.run(roll(cluster_file, node, run_options(**ssh), drain=drain,
@@ -406,10 +500,7 @@ def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -
         click.echo("Outage: " + ("none observed" if outage == 0 else
                                  f"{outage:.1f} s (last answer of the old ring → first of the "
                                  "new)" if outage is not None else "unknown (no answer seen)"))
-    if report.cutover.by_status(HostStatus.FAILED) or not health.get("ok", False):
-        sys.exit(int(ExitCode.ERROR))
-    if report.cutover.by_status(HostStatus.UNREACHABLE):
-        sys.exit(int(ExitCode.UNREACHABLE))
+    return report_exit_code(report.cutover, healthy=bool(health.get("ok", False)))
 
 
 @main.command("drain")
@@ -417,8 +508,7 @@ def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -
 @click.argument("node")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @ssh_options
-@reports_errors
-def drain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> None:
+def drain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> ExitCode:
     """Roll NODE out of the running cluster with the shortest outage.
 
     Refuses (exit 1, nothing changed) if the other nodes cannot hold the model. Otherwise
@@ -426,7 +516,7 @@ def drain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> N
     `drained: true` in the inventory (comments kept), restarts the ring without NODE and
     reports the outage. NODE keeps its model files.
     """
-    _roll(cluster_file, node, True, as_json, ssh)
+    return _roll(cluster_file, node, True, as_json, ssh)
 
 
 @main.command("undrain")
@@ -434,7 +524,6 @@ def drain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> N
 @click.argument("node")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @ssh_options
-@reports_errors
-def undrain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> None:
+def undrain_command(cluster_file: Path, node: str, as_json: bool, **ssh: Any) -> ExitCode:
     """Bring NODE back into the cluster: the reverse of `orch drain`."""
-    _roll(cluster_file, node, False, as_json, ssh)
+    return _roll(cluster_file, node, False, as_json, ssh)

@@ -25,6 +25,7 @@ from orchestrator.config.cluster import (
     TemplateTask,
 )
 from orchestrator.config.diagnose import validate
+from orchestrator.config.templates import check_template
 from orchestrator.config.yamlsrc import DataPath, Document, SourceMap, load_document
 from orchestrator.errors import ConfigError, Diagnostic
 
@@ -301,6 +302,8 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                         (*path, "hosts", j), f"task target {target!r} is neither a host nor a "
                         "group of the inventory", at_key=False))
             action: CommandTask | TemplateTask | DirectoryTask
+            mark = task_doc.source.value(path)
+            origin = f"{task_doc.source.file}:{mark.line}"
             if task.command is not None:
                 action = CommandTask(tuple(task.command), task.creates,
                                      tuple(task.unless) if task.unless else None)
@@ -309,14 +312,15 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                 if not src.is_file():
                     errors.append(task_doc.source.diag(
                         (*path, "template", "src"), f"template {task.template.src!r} does not "
-                        f"exist (looked for {src})", at_key=False))
+                        f"exist (looked for {src}); expected a file relative to "
+                        f"{task_doc.source.file.name}", at_key=False))
+                else:
+                    errors.extend(check_template(src, origin))
                 action = TemplateTask(src, task.template.dest, int(task.template.mode, 8))
             else:
                 assert task.directory is not None
                 action = DirectoryTask(task.directory.path, int(task.directory.mode, 8))
-            mark = task_doc.source.value(path)
             tasks.append(Task(name=task.name, action=action,
                               hosts=tuple(task.hosts) if task.hosts is not None else None,
-                              vars=dict(task.vars),
-                              origin=f"{task_doc.source.file}:{mark.line}"))
+                              vars=dict(task.vars), origin=origin))
     return tuple(tasks)

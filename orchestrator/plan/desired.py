@@ -11,10 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from orchestrator.config import Cluster, CommandTask, DirectoryTask, Host, Task, TemplateTask
-from orchestrator.errors import ConfigError, Diagnostic, HostError
+from orchestrator.config.templates import render_template as render_user_template
+from orchestrator.errors import HostError
 from orchestrator.facts import HostFacts
 from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
@@ -37,16 +36,8 @@ def host_vars(cluster: Cluster, host: Host) -> dict[str, Any]:
 
 
 def render_template(src: Path, variables: Mapping[str, Any], origin: str) -> str:
-    """Render with StrictUndefined: a missing variable is an error, never an empty string."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(src.parent),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             autoescape=False)  # noqa: S701 - config files, not HTML
-    try:
-        return env.get_template(src.name).render(**variables)
-    except jinja2.TemplateError as exc:
-        line = getattr(exc, "lineno", None) or 1
-        raise ConfigError([Diagnostic(src, line, 1,
-                                      f"template error: {exc} (task at {origin})")]) from None
+    """Render a user's template for one host; its mistakes are ConfigErrors at its line."""
+    return render_user_template(src, variables, origin)
 
 
 def _targets(task: Task, cluster: Cluster, host: Host) -> bool:

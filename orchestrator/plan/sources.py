@@ -32,14 +32,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from orchestrator.facts import HostFacts
 from orchestrator.plan.core import HostPlan
 from orchestrator.resources.base import Change, Step
-
-if TYPE_CHECKING:  # model_files imports orchestrator.sync: a runtime import would be a cycle
-    from orchestrator.resources.model_files import ModelFiles
+from orchestrator.resources.model_files import ModelFiles
 
 __all__ = ["assign_sources", "holders_of"]
 

@@ -51,7 +51,7 @@ class ApplyReport:
 
 
 class TransferHook(Protocol):
-    """How apply hands model-file transfers to the sync (`orchestrator.sync.TransferContext`):
+    """How apply hands model-file transfers to the sync (`transfers.TransferContext`):
     a change with ``fetch`` steps is applied by the hook (its fetches run concurrently and
     wait for peers), and the hook learns when each host starts and stops applying."""
 

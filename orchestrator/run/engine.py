@@ -28,7 +28,7 @@ from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
 from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
-from orchestrator.run.lock import ClusterLock, new_holder
+from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
 from orchestrator.run.transfers import for_plan
 from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
 from orchestrator.verify.ring import verify_ring
@@ -348,8 +348,6 @@ def _plain(value: object) -> dict[str, object]:
 
 
 async def unlock(cluster: Cluster, options: RunOptions, nonce: str) -> list[str]:
-    from orchestrator.run.lock import force_unlock
-
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
         return await force_unlock(conns, cluster.name, cluster.runtime.dir, nonce)

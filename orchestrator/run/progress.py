@@ -19,7 +19,7 @@ import structlog
 
 __all__ = ["EventProgress", "Progress", "RichProgress", "Tracker", "make_progress"]
 
-log = structlog.get_logger("orchestrator.sync")
+log = structlog.get_logger(__name__)
 
 EVENT_INTERVAL_S = 5.0
 

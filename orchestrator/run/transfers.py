@@ -53,6 +53,7 @@ from orchestrator.model.manifest import HubOrigin, Manifest
 from orchestrator.model.token import hub_token, redact
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Change, Resource, Step
+from orchestrator.resources.model_files import model_files_in
 from orchestrator.run.apply import run_step
 from orchestrator.run.progress import Progress, make_progress
 
@@ -486,9 +487,7 @@ def for_plan(cluster: Cluster, plan: Plan, desired: Mapping[str, Sequence[Resour
     """The context for applying ``plan``, or None when the cluster declares no model files.
 
     Peers are the inventory hosts' ``ring_ip`` and the sync port; the Hub token is read now,
-    at apply time (see `credentials`)."""
-    from orchestrator.resources.model_files import model_files_in  # it imports this package
-
+    at apply time (see `orchestrator.model.token`)."""
     model = model_files_in(desired)
     if model is None:
         return None

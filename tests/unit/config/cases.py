@@ -32,6 +32,9 @@ hosts:
 """
 
 
+TEMPLATE_TASK = "tasks:\n  - name: t\n    template: {src: motd.j2, dest: /etc/motd}\n"
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -111,6 +114,20 @@ CASES = [
     Case("template-missing", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    template:\n"
                                 "      src: »motd.j2\n      dest: /etc/motd\n"),
          "template 'motd.j2' does not exist"),
+    Case("template-syntax", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
+                               motd_j2="hello {{ host.name }}\n»{% if %}\n"),
+         "template syntax error: Expected an expression, got 'end of statement block'; "
+         "expected jinja2 syntax (task at "),
+    Case("template-include-syntax", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
+                                       motd_j2="{% include 'part.j2' %}\n",
+                                       part_j2="a\nb\n»{{ host.name }\n"),
+         "template syntax error: unexpected '}'"),
+    Case("template-include-missing", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
+                                        motd_j2="a\n{% include '»nowhere.j2' %}\n"),
+         "template 'nowhere.j2' is not found; expected a file beside motd.j2"),
+    Case("template-include-climbs-out", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
+                                           motd_j2="{% include '»../inv.yml' %}\n"),
+         "template '../inv.yml' is not found"),
     Case("playbook-missing", _c(cluster_yml=CLUSTER + "playbooks: [»extra.yml]\n"),
          "playbook 'extra.yml' does not exist"),
     Case("playbook-unknown-key", _c(cluster_yml=CLUSTER + "playbooks: [extra.yml]\n",
