@@ -90,8 +90,10 @@ class RollReport:
                 "health": self.cutover.extra.get("health")}
 
 
-def _is_model_files(change: Change) -> bool:
-    return change.resource.startswith("model_files:")
+def _copies_model_files(change: Change) -> bool:
+    """What is pre-staged while the old ring serves: the changes that fetch model files (the
+    steps the sync runs), chosen by their step types, not by parsing resource ids."""
+    return bool(change.fetches)
 
 
 def _undrained(cluster: Cluster, host: str) -> Cluster:
@@ -124,7 +126,7 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
     probe = Probe([api_url(cluster, old.placement)])
     probing = asyncio.create_task(probe.run())
     try:
-        _, staged = await engine.apply(target, options, only=_is_model_files,
+        _, staged = await engine.apply(target, options, only=_copies_model_files,
                                        command=f"orch {'drain' if drain else 'undrain'} "
                                                f"(pre-stage) {node}")
         echo("pre-staged: " + _bytes_line(staged))

@@ -28,6 +28,7 @@ from orchestrator.plan.sources import assign_sources
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.model_files import model_files_in
+from orchestrator.resources.steps import Text, Write
 from orchestrator.resources.wheelhouse import Wheelhouse, cluster_platform, ensure_wheelhouse
 from orchestrator.resources.worker import worker_services
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
@@ -247,9 +248,10 @@ async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
 
 
 def _written(change: Change) -> tuple[str, str] | None:
+    """(path, content) of the change's text write; a controller file (a wheel) has no diff."""
     for step in change.steps:
-        if step.op == "write" and "content" in step.request:  # not a controller file (a wheel)
-            return str(step.request["path"]), str(step.request["content"])
+        if isinstance(step, Write) and isinstance(step.payload, Text):
+            return step.path, step.payload.content
     return None
 
 
