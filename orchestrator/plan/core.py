@@ -132,7 +132,8 @@ class Plan:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Plan:
         if raw.get("format") != PLAN_FORMAT:
-            raise ValueError(f"plan format {raw.get('format')!r}, expected {PLAN_FORMAT}")
+            raise ValueError(f"plan format {raw.get('format')!r}, this orch reads format "
+                             f"{PLAN_FORMAT}: make the plan again")
         return cls(raw["cluster"], raw["cluster_file"],
                    tuple(HostPlan.from_json(h) for h in raw["hosts"]),
                    dict(raw.get("unreachable", {})))
