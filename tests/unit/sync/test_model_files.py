@@ -8,15 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.drain import _copies_model_files
 from orchestrator.facts import FileFact, FileKind
 from orchestrator.model.manifest import model_directory
-from orchestrator.resources.base import Action
+from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.ring import restart_change
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.files import File
+from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.model_files import (
     ModelFiles,
     model_files_by_host,
     model_files_in,
 )
-from orchestrator.resources.steps import Fetch, Prune, Remove
+from orchestrator.resources.steps import Fetch, Prune, Remove, Text, Write
 from tests.unit.sync.helpers import DIRECTORY, META, WEIGHTS, facts, manifest, node, sha
 
 
@@ -133,3 +138,18 @@ def test_stray_guard_finds_only_undeclared_model_weights(home: Path) -> None:
     assert guard_status(home, model) == 1  # declared, unrelated, partial, dir: no stray
     (directory / "model-00001-of-00009.safetensors").symlink_to(directory / WEIGHTS[0])
     assert guard_status(home, model) == 0
+
+
+def test_drain_pre_stages_the_changes_that_copy_model_files_and_nothing_else() -> None:
+    """`orch drain` copies files while the old ring serves: it keeps the changes carrying
+    `Fetch` steps (found by type, not by a resource id's prefix); a restart must wait."""
+    model = node(WEIGHTS[:2])
+    fetching = model.diff(facts("a", model))
+    assert fetching is not None
+    hostfile = File("~/.orch/serve/lab/hostfile.json", "[]\n")
+    written = Change(hostfile.id, Action.CREATE, (FieldChange("sha256", None, hostfile.sha256),),
+                     (Write(hostfile.path, hostfile.mode, Text(hostfile.content)),))
+    worker = LaunchdService("com.orch.w", "~/Library/LaunchAgents/com.orch.w.plist", "<plist/>")
+    plan = Plan("t", "t.yml", (HostPlan("a", (written, fetching, restart_change(worker, "x")),
+                                        {}),))
+    assert plan.only(_copies_model_files).changes == [("a", fetching)]
