@@ -91,20 +91,21 @@ class RollReport:
                 "health": self.cutover.extra.get("health")}
 
 
-def _is_model_files(change: Change) -> bool:
-    return change.resource.startswith("model_files:")
+def _copies_model_files(change: Change) -> bool:
+    """What is pre-staged while the old ring serves: the changes that fetch model files (the
+    steps the sync runs), chosen by their step types, not by parsing resource ids."""
+    return bool(change.fetches)
 
 
-def prestaged(old_ring: Sequence[str], cluster: Cluster) -> Callable[[str, Change], bool]:
+def prestaged(old_ring: Sequence[str], worker: str) -> Callable[[str, Change], bool]:
     """What can be applied while the old ring serves: model files on any host, and on a host
     outside the old ring (a node coming back) everything but starting its worker — its
     Python environment, wheelhouse, wired limit and configs — so the cut-over only restarts
-    ranks, and an undrain's outage is a drain's."""
+    ranks, and an undrain's outage is a drain's. `worker` is the worker job's resource id."""
     running = set(old_ring)
-    worker = WorkerLayout.of(cluster).service_id
 
     def keep(host: str, change: Change) -> bool:
-        if _is_model_files(change):
+        if _copies_model_files(change):
             return True
         return (host not in running and change.resource != worker
                 and change.action is not Action.DELETE)
@@ -142,8 +143,8 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
     probe = Probe([api_url(cluster, old)])
     probing = asyncio.create_task(probe.run())
     try:
-        _, staged = await engine.apply(target, options, only=prestaged(old_ring, cluster),
-                                       intent=new,
+        keep = prestaged(old_ring, WorkerLayout.of(cluster).service_id)
+        _, staged = await engine.apply(target, options, only=keep, intent=new,
                                        command=f"orch {'drain' if drain else 'undrain'} "
                                                f"(pre-stage) {node}")
         echo("pre-staged: " + _bytes_line(staged))

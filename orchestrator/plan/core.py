@@ -16,9 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.facts import FactRequest, HostFacts
-from orchestrator.resources.base import Action, Change, FieldChange, Resource, Step
+from orchestrator.resources.base import Action, Change, FieldChange, Resource
+from orchestrator.resources.steps import step_from_json
 
-PLAN_FORMAT = 1
+# 2: typed steps, ``{"op": OP, ...fields}`` (1: ``{"op": OP, "request": {...}}``). Saved plans
+# of another format are refused; managed records of format 1 are still read (`step_from_json`).
+PLAN_FORMAT = 2
 RECORD_ID = "orch:managed-record"
 
 
@@ -66,7 +69,7 @@ def diff_host(cluster: str, resources: Sequence[Resource], facts: HostFacts) -> 
     declared = set(ids)
     removals = [
         Change(entry["id"], Action.DELETE, (FieldChange("declared", True, False),),
-               tuple(Step.from_json(s) for s in entry["cleanup"]))
+               tuple(step_from_json(s) for s in entry["cleanup"]))
         for entry in reversed(previous) if entry["id"] not in declared
     ]
     changes = [c for c in (r.diff(facts) for r in resources) if c is not None]
@@ -130,7 +133,8 @@ class Plan:
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Plan:
         if raw.get("format") != PLAN_FORMAT:
-            raise ValueError(f"plan format {raw.get('format')!r}, expected {PLAN_FORMAT}")
+            raise ValueError(f"plan format {raw.get('format')!r}, this orch reads format "
+                             f"{PLAN_FORMAT}: make the plan again")
         return cls(raw["cluster"], raw["cluster_file"],
                    tuple(HostPlan.from_json(h) for h in raw["hosts"]),
                    dict(raw.get("unreachable", {})))

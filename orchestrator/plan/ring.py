@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from orchestrator.errors import HostError
 from orchestrator.facts import FactRequest, HostFacts, JobState, LaunchdJob
 from orchestrator.plan.core import HostPlan, Plan
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.layout import WorkerLayout
 from orchestrator.worker.status import WorkerState, WorkerStatus, parse_status
@@ -46,10 +46,8 @@ FORMED = (WorkerState.LOADING, WorkerState.SERVING)  # states only reached after
 def restart_change(service: LaunchdService, reason: str) -> Change:
     """Restart an unchanged worker because its ring restarts: the same bootstrap step a
     changed worker gets, so the old process is gone before the new one starts."""
-    step = Step("launchd_bootstrap", {"domain": service.domain, "label": service.label,
-                                      "plist": service.plist_path})
     return Change(service.id, Action.UPDATE, (FieldChange(RESTART_FIELD, None, reason),),
-                  (step,), cleanup=service.cleanup())
+                  (service.bootstrap(),), cleanup=service.cleanup())
 
 
 def _describe(change: Change) -> str:

@@ -1,14 +1,16 @@
 """Where each copy of each model file comes from: the planner's half of the sync. Pure.
 
-`assign_sources` fills the ``source`` of every ``fetch`` step in a plan:
+`assign_sources` fills the ``source`` of every `Fetch` step in a plan:
 
-* ``{"kind": "hub"}`` or ``{"kind": "local"}`` (the controller's copy) for the one *seed* copy
-  of a file that no host holds verified — so each file leaves the Hub (or the controller) at
-  most once for the whole cluster;
-* ``{"kind": "peer", "host": H}`` for every other copy; when H does not hold the file yet but
-  fetches it in the same apply, ``"after": [[H, file]]`` says apply waits for that fetch;
-* ``"fallback": [...]`` (when not empty): the other hosts holding a verified copy now, which
-  apply turns to, in the order they are listed, if the planned source cannot serve.
+* `FromHub` or `FromController` (the controller's copy) for the one *seed* copy of a file that
+  no host holds verified — so each file leaves the Hub (or the controller) at most once for
+  the whole cluster;
+* `FromPeer` ``(H)`` for every other copy; when H does not hold the file yet but fetches it in
+  the same apply, ``scheduled`` says apply waits for that fetch; ``fallback`` (when not
+  empty): the other hosts holding a verified copy now, which apply turns to, in the order
+  they are listed, if the planned source cannot serve.
+
+A source is a type, not a string: a host may be named ``hub`` or ``local`` and is still a peer.
 
 The rule, per file (files in sorted order, hosts in sorted order, so the output is a function
 of the input alone):
@@ -32,12 +34,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
 
 from orchestrator.facts import HostFacts
 from orchestrator.plan.core import HostPlan
-from orchestrator.resources.base import Change, Step
+from orchestrator.resources.base import Change
 from orchestrator.resources.model_files import ModelFiles
+from orchestrator.resources.steps import Fetch, FromPeer, Source, origin
 
 __all__ = ["assign_sources", "holders_of"]
 
@@ -60,13 +62,12 @@ def assign_sources(host_plans: Sequence[HostPlan], facts: Mapping[str, object],
     needers: dict[str, list[str]] = {}
     for host_plan in sorted(host_plans, key=lambda h: h.host):
         for change in host_plan.changes:
-            for step in change.steps:
-                if step.op == "fetch":
-                    needers.setdefault(str(step.request["file"]), []).append(host_plan.host)
+            for fetch in change.fetches:
+                needers.setdefault(fetch.file, []).append(host_plan.host)
 
     served: Counter[str] = Counter()  # copies each host sends, all files together
     seeded: Counter[str] = Counter()  # seed copies each host fetches from the origin
-    sources: dict[tuple[str, str], dict[str, Any]] = {}
+    sources: dict[tuple[str, str], Source] = {}
     for rel in sorted(needers):
         ready = dict.fromkeys(holders.get(rel, ()), 0)
         sends: Counter[str] = Counter()
@@ -74,7 +75,7 @@ def assign_sources(host_plans: Sequence[HostPlan], facts: Mapping[str, object],
         if not ready:
             seed = min(wanting, key=lambda h: (seeded[h], served[h], h))
             seeded[seed] += 1
-            sources[(seed, rel)] = {"kind": model.manifest.seed_kind(rel)}
+            sources[(seed, rel)] = origin(model.manifest.seed_kind(rel))
             ready[seed] = 1
             wanting.remove(seed)
         for host in wanting:
@@ -82,21 +83,16 @@ def assign_sources(host_plans: Sequence[HostPlan], facts: Mapping[str, object],
             sends[src] += 1
             served[src] += 1
             ready[host] = ready[src] + sends[src]
-            source: dict[str, Any] = {"kind": "peer", "host": src}
-            if src not in holders.get(rel, ()):
-                source["after"] = [[src, rel]]
             others = [h for h in holders.get(rel, ()) if h not in (src, host)]
-            if others:
-                source["fallback"] = sorted(others, key=lambda h: (served[h], h))
-            sources[(host, rel)] = source
+            sources[(host, rel)] = FromPeer(
+                src, scheduled=src not in holders.get(rel, ()),
+                fallback=tuple(sorted(others, key=lambda h: (served[h], h))))
 
     def with_source(host: str, change: Change) -> Change:
-        if not any(s.op == "fetch" for s in change.steps):
+        if not change.fetches:
             return change
-        steps = tuple(
-            Step(s.op, {**s.request, "source": sources[(host, str(s.request["file"]))]})
-            if s.op == "fetch" else s
-            for s in change.steps)
+        steps = tuple(replace(s, source=sources[(host, s.file)]) if isinstance(s, Fetch) else s
+                      for s in change.steps)
         return replace(change, steps=steps)
 
     return tuple(replace(h, changes=tuple(with_source(h.host, c) for c in h.changes))

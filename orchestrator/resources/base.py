@@ -2,8 +2,9 @@
 
 A resource never talks to a host. It reads `HostFacts` (gathered once per host by the agent)
 and returns a `Change` only when the host differs from what it wants, so "no change" is
-structural: an empty diff has no steps. Steps are plain data (an agent op and its request),
-which is what lets a plan be printed, saved as JSON, compared and applied exactly later.
+structural: an empty diff has no steps. Steps are typed data, one type per agent op
+(`orchestrator.resources.steps`), which is what lets a plan be printed, saved as JSON, compared
+and applied exactly later.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from orchestrator.facts import FactRequest, HostFacts
+from orchestrator.resources.steps import Fetch, Step, step_from_json
 
 
 class Action(StrEnum):
@@ -26,21 +28,6 @@ class Action(StrEnum):
     @property
     def symbol(self) -> str:
         return {"create": "+", "update": "~", "delete": "-"}[self.value]
-
-
-@dataclass(frozen=True)
-class Step:
-    """One host-side operation: an agent op with its JSON request (see orchestrator/agent)."""
-
-    op: str
-    request: Mapping[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"op": self.op, "request": dict(self.request)}
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Step:
-        return cls(op=str(raw["op"]), request=dict(raw["request"]))
 
 
 @dataclass(frozen=True)
@@ -79,10 +66,15 @@ class Change:
             resource=raw["resource"],
             action=Action(raw["action"]),
             fields=tuple(FieldChange(f["name"], f["before"], f["after"]) for f in raw["fields"]),
-            steps=tuple(Step.from_json(s) for s in raw["steps"]),
+            steps=tuple(step_from_json(s) for s in raw["steps"]),
             diff=raw.get("diff"),
-            cleanup=tuple(Step.from_json(s) for s in raw.get("cleanup", [])),
+            cleanup=tuple(step_from_json(s) for s in raw.get("cleanup", [])),
         )
+
+    @property
+    def fetches(self) -> tuple[Fetch, ...]:
+        """Its model-file copies: the steps the sync runs (concurrently, between hosts)."""
+        return tuple(s for s in self.steps if isinstance(s, Fetch))
 
 
 class Resource(Protocol):

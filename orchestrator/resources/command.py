@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import dataclass
 
 from orchestrator.facts import FactRequest, FileKind, Guard, HostFacts
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.steps import Run, Step
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ class Command:
             fields.append(FieldChange("unless", f"exit {status}", "exit 0"))
         if not fields:
             fields.append(FieldChange("guard", None, "none: runs on every apply"))
-        step = Step("run", {"argv": list(self.argv), "creates": self.creates,
-                            "unless": list(self.unless) if self.unless else None})
+        step = Run(self.argv, creates=self.creates, unless=self.unless or None)
         return Change(self.id, Action.CREATE, tuple(fields), (step,))
 
     def cleanup(self) -> tuple[Step, ...]:

@@ -6,7 +6,8 @@ import hashlib
 from dataclasses import dataclass
 
 from orchestrator.facts import FactRequest, FileKind, HostFacts
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.steps import Mkdir, Remove, Rmdir, Step, Text, Write
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,14 @@ class Directory:
 
     def diff(self, facts: HostFacts) -> Change | None:
         current = facts.file(self.path)
-        step = Step("mkdir", {"path": self.path, "mode": self.mode})
+        step = Mkdir(self.path, self.mode)
         if current.kind is FileKind.MISSING:
             return Change(self.id, Action.CREATE, (FieldChange("kind", "missing", "dir"),),
                           (step,), cleanup=self.cleanup())
         if current.kind is not FileKind.DIR:
             return Change(self.id, Action.UPDATE,
                           (FieldChange("kind", current.kind.value, "dir"),),
-                          (Step("remove", {"path": self.path}), step), cleanup=self.cleanup())
+                          (Remove(self.path), step), cleanup=self.cleanup())
         if current.mode != self.mode:
             return Change(self.id, Action.UPDATE,
                           (FieldChange("mode", _octal(current.mode), _octal(self.mode)),),
@@ -39,7 +40,7 @@ class Directory:
 
     def cleanup(self) -> tuple[Step, ...]:
         # Only an empty directory is removed: files inside may be the user's, not orch's.
-        return (Step("rmdir", {"path": self.path}),)
+        return (Rmdir(self.path),)
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,11 @@ class File:
                 fields.append(FieldChange("mode", _octal(current.mode), _octal(self.mode)))
         if not fields:
             return None
-        write = Step("write", {"path": self.path, "mode": self.mode, "sha256": self.sha256,
-                               "content": self.content})
+        write = Write(self.path, self.mode, Text(self.content))
         return Change(self.id, action, tuple(fields), (write,), cleanup=self.cleanup())
 
     def cleanup(self) -> tuple[Step, ...]:
-        return (Step("remove", {"path": self.path}),)
+        return (Remove(self.path),)
 
 
 def _octal(mode: int | None) -> str | None:

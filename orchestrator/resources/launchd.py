@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState, LaunchdRef
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.steps import LaunchdBootout, LaunchdBootstrap, Remove, Step, Text, Write
 
 HASH_ENV = "ORCH_CONFIG_HASH"
 
@@ -97,8 +98,7 @@ class LaunchdService:
         steps: list[Step] = []
         if plist_file.kind is not FileKind.FILE or plist_file.sha256 != sha:
             fields.append(FieldChange("plist", plist_file.sha256, sha))
-            steps.append(Step("write", {"path": self.plist_path, "mode": 0o644, "sha256": sha,
-                                        "content": self.plist}))
+            steps.append(Write(self.plist_path, 0o644, Text(self.plist)))
         running_hash = job.env.get(HASH_ENV)
         if job.state is JobState.NOT_LOADED:
             fields.append(FieldChange("state", "not_loaded", "running"))
@@ -109,12 +109,14 @@ class LaunchdService:
         if not fields:
             return None
         if any(f.name in ("plist", "state", "config_hash") for f in fields):
-            steps.append(Step("launchd_bootstrap", {"domain": self.domain, "label": self.label,
-                                                    "plist": self.plist_path}))
+            steps.append(self.bootstrap())
         action = (Action.CREATE if job.state is JobState.NOT_LOADED
                   and plist_file.kind is FileKind.MISSING else Action.UPDATE)
         return Change(self.id, action, tuple(fields), tuple(steps), cleanup=self.cleanup())
 
+    def bootstrap(self) -> LaunchdBootstrap:
+        """(Re)load the job from its plist: also how a ring restarts an unchanged worker."""
+        return LaunchdBootstrap(self.domain, self.label, self.plist_path)
+
     def cleanup(self) -> tuple[Step, ...]:
-        return (Step("launchd_bootout", {"domain": self.domain, "label": self.label}),
-                Step("remove", {"path": self.plist_path}))
+        return (LaunchdBootout(self.domain, self.label), Remove(self.plist_path))

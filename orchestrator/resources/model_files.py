@@ -6,7 +6,7 @@ LAN source for it (`verified`). The hashes come from the agent's (size, mtime, i
 facts for a converged node read no file data.
 
 The diff is one change listing the files that are missing or whose sha256 differs, with one
-``fetch`` step per file. A fetch step's ``source`` is None here; the planner fills it in for the
+`Fetch` step per file. A fetch step's ``source`` is None here; the planner fills it in for the
 whole cluster at once (`orchestrator.plan.sources.assign_sources`), because which node a file
 comes from depends on every other node.
 
@@ -30,11 +30,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from orchestrator.facts import FactRequest, FileKind, Guard, HostFacts
 from orchestrator.model.manifest import WEIGHT_GLOB, Manifest, needed_files
-from orchestrator.resources.base import Action, Change, FieldChange, Resource, Step
+from orchestrator.resources.base import Action, Change, FieldChange, Resource
+from orchestrator.resources.steps import Fetch, Prune, Remove, Step
 
 __all__ = ["STRAY_GUARD_SCRIPT", "ModelFiles", "model_files_by_host",
            "model_files_in"]
@@ -110,15 +110,13 @@ class ModelFiles:
                 present += 1
                 before = fact.sha256 if fact.kind is FileKind.FILE else fact.kind.value
             if fact.kind in (FileKind.DIR, FileKind.OTHER):
-                steps.append(Step("remove", {"path": self.path(rel)}))
+                steps.append(Remove(self.path(rel)))
             fields.append(FieldChange(rel, before, entry.sha256))
             steps.append(self.fetch_step(rel))
         strays = facts.guards.get(self.stray_guard.id) == 0
         if strays:
             fields.append(FieldChange("stray_weight_files", "present", "none"))
-            keep = list(self.stray_guard.argv[5:])
-            steps.insert(0, Step("prune", {"path": self.directory, "keep": keep,
-                                           "pattern": WEIGHT_GLOB}))
+            steps.insert(0, Prune(self.directory, self.stray_guard.argv[5:], WEIGHT_GLOB))
         if not fields:
             return None
         total = len(self.needed)
@@ -127,12 +125,10 @@ class ModelFiles:
         action = Action.CREATE if ok == 0 and present == 0 and not strays else Action.UPDATE
         return Change(self.id, action, (summary, *fields), tuple(steps), cleanup=self.cleanup())
 
-    def fetch_step(self, rel: str) -> Step:
+    def fetch_step(self, rel: str) -> Fetch:
         entry = self.manifest.files[rel]
-        request: dict[str, Any] = {"path": self.path(rel), "file": rel, "size": entry.size,
-                                   "sha256": entry.sha256, "git_sha1": entry.git_sha1,
-                                   "source": None}
-        return Step("fetch", request)
+        assert entry.sha256 is not None  # checked for every needed file in __post_init__
+        return Fetch(self.path(rel), rel, entry.size, entry.sha256, entry.git_sha1)
 
     def cleanup(self) -> tuple[Step, ...]:
         # Kept on purpose (see the module docstring): a node that leaves still serves peers.

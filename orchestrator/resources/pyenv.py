@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 
 from orchestrator.facts import FactRequest, HostFacts
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.steps import Remove, Run, Step
 
 
 def normalize(name: str) -> str:
@@ -51,13 +52,13 @@ class PythonEnv:
         steps: list[Step] = []
         if not venv.exists:
             fields.insert(0, FieldChange("venv", "missing", self.path))
-            steps.append(Step("run", {"argv": [self.python, "-m", "venv", relative], "cwd": "~"}))
+            steps.append(Run((self.python, "-m", "venv", relative), cwd="~"))
         if self.packages:
-            install = [f"{relative}/bin/python", "-m", "pip", "install", "--quiet",
-                       "--disable-pip-version-check", *self.pip_args, *self.packages]
-            steps.append(Step("run", {"argv": install, "cwd": "~"}))
+            install = (f"{relative}/bin/python", "-m", "pip", "install", "--quiet",
+                       "--disable-pip-version-check", *self.pip_args, *self.packages)
+            steps.append(Run(install, cwd="~"))
         action = Action.UPDATE if venv.exists else Action.CREATE
         return Change(self.id, action, tuple(fields), tuple(steps), cleanup=self.cleanup())
 
     def cleanup(self) -> tuple[Step, ...]:
-        return (Step("remove", {"path": self.path}),)
+        return (Remove(self.path),)

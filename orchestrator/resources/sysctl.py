@@ -11,8 +11,18 @@ import hashlib
 from dataclasses import dataclass
 
 from orchestrator.facts import FactRequest, FileKind, HostFacts, LaunchdRef
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.launchd import render_plist
+from orchestrator.resources.steps import (
+    InstallSystem,
+    LaunchdBootout,
+    LaunchdBootstrap,
+    RemoveSystem,
+    Run,
+    Step,
+    Text,
+    Write,
+)
 
 DAEMONS_DIR = "/Library/LaunchDaemons"
 
@@ -48,19 +58,16 @@ class Sysctl:
         current = facts.sysctl.get(self.name)
         if current != str(self.value):
             fields.append(FieldChange("value", current, str(self.value)))
-            steps.append(Step("run", {"argv": ["sudo", "-n", "sysctl", "-w",
-                                               f"{self.name}={self.value}"]}))
+            steps.append(Run(("sudo", "-n", "sysctl", "-w", f"{self.name}={self.value}")))
         daemon = facts.file(self.daemon_path)
         sha = hashlib.sha256(self.plist.encode()).hexdigest()
         if daemon.kind is not FileKind.FILE or daemon.sha256 != sha or daemon.mode != 0o644:
             fields.append(FieldChange("persisted by", daemon.sha256, sha))
             staged = f"{self.staging_dir}/{self.label}.plist"
             steps += [
-                Step("write", {"path": staged, "mode": 0o644, "sha256": sha,
-                               "content": self.plist}),
-                Step("install_system", {"src": staged, "dest": self.daemon_path, "mode": 0o644}),
-                Step("launchd_bootstrap", {"domain": "system", "label": self.label,
-                                           "plist": self.daemon_path}),
+                Write(staged, 0o644, Text(self.plist)),
+                InstallSystem(staged, self.daemon_path, 0o644),
+                LaunchdBootstrap("system", self.label, self.daemon_path),
             ]
         if not fields:
             return None
@@ -69,8 +76,7 @@ class Sysctl:
 
     def cleanup(self) -> tuple[Step, ...]:
         return (
-            Step("launchd_bootout", {"domain": "system", "label": self.label}),
-            Step("remove_system", {"path": self.daemon_path}),
-            Step("run", {"argv": ["sudo", "-n", "sysctl", "-w",
-                                  f"{self.name}={self.reset_value}"]}),
+            LaunchdBootout("system", self.label),
+            RemoveSystem(self.daemon_path),
+            Run(("sudo", "-n", "sysctl", "-w", f"{self.name}={self.reset_value}")),
         )

@@ -48,8 +48,9 @@ from pathlib import Path
 
 from orchestrator.errors import PlanError
 from orchestrator.facts import FactRequest, HostFacts
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.pyenv import normalize
+from orchestrator.resources.steps import ControllerFile, Remove, Step, Write
 
 __all__ = [
     "NodePlatform",
@@ -257,11 +258,11 @@ class WheelhouseFiles:
         megabytes = sum(w.size for w in missing) / 1e6
         fields = (FieldChange("wheels", f"{have} of {total} present",
                               f"{total} present (+{len(missing)}, {megabytes:.1f} MB)"),)
-        steps = tuple(Step("write", {"path": self._node_path(w), "mode": 0o644,
-                                     "sha256": w.sha256, "source": f"{self.source}/{w.filename}"})
+        steps = tuple(Write(self._node_path(w), 0o644,
+                            ControllerFile(f"{self.source}/{w.filename}", w.sha256))
                       for w in missing)
         action = Action.CREATE if have == 0 else Action.UPDATE
         return Change(self.id, action, fields, steps, cleanup=self.cleanup())
 
     def cleanup(self) -> tuple[Step, ...]:
-        return (Step("remove", {"path": self.path}),)
+        return (Remove(self.path),)

@@ -21,7 +21,8 @@ import structlog
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import Connection
 from orchestrator.plan import HostPlan, Plan
-from orchestrator.resources.base import Action, Change, Step
+from orchestrator.resources.base import Action, Change
+from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +52,8 @@ class ApplyReport:
 
 
 class TransferHook(Protocol):
-    """How apply hands model-file transfers to the sync (`transfers.TransferContext`):
-    a change with ``fetch`` steps is applied by the hook (its fetches run concurrently and
+    """How apply hands model-file transfers to the sync (`orchestrator.run.transfers`):
+    a change with `Fetch` steps is applied by the hook (its fetches run concurrently and
     wait for peers), and the hook learns when each host starts and stops applying."""
 
     def handles(self, change: Change) -> bool: ...
@@ -66,22 +67,26 @@ class TransferHook(Protocol):
 
 async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
     """One step through the agent. File content travels as raw stdin bytes, never as argv."""
-    if step.op == "fetch":  # its source (a URL, a token) is only known to the transfer context
+    if isinstance(step, Fetch):  # its URL and token are only known to the transfer context
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
-    request = dict(step.request)
-    stdin = None
-    if step.op == "write" and "source" in request:
-        # A controller file (a wheel): the plan holds its path and sha256, never its bytes.
-        stdin = await asyncio.to_thread(Path(str(request.pop("source"))).read_bytes)
-    elif step.op == "write":
-        stdin = str(request.pop("content")).encode()
-    response = await conn.agent(step.op, request, stdin=stdin)
-    if step.op == "run" and not response.get("skipped") and response.get("exit_status") != 0:
-        argv = " ".join(request["argv"])
-        raise ActionFailed(conn.name, f"`{argv}` exited {response.get('exit_status')}: "
+    if isinstance(step, Write):
+        return await conn.agent(step.op, step.request(), stdin=await _bytes(step.payload))
+    response = await conn.agent(step.op, step.request())
+    if isinstance(step, Run) and not response.get("skipped") \
+            and response.get("exit_status") != 0:
+        raise ActionFailed(conn.name, f"`{' '.join(step.argv)}` exited "
+                           f"{response.get('exit_status')}: "
                            f"{str(response.get('stderr', '')).strip()[-2000:]}")
     return response
+
+
+async def _bytes(payload: Payload) -> bytes:
+    """What a write sends: the plan's text, or a controller file read now (a wheel's bytes are
+    never in the plan, only its path and sha256, which the agent checks)."""
+    if isinstance(payload, Text):
+        return payload.data()
+    return await asyncio.to_thread(Path(payload.path).read_bytes)
 
 
 def _interim_record(host_plan: HostPlan) -> dict[str, Any]:

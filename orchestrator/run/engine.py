@@ -26,6 +26,7 @@ from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
+from orchestrator.resources.steps import Text, Write
 from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
@@ -235,9 +236,10 @@ async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
 
 
 def _written(change: Change) -> tuple[str, str] | None:
+    """(path, content) of the change's text write; a controller file (a wheel) has no diff."""
     for step in change.steps:
-        if step.op == "write" and "content" in step.request:  # not a controller file (a wheel)
-            return str(step.request["path"]), str(step.request["content"])
+        if isinstance(step, Write) and isinstance(step.payload, Text):
+            return step.path, step.payload.content
     return None
 
 

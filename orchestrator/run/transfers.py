@@ -18,12 +18,13 @@ starts peer servers with ``async with ctx.serving(conns)`` and hands it to
   failures aside, each file still leaves the Hub once). Waits only ever point along the plan's
   ``after`` edges (acyclic) or at a host fetching from the origin (which waits for nothing), so
   they cannot deadlock.
-* **Sources.** ``hub``: the pinned commit's resolve URL with the Hub token as
-  ``Authorization`` (read at apply time, sent only in the agent's stdin). ``peer``:
-  ``http://ring_ip:port/<file>`` with the peer token. ``local``: the controller's copy, sent
-  through the agent's ``write`` op — the whole file is held in the controller's memory while
-  it is sent, fine for config/tokenizer files and small local models, not for 5 GB shards
-  from a local ``model.path`` (a controller-side HTTP server would lift that).
+* **Sources** (typed: a host is a `FromPeer` whatever its name, ``hub`` and ``local``
+  included). `FromHub`: the pinned commit's resolve URL with the Hub token as
+  ``Authorization`` (read at apply time, sent only in the agent's stdin). `FromPeer`:
+  ``http://ring_ip:port/<file>`` with the peer token. `FromController`: the controller's copy,
+  sent through the agent's ``write`` op — the whole file is held in the controller's memory
+  while it is sent, fine for config/tokenizer files and small local models, not for 5 GB
+  shards from a local ``model.path`` (a controller-side HTTP server would lift that).
 * **Accounting.** Every fetch is recorded with its source, bytes (from the Hub, over the LAN,
   from the controller, kept from an earlier partial, fetched twice), and wall-clock start and
   end (so "no bytes moved during an outage" can be checked). `summary` is what apply reports.
@@ -52,8 +53,17 @@ from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import HubOrigin, Manifest
 from orchestrator.model.token import hub_token, redact
 from orchestrator.plan import Plan
-from orchestrator.resources.base import Change, Resource, Step
+from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.model_files import model_files_in
+from orchestrator.resources.steps import (
+    Fetch,
+    FromController,
+    FromHub,
+    FromPeer,
+    Origin,
+    Source,
+    origin,
+)
 from orchestrator.run.apply import run_step
 from orchestrator.run.progress import Progress, make_progress
 
@@ -90,7 +100,7 @@ class FetchRecord:
 
     host: str
     file: str
-    source: str  # "hub", "local" or the peer host's name
+    source: str  # the peer host's name, or "hub" / "local" for an origin (`kind` tells which)
     kind: str  # "hub", "lan" or "local"
     size: int
     bytes_moved: int  # bytes that crossed the network (or the controller's link) for it
@@ -105,8 +115,11 @@ class FetchRecord:
     error: str | None = None
 
 
-def _kind(source: str) -> str:
-    return source if source in ("hub", "local") else "lan"
+def _describe(source: Source) -> tuple[str, str]:
+    """(source, kind) as the report names them: a peer by its host name, over the "lan"."""
+    if isinstance(source, FromPeer):
+        return source.host, "lan"
+    return source.kind, source.kind
 
 
 class TransferContext:
@@ -131,20 +144,17 @@ class TransferContext:
         self.progress = progress
         self.fetch_slots = fetch_slots
         self.poll_interval = poll_interval
-        self._fetches: dict[tuple[str, str], Mapping[str, Any]] = {}
+        self._fetches: dict[tuple[str, str], Fetch] = {}
         self._holding: dict[str, set[str]] = {}  # file -> hosts holding it verified now
         for host_plan in plan.hosts:
             for change in host_plan.changes:
-                for step in change.steps:
-                    if step.op != "fetch":
-                        continue
-                    rel = str(step.request["file"])
-                    self._fetches[(host_plan.host, rel)] = step.request
-                    source = step.request.get("source") or {}
-                    held = [str(h) for h in source.get("fallback", ())]
-                    if source.get("kind") == "peer" and not source.get("after"):
-                        held.append(str(source["host"]))
-                    self._holding.setdefault(rel, set()).update(held)
+                for fetch in change.fetches:
+                    self._fetches[(host_plan.host, fetch.file)] = fetch
+                    source = fetch.source
+                    held = set(source.fallback) if isinstance(source, FromPeer) else set()
+                    if isinstance(source, FromPeer) and not source.scheduled:
+                        held.add(source.host)
+                    self._holding.setdefault(fetch.file, set()).update(held)
         self._done: dict[tuple[str, str], asyncio.Event] = {}
         self._ok: dict[tuple[str, str], bool] = {}
         self._started: set[str] = set()
@@ -161,7 +171,7 @@ class TransferContext:
     # ------------------------------------------------------------------------- the apply hook
 
     def handles(self, change: Change) -> bool:
-        return any(step.op == "fetch" for step in change.steps)
+        return bool(change.fetches)
 
     def host_started(self, host: str) -> None:
         self._started.add(host)
@@ -177,9 +187,9 @@ class TransferContext:
     async def apply_change(self, conn: Connection, change: Change) -> None:
         """Run a change's other steps in order, then its fetches concurrently."""
         for step in change.steps:
-            if step.op != "fetch":
+            if not isinstance(step, Fetch):
                 await run_step(conn, step)
-        fetches = [s for s in change.steps if s.op == "fetch"]
+        fetches = change.fetches
         poller = (asyncio.create_task(self._poll(conn, fetches))
                   if self.poll_interval > 0 and self.progress is not None else None)
         try:
@@ -214,7 +224,7 @@ class TransferContext:
     def served_files(self, host: str) -> dict[str, str]:
         files = {rel for (h, rel) in self._fetches if h == host}
         files |= {rel for rel, hosts in self._holding.items() if host in hosts}
-        path_of = {rel: str(r["path"]) for (_, rel), r in self._fetches.items()}
+        path_of = {rel: fetch.path for (_, rel), fetch in self._fetches.items()}
         return {"/" + rel: path_of[rel] for rel in sorted(files)}
 
     @contextlib.asynccontextmanager
@@ -232,8 +242,8 @@ class TransferContext:
         show = self.progress is not None and bool(self._fetches)
         if self.progress is not None and show:
             totals: Counter[str] = Counter()
-            for (host, _), request in self._fetches.items():
-                totals[host] += int(request["size"])
+            for (host, _), fetch in self._fetches.items():
+                totals[host] += fetch.size
             self.progress.begin(dict(totals))
         try:
             yield self
@@ -285,39 +295,42 @@ class TransferContext:
     def _can_serve(self, host: str) -> bool:
         return self._serving.get(host, False) and host in self.peers
 
-    async def _choose(self, host: str, rel: str, planned: Mapping[str, Any],
-                      tried: set[str]) -> str | None:
-        """The source to fetch ``rel`` from now (a peer's name, "hub" or "local"), waiting
-        while the planned peer (or a host fetching it from the origin) is still at it."""
-        origin = self.manifest.seed_kind(rel)
+    def _origin(self, rel: str) -> Origin:
+        return origin(self.manifest.seed_kind(rel))
+
+    async def _choose(self, host: str, rel: str, planned: Source,
+                      tried: set[Source]) -> Source | None:
+        """The source to fetch ``rel`` from now (a `FromPeer` naming only its host, or the
+        file's origin), waiting while the planned peer (or a host fetching it from the
+        origin) is still at it. None: every source has been tried."""
+        seed = self._origin(rel)
+        want = planned.host if isinstance(planned, FromPeer) else None
+        order = list(planned.fallback) if isinstance(planned, FromPeer) else []
         while True:
             holders = sorted(h for h in self._holding.get(rel, ())
-                             if h != host and h not in tried and self._can_serve(h))
-            want = str(planned["host"]) if planned.get("kind") == "peer" else None
-            if want is not None and want not in tried and self._can_serve(want):
+                             if h != host and FromPeer(h) not in tried and self._can_serve(h))
+            if want is not None and FromPeer(want) not in tried and self._can_serve(want):
                 if want in holders:
-                    return want
+                    return FromPeer(want)
                 if self._pending(want, rel):
                     await self._event(want, rel).wait()
                     continue
             if holders:
-                order = [str(h) for h in planned.get("fallback", ())]
-                return min(holders, key=lambda h: (self._load[h], h not in order,
-                                                   order.index(h) if h in order else 0, h))
+                return FromPeer(min(holders, key=lambda h: (
+                    self._load[h], h not in order, order.index(h) if h in order else 0, h)))
             seeders = sorted(h for h in self._seeding.get(rel, ()) if h != host)
             if seeders:
                 await self._event(seeders[0], rel).wait()
                 continue
-            if origin in tried:
+            if seed in tried:
                 return None
             self._seeding.setdefault(rel, set()).add(host)
-            return origin
+            return seed
 
-    async def _fetch(self, conn: Connection, step: Step) -> None:
-        host, request = conn.name, step.request
-        rel = str(request["file"])
-        planned = request.get("source") or {"kind": self.manifest.seed_kind(rel)}
-        tried: set[str] = set()
+    async def _fetch(self, conn: Connection, step: Fetch) -> None:
+        host, rel = conn.name, step.file
+        planned = step.source or self._origin(rel)
+        tried: set[Source] = set()
         last: HostError | None = None
         ok = False
         try:
@@ -328,12 +341,12 @@ class TransferContext:
                     raise last
                 tried.add(source)
                 try:
-                    await self._transfer(conn, request, source)
+                    await self._transfer(conn, step, source)
                     ok = True
                 except ActionFailed as exc:
                     last = exc
-                    log.warning("sync_source_failed", host=host, file=rel, source=source,
-                                error=str(exc))
+                    log.warning("sync_source_failed", host=host, file=rel,
+                                source=_describe(source)[0], error=str(exc))
                 finally:
                     self._seeding.get(rel, set()).discard(host)
         finally:
@@ -345,64 +358,63 @@ class TransferContext:
     def _slot(self, host: str) -> asyncio.Semaphore:
         return self._slots.setdefault(host, asyncio.Semaphore(self.fetch_slots))
 
-    async def _transfer(self, conn: Connection, request: Mapping[str, Any], source: str) -> None:
-        host, rel, size = conn.name, str(request["file"]), int(request["size"])
+    async def _transfer(self, conn: Connection, step: Fetch, source: Source) -> None:
+        host, rel, size = conn.name, step.file, step.size
+        name = _describe(source)[0]
+        peer = source.host if isinstance(source, FromPeer) else None
         async with self._slot(host):
-            if source not in ("hub", "local"):
-                self._load[source] += 1
+            if peer is not None:
+                self._load[peer] += 1
             if self.progress is not None:
-                self.progress.started(host, rel, size, source)
+                self.progress.started(host, rel, size, name)
             started, clock = time.time(), time.monotonic()
             try:
-                answer = await self._call(conn, request, source)
+                answer = await self._call(conn, step, source)
             except ActionFailed as exc:
                 self._record(host, rel, source, size, {}, started, ok=False, error=str(exc))
                 if self.progress is not None:
                     self.progress.failed(host, rel, str(exc))
                 raise
             finally:
-                if source not in ("hub", "local"):
-                    self._load[source] -= 1
+                if peer is not None:
+                    self._load[peer] -= 1
             self._record(host, rel, source, size, answer, started, ok=True)
             if self.progress is not None:
-                self.progress.finished(host, rel, size, source, time.monotonic() - clock)
+                self.progress.finished(host, rel, size, name, time.monotonic() - clock)
 
-    async def _call(self, conn: Connection, request: Mapping[str, Any],
-                    source: str) -> dict[str, Any]:
-        rel, size = str(request["file"]), int(request["size"])
+    async def _call(self, conn: Connection, step: Fetch, source: Source) -> dict[str, Any]:
+        rel = step.file
+        timeout = math.ceil(FETCH_BASE_TIMEOUT_S + step.size / MIN_RATE_BPS)
         try:
-            if source == "local":
-                data = await asyncio.to_thread(self.manifest.controller_copies[rel].read_bytes)
-                answer = await conn.agent("write", {"path": request["path"], "mode": 0o644,
-                                                    "sha256": request["sha256"]}, stdin=data)
-                return {"bytes_downloaded": len(data) if answer.get("changed") else 0}
-            fetch: dict[str, Any] = {
-                "path": request["path"], "size": size, "sha256": request["sha256"],
-                "git_sha1": request.get("git_sha1"),
-                "timeout": math.ceil(FETCH_BASE_TIMEOUT_S + size / MIN_RATE_BPS)}
-            if source == "hub":
-                origin = self.manifest.origin
-                assert isinstance(origin, HubOrigin)
-                fetch["url"] = HubClient(origin.endpoint).resolve_url(origin.repo,
-                                                                      origin.commit, rel)
-                fetch["headers"] = ({"Authorization": f"Bearer {self._hub_token}"}
-                                    if self._hub_token else {})
-            else:
-                fetch["url"] = self.peers[source].url(rel)
-                fetch["headers"] = {"Authorization": f"Bearer {self._peer_token}"}
-                fetch["retries"], fetch["backoff"] = PEER_RETRIES, PEER_BACKOFF_S
-            return await conn.agent("fetch", fetch)
+            if isinstance(source, FromController):
+                write = step.from_controller(str(self.manifest.controller_copies[rel]))
+                answer = await run_step(conn, write)
+                return {"bytes_downloaded": step.size if answer.get("changed") else 0}
+            if isinstance(source, FromHub):
+                hub = self.manifest.origin
+                assert isinstance(hub, HubOrigin)
+                url = HubClient(hub.endpoint).resolve_url(hub.repo, hub.commit, rel)
+                headers = ({"Authorization": f"Bearer {self._hub_token}"}
+                           if self._hub_token else {})
+                return await conn.agent(step.op, step.request(url, headers, timeout=timeout))
+            request = step.request(self.peers[source.host].url(rel),
+                                   {"Authorization": f"Bearer {self._peer_token}"},
+                                   timeout=timeout, retries=PEER_RETRIES,
+                                   backoff=PEER_BACKOFF_S)
+            return await conn.agent(step.op, request)
         except ActionFailed as exc:  # a last guard: no token crosses this edge
             message = redact(str(exc).removeprefix(f"{exc.host}: "),
                              self._peer_token, self._hub_token)
             raise ActionFailed(exc.host, message) from None
 
-    def _record(self, host: str, rel: str, source: str, size: int, answer: Mapping[str, Any],
-                started: float, *, ok: bool, error: str | None = None) -> None:
+    def _record(self, host: str, rel: str, source: Source, size: int,
+                answer: Mapping[str, Any], started: float, *, ok: bool,
+                error: str | None = None) -> None:
         moved = int(answer.get("bytes_downloaded", 0))
         resumed = int(answer.get("bytes_resumed", 0))
+        name, kind = _describe(source)
         record = FetchRecord(
-            host=host, file=rel, source=source, kind=_kind(source), size=size,
+            host=host, file=rel, source=name, kind=kind, size=size,
             bytes_moved=moved, bytes_resumed=resumed,
             bytes_refetched=max(0, moved + resumed - size) if ok else 0,
             mismatches=int(answer.get("mismatches", 0)), retries=int(answer.get("retries", 0)),
@@ -411,9 +423,9 @@ class TransferContext:
             error=None if error is None else redact(error, self._peer_token, self._hub_token))
         self._records.append(record)
 
-    async def _poll(self, conn: Connection, fetches: Sequence[Step]) -> None:
+    async def _poll(self, conn: Connection, fetches: Sequence[Fetch]) -> None:
         """Progress of in-flight downloads: the size of their ``.partial`` files (stat only)."""
-        partials = {str(s.request["path"]) + ".partial": str(s.request["file"]) for s in fetches}
+        partials = {f.path + ".partial": f.file for f in fetches}
         while True:
             await asyncio.sleep(self.poll_interval)
             live = {p: rel for p, rel in partials.items() if (conn.name, rel) not in self._ok}

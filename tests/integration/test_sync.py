@@ -97,10 +97,12 @@ def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
 
 
 def write_cluster(directory: Path, hosts: Sequence[RunningHost], hub: TestHub,
-                  nodes: Sequence[str]) -> Path:
+                  nodes: Sequence[str], names: Sequence[str] | None = None) -> Path:
+    """The cluster file and its inventory; ``names``: the hosts' inventory names, in order
+    (their test host names by default)."""
     lines = ["hosts:"]
-    for host in hosts:
-        lines += [f"  {host.name}:", f"    address: {host.address}", f"    port: {host.port}",
+    for host, name in zip(hosts, names or [h.name for h in hosts], strict=True):
+        lines += [f"  {name}:", f"    address: {host.address}", f"    port: {host.port}",
                   f"    user: {host.user}", f"    identity_file: {host.identity_file}",
                   f"    ring_ip: {host.address}",  # the peer servers bind here
                   f"    memory_gb: {host.spec.memory_bytes // GIB}"]
@@ -250,7 +252,7 @@ def test_a_changed_shard_is_reported_and_repaired_from_a_peer(
 
     code, out, _ = orch("plan", cluster, "--detailed-exitcode", "--json", known=known)
     assert code == 2
-    changes = [(h["host"], c["resource"], [s["request"]["file"] for s in c["steps"]])
+    changes = [(h["host"], c["resource"], [s["file"] for s in c["steps"]])
                for h in json.loads(out)["hosts"] for c in h["changes"]]
     assert changes == [(victim.name, "model_files:~/.orch/models/org--tiny", [shard])]
 
@@ -290,3 +292,36 @@ def test_a_node_added_to_the_placement_gets_its_files_from_peers(
         assert needed[host.name] <= set(held(host))
     assert set(held(test_hosts[2])) == needed[test_hosts[2].name]
     assert orch("plan", three, "--detailed-exitcode", known=known)[0] == 0
+
+
+@pytest.mark.usefixtures("sync_env")
+@pytest.mark.parametrize(("holder", "needer"), [("hub", "local"), ("local", "hub")])
+def test_hosts_named_hub_and_local_copy_from_each_other_as_peers(
+    holder: str, needer: str, test_hosts: list[RunningHost], hub: TestHub, model_dir: Path,
+    meta: ModelMeta, tmp_path: Path
+) -> None:
+    """Validation allows host names ``hub`` and ``local``. A copy planned from such a host
+    comes from that host over the LAN: not from the Hub (the peer ``hub``), and not looked up
+    among the controller's copies (the peer ``local``, which ended in a KeyError)."""
+    wipe(test_hosts)
+    names = ["hub", "local"]
+    host = dict(zip(names, test_hosts[:2], strict=True))
+    known = test_hosts[0].known_hosts_file
+    alone = write_cluster(tmp_path / "alone", test_hosts[:2], hub, [holder], names)
+    assert orch("apply", alone, "--yes", known=known)[0] == 0
+    assert held(host[needer]) == {}
+    both = write_cluster(tmp_path / "both", test_hosts[:2], hub, [holder, needer], names)
+
+    hub.reset_stats()
+    code, out, err = orch("apply", both, "--yes", "--json", known=known)
+    assert code == 0, err
+    summary = transfers_of(out)
+    assert summary["files"] > 0 and summary["failed"] == 0
+    assert {(f["host"], f["source"], f["kind"]) for f in summary["fetches"]} == {
+        (needer, holder, "lan")}
+    assert summary["bytes"]["hub"] == summary["bytes"]["local"] == 0
+    assert not any(k.endswith(".safetensors") for k in hub.stats().bytes_served)
+    needed = needed_by(meta, both)
+    assert set(held(host[needer])) == needed[needer]
+    assert_exact([host[needer]], {host[needer].name: needed[needer]}, model_dir)
+    assert orch("plan", both, "--detailed-exitcode", known=known)[0] == 0

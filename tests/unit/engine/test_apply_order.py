@@ -9,7 +9,8 @@ from typing import Any
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import CommandResult, Connection
 from orchestrator.plan import HostPlan, Plan
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.steps import Run
 from orchestrator.run.apply import HostStatus, apply_plan
 
 
@@ -37,7 +38,7 @@ class Recorder:
 
 def host_plan(name: str) -> HostPlan:
     change = Change("command:x", Action.CREATE, (FieldChange("guard", None, "x"),),
-                    (Step("run", {"argv": ["x"]}),))
+                    (Run(("x",)),))
     return HostPlan(name, (change,), {"format": 1, "cluster": "c", "resources": []})
 
 

@@ -7,9 +7,10 @@ import json
 from orchestrator.facts import FileKind, JobState, LaunchdJob
 from orchestrator.plan import Plan, diff_host, record_for
 from orchestrator.plan.ring import RESTART_FIELD, RankView, couple_ring, ring_restart_reasons
-from orchestrator.resources.base import Action, Change, FieldChange, Resource, Step
+from orchestrator.resources.base import Action, Change, FieldChange, Resource
 from orchestrator.resources.files import File
 from orchestrator.resources.launchd import HASH_ENV, LaunchdService, render_plist
+from orchestrator.resources.steps import LaunchdBootstrap
 from orchestrator.worker.status import WorkerState
 from tests.unit.serving.helpers import facts, file_fact, job, status
 
@@ -84,8 +85,7 @@ def test_one_changed_rank_restarts_every_other_rank_once() -> None:
     restart = coupled.hosts[0].changes[0]
     assert restart.action is Action.UPDATE
     assert restart.fields[0] == FieldChange(RESTART_FIELD, None, "mac2 changed (config_hash)")
-    assert restart.steps == (Step("launchd_bootstrap", {"domain": "user", "label": LABEL,
-                                                        "plist": PLIST_PATH}),)
+    assert restart.steps == (LaunchdBootstrap("user", LABEL, PLIST_PATH),)
     assert restart.cleanup == workers["mac1"].cleanup()
     # coupling twice is coupling once; the saved plan round-trips
     assert couple_ring(coupled, workers) == coupled

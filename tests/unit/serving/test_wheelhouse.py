@@ -15,7 +15,8 @@ import pytest
 
 from orchestrator.errors import PlanError
 from orchestrator.executor import LocalConnection
-from orchestrator.resources.base import Action, Step
+from orchestrator.resources.base import Action
+from orchestrator.resources.steps import ControllerFile, Mkdir, Remove, Write
 from orchestrator.resources.wheelhouse import (
     NodePlatform,
     Wheel,
@@ -150,19 +151,20 @@ def test_push_resource_writes_only_missing_wheels_from_the_controller_cache() ->
     none = facts(trees={"~/.orch/wheelhouse": {"other/x.whl": file_fact("c" * 64)}})
     change = push.diff(none)
     assert change is not None and change.action is Action.CREATE
-    assert [s.request["source"] for s in change.steps] == ["/cache/k/a-1-py3-none-any.whl",
-                                                           "/cache/k/b-1-py3-none-any.whl"]
-    assert all("content" not in s.request for s in change.steps)
+    assert change.steps == (
+        Write(paths[0], 0o644, ControllerFile("/cache/k/a-1-py3-none-any.whl", "a" * 64)),
+        Write(paths[1], 0o644, ControllerFile("/cache/k/b-1-py3-none-any.whl", "b" * 64)))
     half = facts(trees={"~/.orch/wheelhouse": {names[0]: file_fact("a" * 64),
                                                names[1]: file_fact("0" * 64)}})
     change = push.diff(half)
     assert change is not None and change.action is Action.UPDATE
-    assert [s.request["path"] for s in change.steps] == [paths[1]]
+    assert [s.path for s in change.steps if isinstance(s, Write)] == [paths[1]]
+    assert len(change.steps) == 1
     assert change.fields[0].before == "1 of 2 present"
     done = facts(trees={"~/.orch/wheelhouse": {names[0]: file_fact("a" * 64),
                                                names[1]: file_fact("b" * 64)}})
     assert push.diff(done) is None
-    assert push.cleanup() == (Step("remove", {"path": "~/.orch/wheelhouse/k"}),)
+    assert push.cleanup() == (Remove("~/.orch/wheelhouse/k"),)
 
 
 def test_run_step_pushes_binary_bytes_verified(tmp_path: Path) -> None:
@@ -171,13 +173,12 @@ def test_run_step_pushes_binary_bytes_verified(tmp_path: Path) -> None:
     source.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     conn = LocalConnection(tmp_path / "home", name="node")
-    step = Step("write", {"path": "~/wh/w.whl", "mode": 0o644, "sha256": sha,
-                          "source": str(source)})
+    step = Write("~/wh/w.whl", 0o644, ControllerFile(str(source), sha))
 
     async def go() -> None:
         assert (await run_step(conn, step))["changed"] is True
-        await run_step(conn, Step("mkdir", {"path": "~/other", "mode": 0o755}))
-        bad = Step("write", {**step.request, "sha256": "0" * 64})
+        await run_step(conn, Mkdir("~/other", 0o755))
+        bad = Write("~/wh/w.whl", 0o644, ControllerFile(str(source), "0" * 64))
         from orchestrator.errors import ActionFailed
 
         with pytest.raises(ActionFailed, match="sha256 mismatch"):

@@ -10,6 +10,7 @@ from orchestrator.facts import FileFact, FileKind, HostFacts
 from orchestrator.model.manifest import Entry, HubOrigin, Manifest
 from orchestrator.plan import HostPlan, diff_host
 from orchestrator.resources.model_files import ModelFiles
+from orchestrator.resources.steps import Source
 
 DIRECTORY = "~/.orch/models/org--tiny"
 WEIGHTS = tuple(f"model-0000{i}-of-00006.safetensors" for i in range(1, 7))
@@ -58,6 +59,12 @@ def plans(models: Mapping[str, ModelFiles], all_facts: Mapping[str, HostFacts]) 
     return [diff_host("t", [models[h]], all_facts[h]) for h in sorted(models)]
 
 
-def sources(host_plans: Iterable[HostPlan]) -> dict[tuple[str, str], dict[str, object]]:
-    return {(h.host, str(s.request["file"])): dict(s.request["source"])
-            for h in host_plans for c in h.changes for s in c.steps if s.op == "fetch"}
+def sources(host_plans: Iterable[HostPlan]) -> dict[tuple[str, str], Source]:
+    """(host, file) -> the planned source of every fetch (each has one once planned)."""
+    found: dict[tuple[str, str], Source] = {}
+    for h in host_plans:
+        for c in h.changes:
+            for s in c.fetches:
+                assert s.source is not None, (h.host, s.file)
+                found[(h.host, s.file)] = s.source
+    return found

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.drain import prestaged
 from orchestrator.facts import FileFact, FileKind
 from orchestrator.model.manifest import model_directory
-from orchestrator.resources.base import Action
+from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.ring import restart_change
+from orchestrator.resources.base import Action, Change, FieldChange
+from orchestrator.resources.files import File
+from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.model_files import (
     ModelFiles,
     model_files_by_host,
     model_files_in,
 )
+from orchestrator.resources.steps import Fetch, Prune, Remove, Text, Write
 from tests.unit.sync.helpers import DIRECTORY, META, WEIGHTS, facts, manifest, node, sha
 
 
@@ -34,12 +40,12 @@ def test_fresh_host_fetches_each_needed_file_once_in_order() -> None:
     change = model.diff(facts("a", model))
     assert change is not None and change.action is Action.CREATE
     wanted = sorted([*WEIGHTS[:2], *META])
-    assert [s.op for s in change.steps] == ["fetch"] * len(wanted)
-    assert [s.request["file"] for s in change.steps] == wanted
+    assert change.fetches == change.steps
+    assert [s.file for s in change.fetches] == wanted
     entry = model.manifest.files[WEIGHTS[0]]
-    assert dict(change.steps[1].request) == {
-        "path": f"{DIRECTORY}/{WEIGHTS[0]}", "file": WEIGHTS[0], "size": entry.size,
-        "sha256": entry.sha256, "git_sha1": None, "source": None}
+    assert entry.sha256 is not None
+    assert change.steps[1] == Fetch(f"{DIRECTORY}/{WEIGHTS[0]}", WEIGHTS[0], entry.size,
+                                    entry.sha256, git_sha1=None, source=None)
     assert change.fields[0].name == "verified"
     assert (change.fields[0].before, change.fields[0].after) == ("0 of 5 files", "5 of 5 files")
     assert change.cleanup == ()
@@ -52,7 +58,7 @@ def test_one_changed_file_is_named_with_both_hashes() -> None:
     change = model.diff(facts("a", model, held, wrong={bad: "f" * 64}))
     assert change is not None and change.action is Action.UPDATE
     assert [(f.name, f.before, f.after) for f in change.fields[1:]] == [(bad, "f" * 64, sha(bad))]
-    assert [s.request["file"] for s in change.steps] == [bad]
+    assert [s.file for s in change.fetches] == [bad] and change.fetches == change.steps
 
 
 def test_facts_ask_for_every_hashed_file_of_the_revision_and_the_guard() -> None:
@@ -68,10 +74,7 @@ def test_stray_weights_are_pruned_before_fetching() -> None:
     assert change is not None and change.action is Action.UPDATE
     assert [(f.name, f.before, f.after) for f in change.fields[1:]] == [
         ("stray_weight_files", "present", "none")]
-    [prune] = change.steps
-    assert prune.op == "prune"
-    assert prune.request == {"path": DIRECTORY, "keep": sorted(WEIGHTS),
-                             "pattern": "model*.safetensors"}
+    assert change.steps == (Prune(DIRECTORY, tuple(sorted(WEIGHTS)), "model*.safetensors"),)
 
 
 def test_something_else_in_a_files_place_is_removed_first() -> None:
@@ -81,8 +84,8 @@ def test_something_else_in_a_files_place_is_removed_first() -> None:
     files = {**held.files, path: FileFact(FileKind.DIR, None, 0o755, None)}
     change = model.diff(type(held)(**{**held.__dict__, "files": files}))
     assert change is not None
-    assert [(s.op, s.request["path"]) for s in change.steps] == [("remove", path),
-                                                                 ("fetch", path)]
+    [remove, fetch] = change.steps
+    assert remove == Remove(path) and isinstance(fetch, Fetch) and fetch.path == path
     assert change.fields[1].before == "dir"
 
 
@@ -135,3 +138,23 @@ def test_stray_guard_finds_only_undeclared_model_weights(home: Path) -> None:
     assert guard_status(home, model) == 1  # declared, unrelated, partial, dir: no stray
     (directory / "model-00001-of-00009.safetensors").symlink_to(directory / WEIGHTS[0])
     assert guard_status(home, model) == 0
+
+
+def test_drain_pre_stages_the_changes_that_copy_model_files_and_nothing_else() -> None:
+    """`orch drain` copies files while the old ring serves: it keeps the changes carrying
+    `Fetch` steps (found by type, not by a resource id's prefix); a restart must wait. A node
+    coming back (outside the old ring) also gets everything but its worker's start then, so
+    an undrain's cut-over only restarts ranks (issue #13 item 12)."""
+    model = node(WEIGHTS[:2])
+    fetching = model.diff(facts("a", model))
+    assert fetching is not None
+    hostfile = File("~/.orch/serve/lab/hostfile.json", "[]\n")
+    written = Change(hostfile.id, Action.CREATE, (FieldChange("sha256", None, hostfile.sha256),),
+                     (Write(hostfile.path, hostfile.mode, Text(hostfile.content)),))
+    worker = LaunchdService("com.orch.w", "~/Library/LaunchAgents/com.orch.w.plist", "<plist/>")
+    restart = restart_change(worker, "x")
+    gone = Change("directory:~/old", Action.DELETE, (), ())
+    plan = Plan("t", "t.yml", (HostPlan("a", (written, fetching, restart), {}),
+                               HostPlan("b", (written, fetching, restart, gone), {})))
+    keep = prestaged(["a"], worker.id)
+    assert plan.only(keep).changes == [("a", fetching), ("b", written), ("b", fetching)]

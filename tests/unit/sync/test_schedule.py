@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
 
+from orchestrator.plan import Plan
 from orchestrator.plan.sources import assign_sources, holders_of
 from orchestrator.resources.model_files import ModelFiles
+from orchestrator.resources.steps import Fetch, FromController, FromHub, FromPeer
 from tests.unit.sync.helpers import META, WEIGHTS, facts, manifest, node, plans, sources
 
 EVERYTHING = (*WEIGHTS, *META)
@@ -19,14 +22,14 @@ def test_fresh_cluster_each_file_leaves_the_origin_once_and_seeds_spread() -> No
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["a"]))
     for rel in EVERYTHING:
         copies = {h: s for (h, f), s in out.items() if f == rel}
-        seeds = [h for h, s in copies.items() if s["kind"] != "peer"]
+        seeds = [h for h, s in copies.items() if not isinstance(s, FromPeer)]
         assert len(seeds) == 1, (rel, copies)
-        assert copies[seeds[0]] == {"kind": "local" if rel in META else "hub"}
+        assert copies[seeds[0]] == (FromController() if rel in META else FromHub())
         for host, source in copies.items():
             if host != seeds[0]:
-                assert source["kind"] == "peer" and source["host"] in copies
-                assert source["after"] == [[source["host"], rel]]
-    seeded = Counter(h for (h, _), s in out.items() if s["kind"] != "peer")
+                assert isinstance(source, FromPeer) and source.host in copies
+                assert source.scheduled and source.fallback == ()
+    seeded = Counter(h for (h, _), s in out.items() if not isinstance(s, FromPeer))
     assert set(seeded) == {"a", "b", "c"}, seeded  # every node downloads part of the model
 
 
@@ -35,7 +38,8 @@ def test_copies_grow_as_a_tree_not_a_chain_or_a_star() -> None:
     all_facts = {h: facts(h, m) for h, m in models.items()}
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["n0"]))
     rel = WEIGHTS[0]
-    parent = {h: s.get("host") for (h, f), s in out.items() if f == rel}
+    parent = {h: s.host if isinstance(s, FromPeer) else None
+              for (h, f), s in out.items() if f == rel}
 
     def depth(host: str) -> int:
         up = parent[host]
@@ -53,7 +57,7 @@ def test_a_repaired_file_comes_from_a_holder_right_away() -> None:
                  "b": facts("b", models["b"], set(EVERYTHING) - {bad}, wrong={bad: "0" * 64}),
                  "c": facts("c", models["c"], EVERYTHING)}
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["a"]))
-    assert out == {("b", bad): {"kind": "peer", "host": "a", "fallback": ["c"]}}
+    assert out == {("b", bad): FromPeer("a", fallback=("c",))}
     assert holders_of(all_facts, models["a"])[bad] == ("a", "c")  # a wrong copy holds nothing
 
 
@@ -64,9 +68,10 @@ def test_a_new_node_takes_everything_from_its_peers_spread_over_them() -> None:
                  "c": facts("c", models["c"])}
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["a"]))
     assert {k[0] for k in out} == {"c"} and len(out) == len(EVERYTHING)
-    assert all(s["kind"] == "peer" and "after" not in s for s in out.values())
-    assert all(s["fallback"] == [({"a", "b"} - {s["host"]}).pop()] for s in out.values())
-    load = Counter(str(s["host"]) for s in out.values())
+    peers = [s for s in out.values() if isinstance(s, FromPeer) and not s.scheduled]
+    assert len(peers) == len(out)
+    assert all(s.fallback == (({"a", "b"} - {s.host}).pop(),) for s in peers)
+    load = Counter(s.host for s in peers)
     assert abs(load["a"] - load["b"]) <= 1, load
 
 
@@ -76,7 +81,7 @@ def test_a_drained_holder_is_still_a_source() -> None:
     all_facts = {"a": facts("a", models["a"], META),
                  "d": facts("d", models["d"], WEIGHTS)}  # drained: needs nothing, holds all
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["a"]))
-    assert out == {("a", rel): {"kind": "peer", "host": "d"} for rel in WEIGHTS[:3]}
+    assert out == {("a", rel): FromPeer("d") for rel in WEIGHTS[:3]}
 
 
 def test_output_depends_on_the_input_only_not_its_order() -> None:
@@ -93,19 +98,18 @@ def test_output_depends_on_the_input_only_not_its_order() -> None:
 
 
 def test_waits_only_follow_earlier_copies_of_the_same_file() -> None:
-    """Every `after` names the same file on a host whose own copy does not (transitively) wait
-    for this one: the wait graph is acyclic, so apply cannot deadlock."""
+    """Every scheduled peer fetches the same file itself, and its own copy does not
+    (transitively) wait for this one: the wait graph is acyclic, so apply cannot deadlock."""
     models = {h: node(WEIGHTS) for h in "abcdefg"}
     all_facts = {h: facts(h, m) for h, m in models.items()}
     out = sources(assign_sources(plans(models, all_facts), all_facts, models["a"]))
     for (host, rel), source in out.items():
         seen = {host}
-        while "after" in source:
-            [[up, up_rel]] = source["after"]  # type: ignore[misc]
-            assert up_rel == rel and up not in seen
-            seen.add(up)
-            source = out[(up, rel)]
-        assert source["kind"] in ("hub", "local", "peer")
+        while isinstance(source, FromPeer) and source.scheduled:
+            assert source.host not in seen
+            seen.add(source.host)
+            source = out[(source.host, rel)]  # the peer's own copy of the same file
+        assert isinstance(source, FromHub | FromController) or not source.scheduled
 
 
 def test_steps_other_than_fetch_are_untouched() -> None:
@@ -113,6 +117,20 @@ def test_steps_other_than_fetch_are_untouched() -> None:
     all_facts = {"a": facts("a", models["a"], strays=True)}
     [before] = plans(models, all_facts)
     [after] = assign_sources([before], all_facts, models["a"])
-    assert [s for s in after.changes[0].steps if s.op != "fetch"] == \
-        [s for s in before.changes[0].steps if s.op != "fetch"]
+    assert [s for s in after.changes[0].steps if not isinstance(s, Fetch)] == \
+        [s for s in before.changes[0].steps if not isinstance(s, Fetch)]
     assert after.changes[0].steps[0].op == "prune"
+
+
+def test_hosts_named_hub_and_local_are_scheduled_as_peers_not_origins() -> None:
+    """Validation allows host names ``hub`` and ``local``: each copy between them is planned
+    from the other *host*, and stays so through a saved plan's JSON."""
+    models = {h: node(WEIGHTS) for h in ("hub", "local")}
+    all_facts = {"hub": facts("hub", models["hub"], [*WEIGHTS[:3], *META]),
+                 "local": facts("local", models["local"], WEIGHTS[3:])}
+    planned = assign_sources(plans(models, all_facts), all_facts, models["hub"])
+    expected = {("local", rel): FromPeer("hub") for rel in (*WEIGHTS[:3], *META)}
+    expected |= {("hub", rel): FromPeer("local") for rel in WEIGHTS[3:]}
+    assert sources(planned) == expected
+    saved = Plan.from_json(json.loads(json.dumps(Plan("t", "t.yml", planned).to_json())))
+    assert sources(saved.hosts) == expected

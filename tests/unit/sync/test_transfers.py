@@ -22,8 +22,9 @@ from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import Manifest, hub_manifest
 from orchestrator.plan import Plan, diff_host, fact_request
 from orchestrator.plan.sources import assign_sources
-from orchestrator.resources.base import Action, Change, FieldChange, Step
+from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
+from orchestrator.resources.steps import FromPeer, Run, Source
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.progress import EventProgress, Progress, RichProgress, Tracker
 from orchestrator.run.transfers import Peer, TransferContext, summary_text
@@ -158,11 +159,39 @@ def test_each_file_leaves_the_hub_once_and_every_node_gets_exactly_its_files(
                                                               for h in SPLIT)
     assert sum(summary["served"].values()) == summary["bytes"]["lan"]
     assert all(r.finished_at >= r.started_at for r in ctx.records)
-    planned = {(h.host, str(s.request["file"])): s.request["source"]
-               for h in plan.hosts for c in h.changes for s in c.steps if s.op == "fetch"}
-    used = {(r.host, r.file): r.source for r in ctx.records}
-    assert used == {k: s.get("host", s["kind"]) for k, s in planned.items()}  # as planned
+    assert used_as_planned(plan, ctx)
     assert not cluster.plan().has_changes
+
+
+def used_as_planned(plan: Plan, ctx: TransferContext) -> bool:
+    """Every copy came from its planned source: the peer's host (kind "lan"), or the origin."""
+    def named(source: Source | None) -> tuple[str, str]:
+        assert source is not None
+        return (source.host, "lan") if isinstance(source, FromPeer) else (source.kind,
+                                                                           source.kind)
+
+    planned = {(h.host, f.file): named(f.source)
+               for h in plan.hosts for c in h.changes for f in c.fetches}
+    return {(r.host, r.file): (r.source, r.kind) for r in ctx.records} == planned
+
+
+def test_hosts_named_hub_and_local_serve_each_other_as_peers(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Validation allows these names; a copy planned from the peer `hub` must not be fetched
+    from the Hub, nor one from the peer `local` be looked up among the controller's copies."""
+    for c in make_cluster(tmp_path, model_dir, {"hub": WEIGHTS, "local": WEIGHTS}):
+        plan = c.plan()
+        peers = {f.source.host for h in plan.hosts for ch in h.changes for f in ch.fetches
+                 if isinstance(f.source, FromPeer)}
+        assert peers == {"hub", "local"}  # each seeds part and takes the rest from the other
+        report, ctx = c.apply(plan)
+        assert report.by_status(HostStatus.CHANGED) == ["hub", "local"], report
+        assert_verified(c, model_dir)
+        assert used_as_planned(plan, ctx)
+        assert set(c.hub.stats().complete_serves.values()) == {1}  # each left the Hub once
+        assert ctx.summary()["bytes"]["lan"] == sum(
+            c.manifest.files[r.file].size for r in ctx.records if r.kind == "lan") > 0
 
 
 def test_a_repair_falls_back_to_another_holder_when_the_planned_one_cannot_serve(
@@ -175,9 +204,8 @@ def test_a_repair_falls_back_to_another_holder_when_the_planned_one_cannot_serve
         bad.write_bytes(bad.read_bytes()[:-1] + b"!")
         plan = c.plan()
         [(host, change)] = plan.changes
-        [step] = change.steps
-        assert (host, step.request["source"]) == ("b", {"kind": "peer", "host": "a",
-                                                        "fallback": ["c"]})
+        [step] = change.fetches
+        assert (host, step.source) == ("b", FromPeer("a", fallback=("c",)))
         with socket.socket() as squatter:  # a's port is taken: its server cannot start
             squatter.bind(("127.0.0.1", c.peers["a"].port))
             c.hub.reset_stats()
@@ -204,7 +232,7 @@ def test_a_host_failing_before_its_fetches_does_not_strand_the_others(
 ) -> None:
     plan = cluster.plan()
     boom = Change("command:boom", Action.CREATE, (FieldChange("ran", None, True),),
-                  (Step("run", {"argv": ["false"]}),))
+                  (Run(("false",)),))
     hosts = tuple(replace(h, changes=(boom, *h.changes)) if h.host == "a" else h
                   for h in plan.hosts)
     report, _ = cluster.apply(replace(plan, hosts=hosts))
