@@ -1,8 +1,9 @@
 """`LocalConnection`: the Connection protocol on this machine, for fast tests without SSH.
 
-It runs the same argv and the same agent shipping scripts as the SSH connection, only through a
-local subprocess with ``HOME`` pointed at a directory of the test's choosing, so resources and the
-agent are exercised for real and round trips are counted the same way.
+It runs the same argv, the same agent shipping scripts and the same framed agent session as the
+SSH connection, only through local subprocesses with ``HOME`` pointed at a directory of the
+test's choosing, so resources, the agent and the session protocol are exercised for real and
+round trips are counted the same way.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from orchestrator.errors import ActionFailed
 
-from .agentcall import call_agent
-from .base import CommandResult
+from .agentcall import ONE_SHOT_OPS, call_agent
+from .base import AgentStep, CommandResult, StepOutcome
+from .session import AgentSession, ChannelClosed
 
 __all__ = ["LocalConnection"]
 
@@ -38,6 +40,7 @@ class LocalConnection:
         env: Mapping[str, str] | None = None,
         agent_python: str = sys.executable,
         command_timeout: float = 600,
+        install_agent: bool = True,
     ) -> None:
         self.name = name
         self.round_trips = 0
@@ -45,7 +48,16 @@ class LocalConnection:
         home.mkdir(parents=True, exist_ok=True)
         self.agent_python = agent_python
         self.command_timeout = command_timeout
+        self.install_agent = install_agent
         self._env = {**os.environ, "HOME": str(home), **(env or {})}
+        self.session = AgentSession(
+            name,
+            self._spawn,
+            self.run,
+            python=agent_python,
+            command_timeout=command_timeout,
+            install=install_agent,
+        )
 
     async def run(
         self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
@@ -82,6 +94,8 @@ class LocalConnection:
     async def agent(
         self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
     ) -> dict[str, Any]:
+        if op not in ONE_SHOT_OPS:
+            return await self.session.call(op, request, stdin)
         return await call_agent(
             self.name,
             self.run,
@@ -90,7 +104,84 @@ class LocalConnection:
             stdin=stdin,
             python=self.agent_python,
             command_timeout=self.command_timeout,
+            install=self.install_agent,
         )
 
+    async def agent_batch(self, steps: Sequence[AgentStep]) -> list[StepOutcome]:
+        return await self.session.batch(steps)
+
+    async def _spawn(self, argv: Sequence[str]) -> _LocalChannel:
+        """Start a process for the agent session (counted as a round trip)."""
+        self.round_trips += 1
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+                cwd=self.home,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise ActionFailed(self.name, f"cannot start {argv[0]} in {self.home}") from None
+        return _LocalChannel(proc)
+
     async def close(self) -> None:
-        """Nothing to close; present for the protocol."""
+        """End the agent session, if one is open."""
+        await self.session.close()
+
+
+class _LocalChannel:
+    """A local subprocess as a session.AgentChannel (its "connection" is never lost)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._proc = proc
+        self._stdin, self._stdout, self._stderr_stream = proc.stdin, proc.stdout, proc.stderr
+        self._stderr = b""
+        self._drain = asyncio.get_running_loop().create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        """Read stderr as it comes: an unread pipe fills and stalls the agent."""
+        with contextlib.suppress(OSError):
+            while chunk := await self._stderr_stream.read(65536):
+                self._stderr = (self._stderr + chunk)[-4096:]
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._stdin.write(data)
+            await self._stdin.drain()
+        except (OSError, RuntimeError) as exc:  # BrokenPipe, reset, or a closed transport
+            raise ChannelClosed(str(exc) or type(exc).__name__) from exc
+
+    async def read_exactly(self, size: int) -> bytes:
+        try:
+            return await self._stdout.readexactly(size)
+        except asyncio.IncompleteReadError as exc:
+            raise ChannelClosed("the agent's output ended") from exc
+        except OSError as exc:
+            raise ChannelClosed(str(exc) or type(exc).__name__) from exc
+
+    async def finish(self, timeout: float) -> int | None:
+        with contextlib.suppress(OSError, RuntimeError):
+            self._stdin.close()
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), timeout)
+        except TimeoutError:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain, 1.0)
+        return 128 - code if code < 0 else code
+
+    def kill(self) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._drain.cancel()
+
+    def stderr_tail(self) -> str:
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    def connection_lost(self) -> bool:
+        return False
