@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,9 @@ class _LocalChannel:
         self._stdin, self._stdout, self._stderr_stream = proc.stdin, proc.stdout, proc.stderr
         self._stderr = b""
         self._drain = asyncio.get_running_loop().create_task(self._read_stderr())
+        # A test that never closes its LocalConnection must not leave agents waiting for
+        # stdin until the test process ends: the agent goes when its channel does.
+        weakref.finalize(self, _kill_group, proc)
 
     async def _read_stderr(self) -> None:
         """Read stderr as it comes: an unread pipe fills and stalls the agent."""
@@ -175,13 +179,19 @@ class _LocalChannel:
         return 128 - code if code < 0 else code
 
     def kill(self) -> None:
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._drain.cancel()
+        _kill_group(self._proc)
+        with contextlib.suppress(RuntimeError):  # its event loop may be closed already
+            self._drain.cancel()
 
     def stderr_tail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip()
 
     def connection_lost(self) -> bool:
         return False
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the agent's process group (it leads its own session) unless it has exited."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -119,6 +119,7 @@ class AgentSession:
         self._command_timeout = command_timeout
         self._install = install
         self._lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the channel and lock live
         self._channel: AgentChannel | None = None
         self.pid: int | None = None  # the agent's pid on the host, from its hello
 
@@ -156,8 +157,11 @@ class AgentSession:
     async def close(self) -> None:
         """End the session: close the agent's stdin (it exits at the frame boundary), wait
         briefly, kill it if it lingers. Safe when no session is open."""
-        channel, self._channel = self._channel, None
+        channel, self._channel, self.pid = self._channel, None, None
         if channel is None:
+            return
+        if self._loop is not asyncio.get_running_loop():  # opened under a loop now gone
+            channel.kill()
             return
         try:
             await channel.finish(CLOSE_WAIT)
@@ -172,6 +176,7 @@ class AgentSession:
         self, op: str, request: Mapping[str, Any], payload: bytes, timeout: float
     ) -> dict[str, Any]:
         header = json.dumps({"op": op, "request": dict(request)}, separators=(",", ":")).encode()
+        self._bind_loop()
         async with self._lock:
             channel: AgentChannel | None = None
             try:
@@ -191,6 +196,19 @@ class AgentSession:
             except BaseException:  # cancelled mid-frame: the stream can no longer be trusted
                 self._drop(channel)
                 raise
+
+    def _bind_loop(self) -> None:
+        """A connection used from a new event loop (a second ``asyncio.run``, as tests do with
+        LocalConnection) cannot use a channel or lock of the old one: kill that agent, start
+        over. Only the first loop's channel is lost; nothing on the host depends on it."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._channel is not None:
+            self._channel.kill()
+        self._channel, self.pid = None, None
+        self._lock = asyncio.Lock()
+        self._loop = loop
 
     def _drop(self, channel: AgentChannel | None) -> None:
         if channel is not None:

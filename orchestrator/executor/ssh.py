@@ -180,8 +180,9 @@ class _SSHChannel:
     def kill(self) -> None:
         with contextlib.suppress(asyncssh.Error, OSError):  # honoured by OpenSSH >= 7.9
             self._process.send_signal("KILL")
-        self._process.close()
-        self._drain.cancel()
+        with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):  # RuntimeError: loop gone
+            self._process.close()
+            self._drain.cancel()
 
     def stderr_tail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip()
