@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from orchestrator.errors import ActionFailed
 
@@ -115,11 +117,11 @@ class LocalConnection:
         """Start a process for the agent session (counted as a round trip)."""
         self.round_trips += 1
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 env=self._env,
                 cwd=self.home,
                 start_new_session=True,
@@ -134,54 +136,62 @@ class LocalConnection:
 
 
 class _LocalChannel:
-    """A local subprocess as a session.AgentChannel (its "connection" is never lost)."""
+    """A local subprocess as a session.AgentChannel (its "connection" is never lost).
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    Why blocking pipes read in threads instead of asyncio's subprocess transports: tests drive
+    one LocalConnection from several ``asyncio.run`` calls and do not always close it, and a
+    transport outliving its loop fails when it is collected (at any moment, even inside
+    another module's compile). A Popen belongs to no loop.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         self._proc = proc
-        self._stdin, self._stdout, self._stderr_stream = proc.stdin, proc.stdout, proc.stderr
+        self._stdin, self._stdout = proc.stdin, proc.stdout
         self._stderr = b""
-        self._drain = asyncio.get_running_loop().create_task(self._read_stderr())
+        self._drain = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
+        self._drain.start()
         # A test that never closes its LocalConnection must not leave agents waiting for
         # stdin until the test process ends: the agent goes when its channel does.
         weakref.finalize(self, _kill_group, proc)
 
-    async def _read_stderr(self) -> None:
+    def _read_stderr(self, stream: IO[bytes]) -> None:
         """Read stderr as it comes: an unread pipe fills and stalls the agent."""
-        with contextlib.suppress(OSError):
-            while chunk := await self._stderr_stream.read(65536):
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(stream.fileno(), 65536):
                 self._stderr = (self._stderr + chunk)[-4096:]
 
     async def write(self, data: bytes) -> None:
-        try:
+        def send() -> None:
             self._stdin.write(data)
-            await self._stdin.drain()
-        except (OSError, RuntimeError) as exc:  # BrokenPipe, reset, or a closed transport
+            self._stdin.flush()
+
+        try:
+            await asyncio.to_thread(send)
+        except (OSError, ValueError) as exc:  # BrokenPipe, or the pipe closed by kill
             raise ChannelClosed(str(exc) or type(exc).__name__) from exc
 
     async def read_exactly(self, size: int) -> bytes:
         try:
-            return await self._stdout.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            raise ChannelClosed("the agent's output ended") from exc
-        except OSError as exc:
+            data = await asyncio.to_thread(self._stdout.read, size)
+        except (OSError, ValueError) as exc:
             raise ChannelClosed(str(exc) or type(exc).__name__) from exc
+        if len(data) < size:
+            raise ChannelClosed("the agent's output ended")
+        return data
 
     async def finish(self, timeout: float) -> int | None:
-        with contextlib.suppress(OSError, RuntimeError):
+        with contextlib.suppress(OSError, ValueError):
             self._stdin.close()
         try:
-            code = await asyncio.wait_for(self._proc.wait(), timeout)
-        except TimeoutError:
+            code = await asyncio.to_thread(self._proc.wait, timeout)
+        except subprocess.TimeoutExpired:
             return None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain, 1.0)
+        await asyncio.to_thread(self._drain.join, 1.0)
         return 128 - code if code < 0 else code
 
     def kill(self) -> None:
         _kill_group(self._proc)
-        with contextlib.suppress(RuntimeError):  # its event loop may be closed already
-            self._drain.cancel()
 
     def stderr_tail(self) -> str:
         return self._stderr.decode("utf-8", "replace").strip()
@@ -190,8 +200,14 @@ class _LocalChannel:
         return False
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the agent's process group (it leads its own session) unless it has exited."""
-    if proc.returncode is None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the agent's process group (it leads its own session) and reap it."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    for stream in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):
+            if stream is not None:
+                stream.close()

@@ -339,3 +339,21 @@ def test_raw_session_truncated_frame_exits_1(home: Path) -> None:
     assert proc.returncode == 1
     assert b"ended inside a request header" in proc.stderr
     assert len(responses(proc.stdout)) == 1  # the hello only
+
+
+def test_a_connection_used_from_a_second_event_loop_reopens(home: Path) -> None:
+    """Tests drive one LocalConnection from several asyncio.run calls: the first loop's agent
+    is killed and the second loop gets its own session, instead of hanging on the old one."""
+    conn = LocalConnection(home)
+
+    async def facts() -> int | None:
+        await conn.agent("facts", {})
+        return conn.session.pid
+
+    first = asyncio.run(facts())
+    second = asyncio.run(facts())
+    assert first is not None and second is not None and first != second
+    assert conn.round_trips == 4  # tried, uploaded, session; then a new session
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)
+    asyncio.run(conn.close())
