@@ -59,6 +59,7 @@ HEADER = struct.Struct(">II")  # request frame: header length, payload length
 BODY = struct.Struct(">I")  # response frame: body length
 MAX_BODY = 256 << 20  # a larger "response" is a corrupt stream, not an answer
 CLOSE_WAIT = 5.0  # seconds a closing agent gets to exit before it is killed
+LOSS_WAIT = 2.0  # seconds to wait for the exit status of a channel that ended mid-call
 
 
 class ChannelClosed(Exception):
@@ -191,8 +192,8 @@ class AgentSession:
                 self._drop(channel)
                 raise ActionFailed(self.host, f"agent {op} timed out after {timeout:g}s") from None
             except ChannelClosed as exc:
-                self._drop(channel)
-                raise self._ended(op, channel, exc) from exc
+                status = await self._wind_down(channel)
+                raise self._ended(op, channel, exc, status) from exc
             except BaseException:  # cancelled mid-frame: the stream can no longer be trusted
                 self._drop(channel)
                 raise
@@ -217,13 +218,26 @@ class AgentSession:
             self._channel = None
             self.pid = None
 
-    def _ended(self, op: str, channel: AgentChannel | None, exc: ChannelClosed) -> Exception:
+    async def _wind_down(self, channel: AgentChannel | None) -> int | None:
+        """After a channel ended mid-call: wait briefly for its exit status (which arrives after
+        the end of its output, and tells a dead agent from a dead connection), then drop it."""
+        try:
+            return None if channel is None else await channel.finish(LOSS_WAIT)
+        except ChannelClosed:
+            return None
+        finally:
+            self._drop(channel)
+
+    def _ended(
+        self, op: str, channel: AgentChannel | None, exc: ChannelClosed, status: int | None
+    ) -> Exception:
         if channel is None or channel.connection_lost():
             return HostUnreachable(self.host, f"connection lost during agent {op}: {exc}")
         tail = channel.stderr_tail()
+        how = f"exit {status}" if status is not None else str(exc)
         return ActionFailed(
             self.host,
-            f"agent {op}: the agent session ended unexpectedly ({exc})"
+            f"agent {op}: the agent session ended unexpectedly ({how})"
             + (f": {tail}" if tail else ""),
         )
 

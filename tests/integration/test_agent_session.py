@@ -9,6 +9,7 @@ is still caught.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from orchestrator.agent import agent_file_id, agent_source_hash
-from orchestrator.errors import ActionFailed, HostError
+from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import SSHExecutor, SSHOptions, Target
 from orchestrator.executor.base import AgentStep, StepState
 from orchestrator.executor.ssh import SSHConnection
@@ -184,6 +185,46 @@ def test_killed_agent_is_a_host_error_and_the_next_call_reopens(
             assert facts["files"]["~/nothing"]["kind"] == "missing"
             assert conn.round_trips == 2
             assert conn.session.pid not in (None, first)
+        finally:
+            await conn.close()
+
+    run(scenario())
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_connection_lost_mid_call_is_host_unreachable(test_hosts: list[RunningHost]) -> None:
+    """Killing the sshd that serves the connection (the agent's ancestor) drops the whole
+    connection: the pending call says the host is unreachable, not that an action failed."""
+    host = test_hosts[1]
+    run(ensure_agent(host))
+
+    async def scenario() -> None:
+        conn = await connect(host)
+        try:
+            await conn.agent("facts", {})
+            agent = conn.session.pid
+            assert agent is not None
+            ancestors, pid = [], agent
+            while pid > 1:
+                pid = parent_of(pid)
+                ancestors.append(pid)
+            assert host.sshd_pid in ancestors
+            # The listener's child that serves this connection.
+            served_by = ancestors[ancestors.index(host.sshd_pid) - 1]
+            call = asyncio.create_task(conn.agent("run", {"argv": ["sleep", "30"]}))
+            deadline = time.monotonic() + 10
+            while not children(agent) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            leftovers = [agent, *children(agent)]
+            os.kill(served_by, signal.SIGKILL)
+            with pytest.raises(HostUnreachable, match="connection lost"):
+                await call
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         finally:
             await conn.close()
 
