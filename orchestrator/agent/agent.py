@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-if not __package__:  # run as a file, or as the zip's __main__.py: become the package orch_agent
+if __name__ == "__main__":  # run as a file, or as the zip's __main__.py: become orch_agent
     import importlib
     import os
     import types
@@ -37,7 +37,8 @@ if not __package__:  # run as a file, or as the zip's __main__.py: become the pa
     sys.modules["orch_agent"] = _package
     sys.exit(importlib.import_module("orch_agent.agent").main(sys.argv))
 
-# The package's own modules, imported only once it is a package (above).
+# The package's own modules, imported only once it is a package (above). The test is __name__,
+# not __package__: Python 3.9's zipimport leaves __package__ unset while a module runs.
 import json
 from typing import IO
 

@@ -357,3 +357,30 @@ def test_a_connection_used_from_a_second_event_loop_reopens(home: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(first, 0)
     asyncio.run(conn.close())
+
+
+@pytest.mark.parametrize("install", [True, False])
+def test_session_runs_on_python39(home: Path, install: bool) -> None:
+    """Nodes run whatever Python they have (>= 3.9): the session, the zip's package import
+    and the streamed in-memory import all work there."""
+    found = sorted(Path("~/.pyenv/versions").expanduser().glob("3.9.*/bin/python"))
+    assert found, "the test machine provides Python 3.9 under ~/.pyenv/versions"
+    data = b"old python\n"
+
+    async def scenario() -> None:
+        conn = LocalConnection(home, agent_python=str(found[0]), install_agent=install)
+        try:
+            facts = await conn.agent("facts", {"read_only": not install})
+            assert facts["python"]["version"].startswith("3.9.")
+            assert facts["agent"]["version"] == agent_source_hash()
+            written = await conn.agent(
+                "write", {"path": "~/w", "mode": 0o600, "sha256": sha(data)}, stdin=data
+            )
+            assert written["changed"] is True
+            assert conn.round_trips == (3 if install else 2)
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+    assert (home / "w").read_bytes() == data
+    assert (home / ".orch" / "agent").exists() is install
