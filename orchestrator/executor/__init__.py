@@ -2,23 +2,28 @@
 
 `SSHExecutor` opens one asyncssh connection per host (`Connection`), `LocalConnection` runs the
 same protocol on this machine for tests, and `for_each_host` runs per-host work concurrently
-with failures recorded per host. Backend errors leave this package as orchestrator.errors types.
+with failures recorded per host. Agent calls on a connection share one agent process (see
+session.py); `Connection.agent_batch` runs `AgentStep`s in one request. Backend errors leave
+this package as orchestrator.errors types.
 """
 
 from __future__ import annotations
 
-from .base import CommandResult, Connection, SSHOptions, Target
+from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, StepState, Target
 from .fake import LocalConnection
 from .pool import for_each_host
 from .ssh import SSHConnection, SSHExecutor
 
 __all__ = [
+    "AgentStep",
     "CommandResult",
     "Connection",
     "LocalConnection",
     "SSHConnection",
     "SSHExecutor",
     "SSHOptions",
+    "StepOutcome",
+    "StepState",
     "Target",
     "for_each_host",
 ]

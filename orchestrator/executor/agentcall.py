@@ -1,10 +1,14 @@
 """Calling the agent over any `run`: ship it on demand, run an op, turn its answer into data.
 
-Why optimistic: the agent is cached on the node under its content hash, so the run script simply
-tries it. Only when the file is absent (a distinctive exit status) is it uploaded, verified and
-retried. A converged host therefore pays exactly one round trip per agent call. The scripts are
-constants and every variable part travels as a positional argument or on stdin, so no value ever
-becomes shell syntax.
+This is the one-shot path (one exec channel per call): ``serve`` and ``fetch`` always take it
+(see session.py for why); every other op goes through the connection's `AgentSession`, which
+starts the agent with the same scripts.
+
+Why optimistic: the agent is cached on the node under its content hash, so the run script
+simply tries it. Only when the file is absent (a distinctive exit status) is it uploaded,
+verified and retried (or, for a read-only run, streamed). A converged host therefore pays one
+round trip per call. The scripts are constants and every variable part travels as a
+positional argument or on stdin, so no value ever becomes shell syntax.
 """
 
 from __future__ import annotations
@@ -18,15 +22,27 @@ import structlog
 from orchestrator.agent import (
     AGENT_SUFFIX,
     agent_file_id,
-    agent_script,
     agent_source,
     agent_source_hash,
+    agent_stream,
 )
 from orchestrator.errors import ActionFailed
 
 from .base import CommandResult
 
-__all__ = ["AGENT_MISSING", "RUN_SCRIPT", "UPLOAD_SCRIPT", "agent_timeout", "call_agent"]
+__all__ = [
+    "AGENT_MISSING",
+    "ONE_SHOT_OPS",
+    "RUN_SCRIPT",
+    "STREAM_SCRIPT",
+    "UPLOAD_SCRIPT",
+    "agent_timeout",
+    "call_agent",
+    "decode_answer",
+    "no_python",
+    "stream_argv",
+    "upload_agent",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -60,18 +76,50 @@ os.chmod(tmp, 0o600)
 os.replace(tmp, os.path.join(d, sys.argv[2] + "{AGENT_SUFFIX}"))
 """
 
-# <python> -I -c STREAM_SCRIPT <n> <op> <version>, agent.py's n bytes then the request on stdin:
-# runs the agent without writing it to the host, for read-only runs (plan, apply --check). Only
-# agent.py travels (not the zip): the ops a read-only run uses never import transfer. <version>
-# is the zip's hash, so facts report the same agent version whichever way the agent ran.
+# <python> -I -c STREAM_SCRIPT <n> <version> <op>, then on stdin n bytes of JSON {module: source}
+# (orchestrator.agent.agent_stream) and after them what the op itself reads. It runs the agent
+# without writing anything on the host, for read-only runs (plan, apply --check): the modules
+# are imported from memory by a meta-path finder as the package orch_agent, the same package
+# the cached zip becomes. transfer.py is not streamed (only fetch and serve need it). <version>
+# is the zip's hash, so facts report the same agent version whichever way the agent ran. The
+# sources are read with os.read so no buffered read-ahead swallows the bytes after them.
 STREAM_SCRIPT = """\
-import sys
-_, size, op, version = sys.argv
-source = sys.stdin.buffer.read(int(size))
-sys.argv = ["orch-agent", op]
-namespace = {"__name__": "__main__", "__file__": "<orch-agent>", "ORCH_AGENT_VERSION": version}
-exec(compile(source, "orch-agent", "exec"), namespace)
+import importlib, importlib.abc, importlib.util, json, os, sys, types
+size, version, op = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+blob = bytearray()
+while len(blob) < size:
+    chunk = os.read(0, size - len(blob))
+    if not chunk:
+        sys.exit("orch agent: the streamed sources were cut short")
+    blob += chunk
+sources = json.loads(bytes(blob).decode("utf-8"))
+
+class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        head, _, tail = name.partition(".")
+        if head == "orch_agent" and tail in sources:
+            return importlib.util.spec_from_loader(name, self, origin="<orch-agent>/" + tail)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        tail = module.__name__.partition(".")[2]
+        code = compile(sources[tail], "<orch-agent>/" + tail + ".py", "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+
+package = types.ModuleType("orch_agent")
+package.__path__ = []
+package.STREAMED_VERSION = version
+sys.modules["orch_agent"] = package
+sys.meta_path.insert(0, Finder())
+sys.exit(importlib.import_module("orch_agent.agent").main(["orch-agent", op]))
 """
+
+# Ops that never run in a session: `serve` lasts the whole apply and heartbeats on stdout, and
+# `fetch` downloads for minutes; on channels of their own they cannot hold up other calls.
+ONE_SHOT_OPS = frozenset({"fetch", "serve"})
 
 Runner = Callable[..., Awaitable[CommandResult]]
 
@@ -101,13 +149,16 @@ async def call_agent(
     argv: Sequence[str] = ["sh", "-c", RUN_SCRIPT, "sh", agent_file_id(), op, python]
     result = await run(argv, stdin=payload, timeout=timeout)
     if result.exit_status == AGENT_MISSING and install:
-        await _upload(host, run, python)
+        await upload_agent(host, run, python)
         result = await run(argv, stdin=payload, timeout=timeout)
     elif result.exit_status == AGENT_MISSING:
-        source = agent_script()
-        stream = [python, "-I", "-c", STREAM_SCRIPT, str(len(source)), op, agent_source_hash()]
-        result = await run(stream, stdin=source + payload, timeout=timeout)
+        result = await run(stream_argv(python, op), stdin=agent_stream() + payload, timeout=timeout)
     return _decode(host, op, python, result)
+
+
+def stream_argv(python: str, op: str) -> list[str]:
+    """The argv that runs `op` from streamed sources (`agent_stream()` first on stdin)."""
+    return [python, "-I", "-c", STREAM_SCRIPT, str(len(agent_stream())), agent_source_hash(), op]
 
 
 def agent_timeout(request: Mapping[str, Any], command_timeout: float) -> float:
@@ -122,12 +173,13 @@ def agent_timeout(request: Mapping[str, Any], command_timeout: float) -> float:
     return max(command_timeout, own_seconds) + AGENT_GRACE
 
 
-async def _upload(host: str, run: Runner, python: str) -> None:
+async def upload_agent(host: str, run: Runner, python: str) -> None:
+    """Install the agent's zip in the host's cache (verified, atomic); ActionFailed if not."""
     log.info("agent_upload", host=host, agent=agent_file_id())
     argv = [python, "-I", "-c", UPLOAD_SCRIPT, agent_source_hash(), agent_file_id()]
     result = await run(argv, stdin=agent_source())
     if result.exit_status == 127:
-        raise ActionFailed(host, _no_python(python))
+        raise ActionFailed(host, no_python(python))
     if result.exit_status != 0:
         raise ActionFailed(
             host,
@@ -135,7 +187,8 @@ async def _upload(host: str, run: Runner, python: str) -> None:
         )
 
 
-def _no_python(python: str) -> str:
+def no_python(python: str) -> str:
+    """The message for exit status 127: the node has no such interpreter."""
     return (
         f"cannot run the orch agent: {python!r} was not found on the host's PATH "
         "(install Python 3.9+ or set agent_python to its full path)"
@@ -145,7 +198,7 @@ def _no_python(python: str) -> str:
 def _decode(host: str, op: str, python: str, result: CommandResult) -> dict[str, Any]:
     """The agent's JSON answer, or ActionFailed saying what went wrong and where."""
     if result.exit_status == 127:
-        raise ActionFailed(host, _no_python(python))
+        raise ActionFailed(host, no_python(python))
     try:
         answer = json.loads(result.stdout)
     except ValueError:
@@ -156,6 +209,13 @@ def _decode(host: str, op: str, python: str, result: CommandResult) -> dict[str,
             f"agent {op} exited {result.exit_status} without a JSON answer: "
             f"{_tail(result.stderr) or _tail(result.stdout)}",
         )
-    if result.exit_status != 0 or "error" in answer:
+    if result.exit_status != 0:
         raise ActionFailed(host, f"agent {op} failed: {answer.get('error', answer)}")
+    return decode_answer(host, op, answer)
+
+
+def decode_answer(host: str, op: str, answer: dict[str, Any]) -> dict[str, Any]:
+    """The answer itself, or ActionFailed with the agent's message (the same either path)."""
+    if "error" in answer:
+        raise ActionFailed(host, f"agent {op} failed: {answer['error']}")
     return answer

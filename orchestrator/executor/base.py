@@ -6,8 +6,9 @@ resource can be tested against `LocalConnection` and run for real over SSH witho
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -57,12 +58,41 @@ class SSHOptions:
     install_agent: bool = True  # False: never write the agent to hosts (read-only runs)
 
 
+@dataclass(frozen=True)
+class AgentStep:
+    """One step of `Connection.agent_batch`: an agent op, its JSON request, and its stdin
+    (the bytes ``write`` stores), which travels as raw bytes in the batch's frame."""
+
+    op: str
+    request: Mapping[str, Any] = field(default_factory=dict)
+    stdin: bytes = b""
+
+
+class StepState(enum.Enum):
+    """What became of one step of a batch."""
+
+    OK = "ok"  # ran and answered; `response` is its answer
+    FAILED = "failed"  # ran and failed; `error` is the agent's message. Later steps did not run
+    NOT_RUN = "not_run"  # an earlier step failed
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A batch step and what became of it (`response` only when OK, `error` only when FAILED)."""
+
+    step: AgentStep
+    state: StepState
+    response: Mapping[str, Any] | None = None
+    error: str | None = None
+
+
 @runtime_checkable
 class Connection(Protocol):
     """A live session with one host. Calls on one connection run in the order they are awaited.
 
-    `round_trips` counts every exec channel (one per `run`, one or more per `agent`), so tests
-    and benchmarks can assert how chatty a plan is.
+    `round_trips` counts every exec channel opened: one per `run`; the agent session (opened at
+    the first `agent` call, reused by every later one); one per `serve`/`fetch`, which run on
+    channels of their own; and one per upload of the agent. Tests and benchmarks assert on it.
     """
 
     name: str
@@ -83,11 +113,22 @@ class Connection(Protocol):
     ) -> dict[str, Any]:
         """Run one agent op and return its JSON response; an agent error raises ActionFailed.
 
-        Uploads the agent first only when the host lacks this exact version, so on a converged
-        host every call is exactly one round trip.
+        Every op but ``serve`` and ``fetch`` goes through the connection's agent session: one
+        agent process per host per run, so on a converged host a whole run costs one exec
+        channel. The agent is uploaded first only when the host lacks this exact version.
+        """
+        ...
+
+    async def agent_batch(self, steps: Sequence[AgentStep]) -> list[StepOutcome]:
+        """Run `steps` in order in one agent request, stopping at the first that fails.
+
+        Returns one outcome per step, in order: OK ones, then (if a step failed) one FAILED and
+        the rest NOT_RUN. A failed step is an outcome, not an exception, so the caller can
+        account for the steps that did change the host. The connection failing raises, as for
+        `agent` (HostUnreachable, or ActionFailed for a timeout or an agent that died).
         """
         ...
 
     async def close(self) -> None:
-        """Close the session; safe to call twice."""
+        """End the agent session cleanly, then close the connection; safe to call twice."""
         ...

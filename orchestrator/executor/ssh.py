@@ -1,7 +1,8 @@
 """The SSH executor: the only module that imports asyncssh's connection API.
 
-One connection per host, opened once and reused for every command and agent call of a run;
-hosts connect concurrently under a limit, with retries for transient failures. asyncssh and OS
+One connection per host, opened once and reused for every command and agent call of a run
+(the agent calls share one long-lived agent session on it; see session.py); hosts connect
+concurrently under a limit, with retries for transient failures. asyncssh and OS
 errors are translated here (``raise HostUnreachable(...) from exc``) into orchestrator.errors,
 so nothing above this edge ever sees a backend type.
 """
@@ -21,16 +22,18 @@ import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 
-from .agentcall import call_agent
-from .base import CommandResult, Connection, SSHOptions, Target
+from .agentcall import ONE_SHOT_OPS, call_agent
+from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, Target
 from .hostkeys import HostKeyPolicy, rejection_error
 from .pool import for_each_host
+from .session import AgentSession, ChannelClosed
 
 __all__ = ["SSHConnection", "SSHExecutor", "for_each_host"]
 
 log = structlog.get_logger(__name__)
 
 RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles each time
+STDERR_TAIL = 4096  # bytes of an agent session's stderr kept for error messages
 
 
 class SSHConnection:
@@ -41,6 +44,14 @@ class SSHConnection:
         self.round_trips = 0
         self._conn = conn
         self._options = options
+        self.session = AgentSession(
+            name,
+            self._spawn,
+            self.run,
+            python=options.agent_python,
+            command_timeout=options.command_timeout,
+            install=options.install_agent,
+        )
 
     async def run(
         self, argv: Sequence[str], *, stdin: bytes | None = None, timeout: float | None = None
@@ -81,6 +92,8 @@ class SSHConnection:
     async def agent(
         self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
     ) -> dict[str, Any]:
+        if op not in ONE_SHOT_OPS:
+            return await self.session.call(op, request, stdin)
         return await call_agent(
             self.name,
             self.run,
@@ -92,10 +105,90 @@ class SSHConnection:
             install=self._options.install_agent,
         )
 
+    async def agent_batch(self, steps: Sequence[AgentStep]) -> list[StepOutcome]:
+        return await self.session.batch(steps)
+
+    async def _spawn(self, argv: Sequence[str]) -> _SSHChannel:
+        """Open an exec channel for the agent session (counted as a round trip)."""
+        self.round_trips += 1
+        log.debug("ssh_session", host=self.name, round_trip=self.round_trips)
+        try:
+            process = await self._conn.create_process(shlex.join(argv), encoding=None)
+        except asyncssh.ChannelOpenError as exc:
+            if self._conn.is_closed():
+                raise HostUnreachable(self.name, f"connection lost: {exc.reason}") from exc
+            raise ActionFailed(self.name, f"could not open an SSH session: {exc.reason}") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise HostUnreachable(self.name, f"connection lost: {_describe(exc)}") from exc
+        return _SSHChannel(self._conn, process)
+
     async def close(self) -> None:
+        await self.session.close()
         self._conn.close()
         with contextlib.suppress(asyncssh.Error, OSError):
             await self._conn.wait_closed()
+
+
+class _SSHChannel:
+    """An asyncssh process as a session.AgentChannel: asyncssh errors become ChannelClosed."""
+
+    def __init__(
+        self, conn: asyncssh.SSHClientConnection, process: asyncssh.SSHClientProcess[bytes]
+    ) -> None:
+        self._conn = conn
+        self._process = process
+        self._stderr = b""
+        self._drain = asyncio.get_running_loop().create_task(self._read_stderr())
+
+    async def _read_stderr(self) -> None:
+        """Read stderr as it comes: unread, it would fill the channel's window and stall."""
+        with contextlib.suppress(asyncssh.Error, OSError):
+            while chunk := await self._process.stderr.read(65536):
+                self._stderr = (self._stderr + chunk)[-STDERR_TAIL:]
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+        except (asyncssh.Error, OSError) as exc:
+            raise ChannelClosed(_describe(exc)) from exc
+
+    async def read_exactly(self, size: int) -> bytes:
+        try:
+            return await self._process.stdout.readexactly(size)
+        except asyncio.IncompleteReadError as exc:
+            raise ChannelClosed("the agent's output ended") from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise ChannelClosed(_describe(exc)) from exc
+
+    async def finish(self, timeout: float) -> int | None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.stdin.write_eof()
+        try:
+            await asyncio.wait_for(self._process.wait_closed(), timeout)
+        except (TimeoutError, asyncssh.Error, OSError):
+            return None
+        with contextlib.suppress(asyncio.TimeoutError, asyncssh.Error, OSError):
+            await asyncio.wait_for(self._drain, 1.0)
+        process = self._process
+        if process.exit_signal:
+            number = getattr(signal, f"SIG{process.exit_signal[0]}", None)
+            return 128 + int(number) if number is not None else 255
+        status = process.exit_status
+        return status if status is not None and status >= 0 else None
+
+    def kill(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):  # honoured by OpenSSH >= 7.9
+            self._process.send_signal("KILL")
+        with contextlib.suppress(asyncssh.Error, OSError, RuntimeError):  # RuntimeError: loop gone
+            self._process.close()
+            self._drain.cancel()
+
+    def stderr_tail(self) -> str:
+        return self._stderr.decode("utf-8", "replace").strip()
+
+    def connection_lost(self) -> bool:
+        return self._conn.is_closed()
 
 
 def _as_bytes(data: object) -> bytes:

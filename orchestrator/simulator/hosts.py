@@ -477,7 +477,8 @@ X11Forwarding no
 # orch multiplexes many channels on one connection, and tests connect in bursts.
 MaxSessions 100
 MaxStartups 100:30:200
-LogLevel INFO
+# VERBOSE logs "Starting session: ..." for every exec channel: tests count channels by it.
+LogLevel VERBOSE
 # bash runs ~/.bashrc for ssh commands when SHLVL < 2: the Linux user's rc files belong to the
 # controller, not to the simulated Mac (and can be slow or print into the SFTP stream).
 SetEnv SHLVL=1

@@ -26,10 +26,12 @@ import pytest
 
 from orchestrator.agent import (
     AGENT_FILE,
-    TRANSFER_FILE,
+    NODE_MODULES,
+    STREAM_EXCLUDED,
     agent_file_id,
     agent_source,
     agent_source_hash,
+    streamed_sources,
 )
 from orchestrator.agent import agent as agent_mod
 from orchestrator.errors import ActionFailed
@@ -83,17 +85,20 @@ def age(path: Path) -> None:
 # ------------------------------------------------------------------------------ the file itself
 
 
-def test_agent_is_python39_syntax_and_stdlib_only() -> None:
-    source = AGENT_FILE.read_text()
+@pytest.mark.parametrize("module", NODE_MODULES)
+def test_agent_is_python39_syntax_and_stdlib_only(module: str) -> None:
+    """Every node module parses as Python 3.9 and imports the stdlib or its siblings only
+    (relative imports: level >= 1), never the controller."""
+    source = (AGENT_FILE.parent / f"{module}.py").read_text()
     tree = ast.parse(source, feature_version=(3, 9))
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for alias in (
-            node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")]
-        )
-    }
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module in NODE_MODULES, node.module
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
 
 
@@ -102,15 +107,28 @@ def test_agent_source_hash_names_the_file() -> None:
     assert agent_file_id() == agent_source_hash()[:16]
 
 
-def test_shipped_zip_is_deterministic_and_holds_agent_and_transfer() -> None:
+def test_shipped_zip_is_deterministic_and_holds_every_node_module() -> None:
     agent_source.cache_clear()
     again = agent_source()
     assert again == agent_source()
     with zipfile.ZipFile(io.BytesIO(again)) as archive:
-        assert archive.namelist() == ["__main__.py", "transfer.py"]
+        assert archive.namelist() == sorted(["__main__.py", *(f"{m}.py" for m in NODE_MODULES)])
         assert archive.read("__main__.py") == AGENT_FILE.read_bytes()
-        assert archive.read("transfer.py") == TRANSFER_FILE.read_bytes()
+        for module in NODE_MODULES:
+            assert archive.read(f"{module}.py") == (AGENT_FILE.parent / f"{module}.py").read_bytes()
         assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_every_node_module_is_shipped() -> None:
+    """A new module beside agent.py that is not in NODE_MODULES would be missing on nodes."""
+    here = {p.stem for p in AGENT_FILE.parent.glob("*.py")} - {"__init__"}
+    assert set(NODE_MODULES) == here
+
+
+def test_streamed_sources_leave_out_transfer_only() -> None:
+    assert set(streamed_sources()) == set(NODE_MODULES) - set(STREAM_EXCLUDED) == (
+        set(NODE_MODULES) - {"transfer"}
+    )
 
 
 def test_shipped_zip_reports_its_own_hash(home: Path, tmp_path: Path) -> None:
@@ -575,21 +593,27 @@ def test_bootout_and_kickstart(home: Path, fake_launchd: dict[str, str]) -> None
 # ------------------------------------------------------- shipping, through LocalConnection
 
 
-def test_agent_is_uploaded_once_then_one_round_trip(home: Path) -> None:
+def test_agent_is_uploaded_once_then_one_session(home: Path) -> None:
     async def scenario() -> None:
         conn = LocalConnection(home, name="n1")
         first = await conn.agent("facts", {"files": ["~/x"]})
         assert first["files"]["~/x"]["kind"] == "missing"
-        assert conn.round_trips == 3  # tried, uploaded, ran
+        assert conn.round_trips == 3  # tried, uploaded, ran the session
         cached = home / ".orch" / "agent" / f"{agent_file_id()}.pyz"
         assert cached.read_bytes() == agent_source()
         assert cached.stat().st_mode & 0o777 == 0o600
         before = conn.round_trips
         await conn.agent("facts", {})
-        assert conn.round_trips - before == 1
+        await conn.agent("mkdir", {"path": "~/d", "mode": 0o700})
+        assert conn.round_trips == before  # the same session answered both
+        await conn.close()
+        await conn.agent("facts", {})  # a closed session reopens at the next call
+        assert conn.round_trips == before + 1
+        await conn.close()
         fresh = LocalConnection(home, name="n1")  # a new run against a converged host
         await fresh.agent("facts", {})
         assert fresh.round_trips == 1
+        await fresh.close()
 
     asyncio.run(scenario())
 

@@ -1,0 +1,46 @@
+"""The cluster lock on one host: an atomic ``mkdir`` with a holder file, released by nonce.
+"""
+
+from __future__ import annotations
+
+# os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
+# ruff: noqa: PTH102, PTH103, PTH112
+# ruff: noqa: PTH118, PTH120
+import os
+import shutil
+import time
+from typing import IO
+
+from .common import AgentError, Request, Response, dump_json_atomic, expand, fields, json_file
+
+
+def op_lock_acquire(req: Request, _stdin: IO[bytes]) -> Response:
+    """Take the cluster lock on this host: mkdir is atomic, so of two runs exactly one wins."""
+    path, holder = fields(req, ("path", "holder"), {})
+    if not isinstance(holder, dict) or not isinstance(holder.get("nonce"), str):
+        raise AgentError("holder must be an object with a nonce")
+    full = expand(str(path))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    try:
+        os.mkdir(full, 0o700)
+    except FileExistsError:
+        # The winner writes holder.json right after its mkdir; wait briefly for it.
+        for _ in range(50):
+            current = json_file(os.path.join(full, "holder.json"), None)
+            if current is not None:
+                return {"acquired": False, "holder": current}
+            time.sleep(0.02)
+        return {"acquired": False, "holder": {"who": "unknown (no holder.json)", "nonce": "?"}}
+    dump_json_atomic(os.path.join(full, "holder.json"), holder)
+    return {"acquired": True, "holder": holder}
+
+
+def op_lock_release(req: Request, _stdin: IO[bytes]) -> Response:
+    """Release the lock only if `nonce` is its holder's: a run never frees another's lock."""
+    path, nonce = fields(req, ("path", "nonce"), {})
+    full = expand(str(path))
+    current = json_file(os.path.join(full, "holder.json"), None)
+    if not os.path.isdir(full) or not isinstance(current, dict) or current.get("nonce") != nonce:
+        return {"released": False}
+    shutil.rmtree(full)
+    return {"released": True}
