@@ -47,6 +47,7 @@ RUN_TIME_CALLS = frozenset({
     "managed_write",  # the managed record, around each host's changes
     "lock_acquire", "lock_release",  # the cluster lock
     "serve", "serve_stop",  # a host's peer server for one apply
+    "batch",  # carries a host's steps in one request
 })
 
 SHA = "ab" * 32
