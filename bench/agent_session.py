@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 
 from orchestrator.executor import SSHExecutor, SSHOptions, Target
-from orchestrator.sandbox.hosts import GIB, HostSpec, RunningHost, running_hosts
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, running_hosts
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from orchestrator.sandbox.hosts import RunningHost
+from orchestrator.simulator.hosts import RunningHost
 
 from orchestrator.agent import agent_file_id, agent_source_hash
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
