@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from orchestrator.simulator.hosts import RunningHost
 
 from orchestrator.agent import agent_file_id, agent_source_hash
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import SSHExecutor, SSHOptions, Target
 from orchestrator.executor.base import AgentStep, StepState
 from orchestrator.executor.ssh import SSHConnection
+from orchestrator.simulator.hosts import RunningHost
 from tests.integration.conftest import TreeHash
 
 T = TypeVar("T")
