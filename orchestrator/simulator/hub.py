@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -70,6 +71,7 @@ class HubStats:
     faults: Mapping[str, int]  # per kind (`FAULT_KINDS`): "error" (503s), "cut", "stall", ...
     unauthorized: int  # 401s
     cdn_requests_with_authorization: int
+    stalls_abandoned: int  # stalls the client hung up on before they ended (a read timeout)
     api_bytes: int
 
     @property
@@ -179,7 +181,7 @@ class TestHub:
         self._faults = faults or Faults()
         self._plan = FaultPlan(self._faults)
         self._pacer = Pacer()
-        self._closing = threading.Event()  # wakes stalled responses when the hub closes
+        self._closing = threading.Event()  # set by close(): a stall cut short is not a hang-up
         self._secret = os.urandom(16)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -274,6 +276,7 @@ class TestHub:
                 faults={kind: self._counts[kind] for kind in FAULT_KINDS},
                 unauthorized=self._counts["unauthorized"],
                 cdn_requests_with_authorization=self._counts["cdn_authorization"],
+                stalls_abandoned=self._counts["stalls_abandoned"],
                 api_bytes=self._counts["api_bytes"],
             )
 
@@ -549,7 +552,8 @@ class TestHub:
                 sent += len(chunk)
             if fate.stall and not head:
                 handler.wfile.flush()
-                self._closing.wait(plan.faults.stall_seconds)
+                if self._await_hangup(handler.connection, plan.faults.stall_seconds):
+                    self._count("stalls_abandoned")
         except OSError:  # the client went away
             handler.close_connection = True
             self._account(reply, sent - limit, -int(complete))
@@ -559,6 +563,22 @@ class TestHub:
             with suppress(OSError):
                 handler.connection.shutdown(socket.SHUT_WR)
         return sent
+
+    def _await_hangup(self, sock: socket.socket, seconds: float) -> bool:
+        """Send nothing for up to ``seconds``; True if the client hung up meanwhile (close()
+        shuts the socket down too, which ends the wait but is not the client's doing)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable or self._closing.is_set():
+                return False
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    return True  # the client closed its end
+            except OSError:
+                return True  # or reset it
+            time.sleep(min(left, 0.05))  # bytes from the client (a pipelined request): wait on
+        return False
 
     def _account(self, reply: _Reply, nbytes: int, complete: int) -> None:
         with self._lock:

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -347,10 +347,22 @@ def test_a_stall_sends_part_of_the_body_then_nothing(model_dir: Path) -> None:
                 got += chunk
         conn.close()
         assert len(got) < len(data) and data.startswith(got)
+        assert until(lambda: hub.stats().stalls_abandoned == 1)  # the hub saw the hang-up
         stats = hub.stats()
     assert stats.faults == {**NO_FAULTS, "stall": 1}
     assert stats.bytes_served == {f"{REPO}/big.dat": len(got)}
     assert stats.complete_serves == {}
+
+
+def until(check: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether ``check`` holds within ``within`` seconds (for what the hub's threads count
+    after the client has moved on, like a hang-up during a stall)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_faults_can_be_limited_to_some_files(model_dir: Path) -> None:

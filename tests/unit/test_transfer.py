@@ -39,6 +39,7 @@ from orchestrator.agent.transfer import (
 )
 from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hub import TestHub
+from tests.unit.test_hub import until
 
 REPO = "org/tiny-model"
 TOKEN = "hf_SeCrEt_token_4f9a8b7c6d5e"
@@ -441,13 +442,16 @@ def test_a_404_fails_at_once_naming_the_file(model_dir: Path, tmp_path: Path) ->
 def test_a_body_stalled_past_the_read_timeout_is_retried_and_verified(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    """The hub sends part of the body and then nothing for 5 s; the fetch's read timeout
+    """The hub sends part of the body and then nothing for 30 s; the fetch's read timeout
     (0.5 s here; 60 s by default, and the agent's `fetch` op does not set it) gives up on the
     connection and the next attempt resumes from the bytes that came."""
-    faults = Faults(stall_fraction=0.5, stall_seconds=5, seed=2)
+    faults = Faults(stall_fraction=0.5, stall_seconds=30, seed=2)
     with TestHub({REPO: model_dir}, faults=faults) as hub:
         want = weight(hub)
         result = get(hub, tmp_path, want, timeout=0.5)
+        stalls = hub.stats().faults["stall"]
+        # The fetch hung up on each stall itself, rather than waiting for the hub to end it.
+        assert until(lambda: hub.stats().stalls_abandoned == stalls)
         stats = hub.stats()
     assert stats.faults["stall"] >= 1
     assert result.retries == stats.faults["stall"]
