@@ -4,6 +4,10 @@ Each test injects one kind of fault in the test hub (`Faults`, keyed and reprodu
 the real CLI against the real agent on the hosts, and checks what the user sees: the exit
 code, the file named in the error, the byte accounting in ``--json``, the files on every node,
 and the hub's own counters. The cluster, fixtures and helpers are test_sync.py's.
+
+A body stalled past the read timeout is tested at the fetch level only
+(tests/unit/test_transfer.py): the agent's ``fetch`` op leaves `transfer.fetch`'s read timeout
+at its 60 s default, and no request field or environment variable sets it.
 """
 
 from __future__ import annotations
