@@ -20,10 +20,14 @@ Errors carry ``X-Error-Code`` (RepoNotFound, RevisionNotFound, EntryNotFound, Ga
 URLs are signed), and counts requests that carry one anyway, so tests can check that a client
 drops the token when it leaves the hub's host (``cdn_host`` puts the CDN on a second address).
 
-Faults (`Faults`) are injected on file bytes (resolve and CDN; the API too with ``api=True``):
-503 with Retry-After, bodies cut after a random share, and a shared bandwidth limit. Counters
-(`HubStats`) say what was served: bytes per file, complete serves per file (responses that
-delivered a file's last byte), faults, 401s.
+Faults (`Faults`) are injected on file requests (resolve and CDN; the API too with ``api=True``;
+only some files' with ``Faults.files``): 404s, 503s and 429s with Retry-After, Range ignored
+(200 and the whole file), bodies cut, stalled or corrupted (right length, wrong bytes), and a
+shared bandwidth limit. ``plain_http_limit`` models the Hub's refusal to serve big files over
+plain HTTP (over 50 GB, the real one; Xet only): the CDN answers 400 ``FileTooLarge`` for a file
+larger than that, with a message naming the limit. Counters (`HubStats`) say what was served:
+bytes per file, complete serves per file (responses that delivered a file's last byte), faults
+by kind, 401s; `TestHub.log` has one `LogEntry` per request, with its time.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -44,12 +49,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
-from orchestrator.simulator.faults import Fate, FaultPlan, Faults, Pacer
+from orchestrator.simulator.faults import FAULT_KINDS, Fate, FaultPlan, Faults, Pacer
 from orchestrator.simulator.hubrepo import LFS_THRESHOLD, Repo, RepoFile, index_repo
 
-__all__ = ["HubStats", "TestHub"]
+__all__ = ["HubStats", "LogEntry", "TestHub"]
 
 _CHUNK = 64 * 1024
 _URL_LIFETIME_S = 3600
@@ -63,14 +68,30 @@ class HubStats:
     requests: int
     bytes_served: Mapping[str, int]  # body bytes of each file sent, cut responses included
     complete_serves: Mapping[str, int]  # responses that delivered the file's last byte
-    faults: Mapping[str, int]  # "error" (503s) and "cut" (bodies cut short)
+    faults: Mapping[str, int]  # per kind (`FAULT_KINDS`): "error" (503s), "cut", "stall", ...
     unauthorized: int  # 401s
     cdn_requests_with_authorization: int
+    stalls_abandoned: int  # stalls the client hung up on before they ended (a read timeout)
     api_bytes: int
 
     @property
     def total_bytes_served(self) -> int:
         return sum(self.bytes_served.values())
+
+
+class LogEntry(NamedTuple):
+    """One request the hub answered, logged as the answer starts. ``file`` is the repository
+    path it concerned (None for the API and unknown paths); ``faults`` the kinds injected
+    (`FAULT_KINDS`)."""
+
+    at: float  # time.monotonic() when the answer started
+    method: str
+    path: str  # the URL path, without the query
+    range: str | None
+    status: int
+    body: int  # body bytes in the answer (up to the cut, for a cut or stalled one)
+    file: str | None
+    faults: tuple[str, ...]
 
 
 @dataclass
@@ -85,6 +106,7 @@ class _Reply:
     length: int = 0
     key: str | None = None  # the counter key of the file served
     faultable: bool = False
+    path: str | None = None  # the repository file the request is about (resolve and CDN)
 
     @property
     def body_length(self) -> int:
@@ -148,15 +170,18 @@ class TestHub:
         host: str = "127.0.0.1",
         port: int = 0,
         cdn_host: str | None = None,
+        plain_http_limit: int | None = None,
     ) -> None:
         self.token = token
+        self.plain_http_limit = plain_http_limit
         self.tree_page_size = tree_page_size
         self.lfs_threshold = lfs_threshold
-        self.log: deque[tuple[str, str, int, int, str]] = deque(maxlen=_LOG_LENGTH)
+        self.log: deque[LogEntry] = deque(maxlen=_LOG_LENGTH)
         self._repos: dict[str, Repo] = {}
         self._faults = faults or Faults()
         self._plan = FaultPlan(self._faults)
         self._pacer = Pacer()
+        self._closing = threading.Event()  # set by close(): a stall cut short is not a hang-up
         self._secret = os.urandom(16)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
@@ -182,7 +207,9 @@ class TestHub:
         return self
 
     def close(self) -> None:
-        """Stop serving and cut any connection still open (a throttled body, a keep-alive)."""
+        """Stop serving and cut any connection still open (a throttled or stalled body, a
+        keep-alive)."""
+        self._closing.set()
         for server in self._servers:
             if self._threads:
                 server.shutdown()
@@ -246,9 +273,10 @@ class TestHub:
                 requests=self._counts["requests"],
                 bytes_served=dict(self._bytes),
                 complete_serves=dict(self._complete),
-                faults={"error": self._counts["error"], "cut": self._counts["cut"]},
+                faults={kind: self._counts[kind] for kind in FAULT_KINDS},
                 unauthorized=self._counts["unauthorized"],
                 cdn_requests_with_authorization=self._counts["cdn_authorization"],
+                stalls_abandoned=self._counts["stalls_abandoned"],
                 api_bytes=self._counts["api_bytes"],
             )
 
@@ -266,30 +294,77 @@ class TestHub:
         segments = [urllib.parse.unquote(s) for s in split.path.split("/")[1:]]
         query = dict(urllib.parse.parse_qsl(split.query))
         reply = self._route(handler, segments, query)
-        fate = Fate(error=False, cut_at=None)
-        if reply.faultable:
-            key = f"{handler.command}|{split.path}|{handler.headers.get('Range', '')}"
-            fate = self._plan.fate(key, 0 if head else reply.body_length)
-            if fate.error:
-                self._count("error")
-                reply = _error(
-                    503,
-                    "ServiceUnavailable",
-                    "The server is temporarily unable to handle the request",
-                    {"Retry-After": str(self._faults.retry_after)},
-                )
+        fate = Fate()
+        plan = self._plan
+        range_header = handler.headers.get("Range")
+        if reply.faultable and plan.applies_to(reply.path):
+            key = f"{handler.command}|{split.path}|{range_header or ''}"
+            ranged = reply.status == 206 and reply.file is not None
+            fate = plan.fate(
+                key,
+                0 if head else reply.body_length,
+                reply.file.size if ranged and reply.file is not None else None,
+            )
+            faulted = self._apply_fate(reply, fate, plan.faults)
+            faulted.path = reply.path
+            reply = faulted
+            for kind in fate.kinds:
+                self._count(kind)
         if reply.status == 401:
             self._count("unauthorized")
-        sent = self._send(handler, reply, head=head, cut_at=fate.cut_at)
+        body = 0 if head else reply.body_length if fate.cut_at is None else fate.cut_at
+        # Logged before the answer leaves, so a client that has read it finds it logged.
         self.log.append(
-            (
+            LogEntry(
+                time.monotonic(),
                 handler.command,
                 split.path,
+                range_header,
                 reply.status,
-                sent,
-                "error" if fate.error else "cut" if fate.cut_at is not None else "",
+                body,
+                reply.path,
+                fate.kinds,
             )
         )
+        self._send(handler, reply, head=head, fate=fate, plan=plan)
+
+    @staticmethod
+    def _apply_fate(reply: _Reply, fate: Fate, faults: Faults) -> _Reply:
+        """The answer a fate turns ``reply`` into (its body faults are applied by `_send`)."""
+        retry_after = {"Retry-After": str(faults.retry_after)}
+        if fate.status == 404:
+            return _error(
+                404,
+                "EntryNotFound",
+                f"{reply.path} does not exist on the revision",
+                {"X-Repo-Commit": reply.headers.get("X-Repo-Commit", "")}
+                if "X-Repo-Commit" in reply.headers
+                else None,
+            )
+        if fate.status == 503:
+            return _error(
+                503,
+                "ServiceUnavailable",
+                "The server is temporarily unable to handle the request",
+                retry_after,
+            )
+        if fate.status == 429:
+            return _error(
+                429, "RateLimited", "Too many requests: retry after the time given", retry_after
+            )
+        if fate.whole and reply.file is not None:  # the Range header, ignored
+            headers = {k: v for k, v in reply.headers.items() if k != "Content-Range"}
+            return _Reply(
+                200,
+                headers,
+                file=reply.file,
+                start=0,
+                length=reply.file.size,
+                key=reply.key,
+                faultable=True,
+                path=reply.path,
+            )
+        return reply
 
     def _route(self, handler: _Handler, segs: list[str], query: dict[str, str]) -> _Reply:
         cdn_only = handler.server.cdn_only
@@ -382,7 +457,7 @@ class TestHub:
             )
         common = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
         if not f.lfs:
-            return _file_reply(
+            return self._too_large(f) or _file_reply(
                 f, f"{repo.repo_id}/{f.path}", range_header, {**common, "ETag": f'"{f.git_oid}"'}
             )
         return _Reply(
@@ -395,6 +470,7 @@ class TestHub:
                 "X-Linked-Size": str(f.size),
             },
             faultable=True,
+            path=f.path,
         )
 
     def _cdn_url(self, repo: Repo, f: RepoFile) -> str:
@@ -425,18 +501,35 @@ class TestHub:
         f = repo.files.get(path)
         if commit != repo.commit or f is None:
             return _error(404, "EntryNotFound", "NoSuchKey")
-        return _file_reply(
+        return self._too_large(f) or _file_reply(
             f,
             f"{repo.repo_id}/{f.path}",
             range_header,
             {"ETag": f'"{f.sha256}"', "Accept-Ranges": "bytes"},
         )
 
+    def _too_large(self, f: RepoFile) -> _Reply | None:
+        """The refusal of a file over ``plain_http_limit`` (the Hub's 50 GB: Xet only)."""
+        limit = self.plain_http_limit
+        if limit is None or f.size <= limit:
+            return None
+        reply = _error(
+            400,
+            "FileTooLarge",
+            f"{f.path} is {f.size} bytes, over the {limit}-byte limit for plain HTTP "
+            "downloads: download it with the Xet protocol",
+        )
+        reply.path = f.path
+        return reply
+
     # ------------------------------------------------------------------------------ sending
 
-    def _send(self, handler: _Handler, reply: _Reply, *, head: bool, cut_at: int | None) -> int:
+    def _send(
+        self, handler: _Handler, reply: _Reply, *, head: bool, fate: Fate, plan: FaultPlan
+    ) -> int:
         """Write the reply; returns the body bytes sent. A cut sends ``cut_at`` body bytes and
-        then closes the connection, as a dropped link would.
+        then closes the connection, as a dropped link would; a stall waits
+        ``stall_seconds`` first (or until the hub closes).
 
         Counters are updated before the bytes leave (and corrected if the client goes away),
         so a client that has read a response always finds it counted."""
@@ -446,19 +539,24 @@ class TestHub:
             handler.send_header(name, value)
         if reply.status >= 500:
             handler.send_header("Connection", "close")
+        cut_at = fate.cut_at
         limit = 0 if head else length if cut_at is None else cut_at
         to_end = reply.file is not None and reply.start + reply.length == reply.file.size
         complete = not head and cut_at is None and to_end
-        self._account(reply, limit, int(complete), cut=not head and cut_at is not None)
+        self._account(reply, limit, int(complete))
         sent = 0
         try:
             handler.end_headers()
-            for chunk in self._body_chunks(reply, limit):
+            for chunk in self._body_chunks(reply, limit, corrupt=fate.corrupt and not head):
                 handler.wfile.write(chunk)
                 sent += len(chunk)
+            if fate.stall and not head:
+                handler.wfile.flush()
+                if self._await_hangup(handler.connection, plan.faults.stall_seconds):
+                    self._count("stalls_abandoned")
         except OSError:  # the client went away
             handler.close_connection = True
-            self._account(reply, sent - limit, -int(complete), cut=False)
+            self._account(reply, sent - limit, -int(complete))
             return sent
         if not head and cut_at is not None:
             handler.close_connection = True
@@ -466,7 +564,23 @@ class TestHub:
                 handler.connection.shutdown(socket.SHUT_WR)
         return sent
 
-    def _account(self, reply: _Reply, nbytes: int, complete: int, *, cut: bool) -> None:
+    def _await_hangup(self, sock: socket.socket, seconds: float) -> bool:
+        """Send nothing for up to ``seconds``; True if the client hung up meanwhile (close()
+        shuts the socket down too, which ends the wait but is not the client's doing)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable or self._closing.is_set():
+                return False
+            try:
+                if not sock.recv(1, socket.MSG_PEEK):
+                    return True  # the client closed its end
+            except OSError:
+                return True  # or reset it
+            time.sleep(min(left, 0.05))  # bytes from the client (a pipelined request): wait on
+        return False
+
+    def _account(self, reply: _Reply, nbytes: int, complete: int) -> None:
         with self._lock:
             if reply.key is not None:
                 self._bytes[reply.key] += nbytes
@@ -475,9 +589,17 @@ class TestHub:
                     del self._complete[reply.key]
             else:
                 self._counts["api_bytes"] += nbytes
-            self._counts["cut"] += int(cut)
 
-    def _body_chunks(self, reply: _Reply, limit: int) -> Iterator[bytes]:
+    def _body_chunks(self, reply: _Reply, limit: int, *, corrupt: bool = False) -> Iterator[bytes]:
+        """The body's first ``limit`` bytes, paced; ``corrupt`` flips the first of them."""
+        chunks = self._paced_chunks(reply, limit)
+        if corrupt:
+            for first in chunks:
+                yield bytes([first[0] ^ 0xFF]) + first[1:] if first else first
+                break
+        yield from chunks
+
+    def _paced_chunks(self, reply: _Reply, limit: int) -> Iterator[bytes]:
         rate = self._faults.bytes_per_second
         chunk = Pacer.chunk_size(rate, _CHUNK)
         if reply.file is None:
@@ -512,13 +634,22 @@ def _file_reply(f: RepoFile, key: str, range_header: str | None, headers: dict[s
     headers = {"Content-Type": "application/octet-stream", **headers}
     wanted = _byte_range(range_header, f.size)
     if isinstance(wanted, str):  # "unsatisfiable"
-        return _Reply(416, {**headers, "Content-Range": f"bytes */{f.size}"})
+        return _Reply(416, {**headers, "Content-Range": f"bytes */{f.size}"}, path=f.path)
     if wanted is None:
-        return _Reply(200, headers, file=f, start=0, length=f.size, key=key, faultable=True)
+        return _Reply(
+            200, headers, file=f, start=0, length=f.size, key=key, faultable=True, path=f.path
+        )
     start, end = wanted
     headers["Content-Range"] = f"bytes {start}-{end}/{f.size}"
     return _Reply(
-        206, headers, file=f, start=start, length=end - start + 1, key=key, faultable=True
+        206,
+        headers,
+        file=f,
+        start=start,
+        length=end - start + 1,
+        key=key,
+        faultable=True,
+        path=f.path,
     )
 
 

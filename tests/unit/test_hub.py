@@ -11,19 +11,20 @@ import shutil
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.model.hub import HubClient
-from orchestrator.simulator.faults import Faults, Pacer
+from orchestrator.simulator.faults import FAULT_KINDS, Faults, Pacer
 from orchestrator.simulator.hub import TestHub
 from orchestrator.simulator.hubrepo import lfs_pointer
 
 REPO = "org/tiny"
 TOKEN = "hf_test_token_0123456789abcdef"
+NO_FAULTS = dict.fromkeys(FAULT_KINDS, 0)
 
 
 @pytest.fixture
@@ -251,7 +252,7 @@ def test_counters_count_bytes_and_complete_serves(hub: TestHub, model_dir: Path)
     assert stats.requests == 4
     assert stats.bytes_served == {f"{REPO}/config.json": 4 + (len(data) - 4) + len(data)}
     assert stats.complete_serves == {f"{REPO}/config.json": 2}
-    assert stats.faults == {"error": 0, "cut": 0}
+    assert stats.faults == NO_FAULTS
     hub.reset_stats()
     assert hub.stats().requests == 0
 
@@ -280,6 +281,114 @@ def test_error_fault_is_503_with_retry_after_and_spares_the_api(model_dir: Path)
         assert request(f"{hub.endpoint}/api/models/{REPO}/revision/main")[0] == 503
 
 
+def cdn_url(hub: TestHub, path: str) -> str:
+    status, headers, _ = request(hub.resolve_url(REPO, path))
+    assert status == 302, status
+    return headers["location"]
+
+
+def test_an_ignored_range_is_200_with_the_whole_file(model_dir: Path) -> None:
+    data = (model_dir / "big.dat").read_bytes()
+    with make_hub(model_dir, faults=Faults(ignore_range_fraction=1.0)) as hub:
+        url = cdn_url(hub, "big.dat")
+        status, headers, body = request(url, headers={"Range": "bytes=1000-"})
+        assert (status, body) == (200, data) and "content-range" not in headers
+        assert request(url)[2] == data  # no Range: nothing to ignore
+        stats = hub.stats()
+    assert stats.faults == {**NO_FAULTS, "range_ignored": 1}
+    assert stats.bytes_served == {f"{REPO}/big.dat": 2 * len(data)}
+    assert stats.complete_serves == {f"{REPO}/big.dat": 2}
+
+
+def test_a_corrupt_body_has_the_right_length_and_wrong_bytes(model_dir: Path) -> None:
+    data = (model_dir / "big.dat").read_bytes()
+    with make_hub(model_dir, faults=Faults(corrupt_fraction=1.0)) as hub:
+        url = cdn_url(hub, "big.dat")
+        for first in (0, 1000, len(data) - 1):
+            status, _, body = request(url, headers={"Range": f"bytes={first}-"})
+            assert status == 206 and len(body) == len(data) - first
+            assert body != data[first:] and body[1:] == data[first + 1 :]
+        plain = (model_dir / "config.json").read_bytes()
+        status, _, body = request(hub.resolve_url(REPO, "config.json"))
+        assert status == 200 and len(body) == len(plain) and body != plain
+        assert hub.stats().faults == {**NO_FAULTS, "corrupt": 4}
+
+
+def test_not_found_and_rate_limited_answers(model_dir: Path) -> None:
+    with make_hub(model_dir, faults=Faults(not_found_fraction=1.0)) as hub:
+        for path in ("big.dat", "config.json"):
+            status, headers, _ = request(hub.resolve_url(REPO, path))
+            assert (status, headers["x-error-code"]) == (404, "EntryNotFound")
+            assert path in headers["x-error-message"]
+        assert request(f"{hub.endpoint}/api/models/{REPO}/revision/main")[0] == 200
+        assert hub.stats().faults == {**NO_FAULTS, "not_found": 2}
+    with make_hub(model_dir, faults=Faults(rate_limit_fraction=1.0, retry_after=3)) as hub:
+        status, headers, _ = request(hub.resolve_url(REPO, "config.json"))
+        assert (status, headers["retry-after"]) == (429, "3")
+        status, headers, _ = request(hub.resolve_url(REPO, "big.dat"), "HEAD")
+        assert (status, headers["retry-after"]) == (429, "3")
+        assert hub.stats().faults == {**NO_FAULTS, "rate_limited": 2}
+
+
+def test_a_stall_sends_part_of_the_body_then_nothing(model_dir: Path) -> None:
+    data = (model_dir / "big.dat").read_bytes()
+    faults = Faults(stall_fraction=1.0, stall_seconds=30)
+    with make_hub(model_dir, faults=faults) as hub:
+        parts = urllib.parse.urlsplit(cdn_url(hub, "big.dat"))
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=0.5)
+        conn.request("GET", f"{parts.path}?{parts.query}")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("Content-Length") == str(len(data))
+        got = b""
+        with pytest.raises(TimeoutError):
+            while True:
+                chunk = response.read1(65536)
+                assert chunk, "the stalled body ended instead of going quiet"
+                got += chunk
+        conn.close()
+        assert len(got) < len(data) and data.startswith(got)
+        assert until(lambda: hub.stats().stalls_abandoned == 1)  # the hub saw the hang-up
+        stats = hub.stats()
+    assert stats.faults == {**NO_FAULTS, "stall": 1}
+    assert stats.bytes_served == {f"{REPO}/big.dat": len(got)}
+    assert stats.complete_serves == {}
+
+
+def until(check: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether ``check`` holds within ``within`` seconds (for what the hub's threads count
+    after the client has moved on, like a hang-up during a stall)."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_faults_can_be_limited_to_some_files(model_dir: Path) -> None:
+    faults = Faults(error_fraction=1.0, files=frozenset({"big.dat"}))
+    with make_hub(model_dir, faults=faults) as hub:
+        assert request(hub.resolve_url(REPO, "config.json"))[0] == 200
+        assert request(hub.resolve_url(REPO, "model-00001-of-00002.safetensors"))[0] == 302
+        assert request(hub.resolve_url(REPO, "big.dat"))[0] == 503
+        assert [(e.file, e.status, e.faults) for e in hub.log] == [
+            ("config.json", 200, ()),
+            ("model-00001-of-00002.safetensors", 302, ()),
+            ("big.dat", 503, ("error",)),
+        ]
+        assert [e.at for e in hub.log] == sorted(e.at for e in hub.log)
+
+
+def test_a_file_over_the_plain_http_limit_is_refused_naming_the_limit(model_dir: Path) -> None:
+    with make_hub(model_dir, plain_http_limit=64_000) as hub:
+        status, headers, _ = request(cdn_url(hub, "big.dat"))  # resolve still redirects
+        assert (status, headers["x-error-code"]) == (400, "FileTooLarge")
+        assert "big.dat" in headers["x-error-message"]
+        assert "64000-byte limit" in headers["x-error-message"]
+        assert request(cdn_url(hub, "model-00001-of-00002.safetensors"))[0] == 200
+        assert hub.stats().bytes_served == {f"{REPO}/model-00001-of-00002.safetensors": 3000}
+
+
 def fault_pattern(hub: TestHub, url: str, n: int) -> list[str]:
     size = int(request(url, "HEAD")[1]["content-length"])
     pattern = []
@@ -297,7 +406,7 @@ def test_faults_come_at_the_configured_rate_reproducibly(model_dir: Path) -> Non
         pattern = fault_pattern(hub, url, n)
         stats = hub.stats()
     errors, cuts = pattern.count("error"), pattern.count("cut")
-    assert stats.faults == {"error": errors, "cut": cuts}
+    assert stats.faults == {**NO_FAULTS, "error": errors, "cut": cuts}
     assert 0.06 * n <= errors <= 0.14 * n
     # Cuts apply to the requests that were not 503s: 30% of the other 90%.
     assert 0.22 * (n - errors) <= cuts <= 0.38 * (n - errors)
