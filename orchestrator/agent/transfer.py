@@ -389,8 +389,13 @@ def _body_start(job: _Job, response: http.client.HTTPResponse, url: str, have: i
             else "; the file needs a token (HF_TOKEN) or is not public"
         )
     code = response.getheader("X-Error-Code")
+    # The Hub says why in X-Error-Message (e.g. a file over the plain-HTTP size limit); a
+    # message passes through job.error, which removes header values such as the token.
+    said = (response.getheader("X-Error-Message") or "").strip()[:300]
     raise job.error(
-        f"{where} answered HTTP {status}" + (f" ({code})" if code else "") + hint, status
+        f"{where} answered HTTP {status}" + (f" ({code})" if code else "")
+        + (f": {said}" if said else "") + hint,
+        status,
     )
 
 

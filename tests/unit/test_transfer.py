@@ -492,10 +492,6 @@ def test_a_file_over_the_plain_http_limit_fails_at_once_naming_it(
     assert not (tmp_path / want.path).exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transfer._body_start drops the server's X-Error-Message: the limit is not named",
-)
 def test_the_plain_http_limit_error_names_the_limit(model_dir: Path, tmp_path: Path) -> None:
     with TestHub({REPO: model_dir}) as hub:
         want = weight(hub)
