@@ -10,10 +10,11 @@ trip per host each way (about 2 s at 25 hosts), so all but one are locked concur
 be refused (no run proceeds, both exit 4). So the first host in sorted order is taken alone
 first, as a gate: two runs over the same hosts both start there, `mkdir` lets exactly one of
 them in, and the other is refused before it has taken anything — so it cannot block the winner
-anywhere else. The winner then takes the remaining hosts concurrently; only a third party (a
-dead run's lock, `orch unlock` aside) can refuse it there. On any refusal or error the run
-releases everything it took, concurrently, and reports who holds the lock (or what failed
-where), so a failed acquisition never leaves a host locked by a run that has exited.
+anywhere else. The winner then takes the remaining hosts concurrently; what can still refuse
+it there is a lock the gate does not order: one left by a run that died, or one held by a run
+over a different set of hosts (below). On any refusal or error the run releases everything it
+took, concurrently, and reports who holds the lock (or what failed where), so a failed
+acquisition never leaves a host locked by a run that has exited.
 
 What this does not promise: two runs whose host sets start at different hosts (different
 `--limit`s, or a first host one run cannot reach) have different gates, and may then both be
