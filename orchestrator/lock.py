@@ -164,17 +164,17 @@ class ClusterLock:
     def _refusal(self, refused: Mapping[str, Holder], failed: Mapping[str, HostError],
                  left: Mapping[str, HostError]) -> HostError | LockHeld:
         """One error for a failed acquisition: who holds it, or what failed where."""
-        tail = " Nothing was changed on any host"
-        if left:
-            tail += (f"; this run's lock is still on {', '.join(sorted(left))} (the release "
-                     f"failed: {_reasons(left)}): once reachable, {self.unlock_hint}")
-        else:
-            tail += ", and no host holds this run's lock"
         lost = {n: e for n, e in failed.items() if isinstance(e, HostUnreachable)}
-        if lost:
-            tail += (f"; {', '.join(sorted(lost))} may still hold it: once reachable, "
-                     f"{self.unlock_hint}")
-        tail += "."
+        tail = " Nothing was changed on any host"
+        if not left and not lost:
+            tail += ", and no host holds this run's lock."
+        else:
+            maybe = [f"still on {', '.join(sorted(left))} (the release failed: "
+                     f"{_reasons(left)})"] if left else []
+            maybe += [f"perhaps on {', '.join(sorted(lost))} (lost while taking it)"] \
+                if lost else []
+            tail += (f"; this run's lock is {' and '.join(maybe)}: once reachable, "
+                     f"{self.unlock_hint}.")
         if refused:
             by_run: dict[str, list[str]] = {}
             holders: dict[str, Holder] = {}
@@ -187,8 +187,12 @@ class ClusterLock:
             also = f" Also: {_reasons(failed)}." if failed else ""
             return LockHeld(f"the cluster lock is held by {held}.{also}{tail}")
         host = sorted(lost or failed)[0]
-        what = (f"could not take the cluster lock {self.path}: {_reasons(failed)}.{tail} "
-                "Fix what is named above and run again.")
+        why = _reasons(failed).removeprefix(f"{host}: ") if len(failed) == 1 else \
+            _reasons(failed)
+        fix = "Once it is reachable, run again." if lost else f"Fix that on {host}, then run again."
+        if len(failed) > 1:
+            fix = "Fix those hosts, then run again."
+        what = f"could not take the cluster lock {self.path}: {why}.{tail} {fix}"
         return HostUnreachable(host, what) if lost else ActionFailed(host, what)
 
 

@@ -13,13 +13,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import LockHeld
+from orchestrator.errors import HostError, HostUnreachable, LockHeld
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.lock import ClusterLock, new_holder
 from orchestrator.sandbox.hosts import HostSpec, RunningHost, reboot, start_hosts, stop_hosts
@@ -124,6 +125,47 @@ def test_a_host_lost_mid_apply_keeps_the_report_and_frees_the_others(
     assert unlock.returncode == 0, unlock.stdout + unlock.stderr
     assert f"removed lock {nonce.group(1)} on: {lost_host.name}" in unlock.stdout
     assert_unlocked([*test_hosts, lost_host])
+
+
+def test_a_host_lost_while_locking_unlocks_the_others_and_names_it(
+    test_hosts: list[RunningHost], lost_host: RunningHost, tmp_path: Path
+) -> None:
+    python = tmp_path / "python"  # holds each lock call 2 s, long enough to lose the host
+    python.write_text('#!/bin/sh\ncase "$3" in lock_acquire) touch "$HOME/locking"; sleep 2;; '
+                      'esac\nexec python3 "$@"\n')
+    python.chmod(0o755)
+    hosts = [*test_hosts, lost_host]  # mini-lost sorts last: locked with mac2 and mac3
+    known = tmp_path / "known_hosts"
+    known.write_text("\n".join(h.known_hosts_line for h in hosts) + "\n")
+
+    def kill_when_locking() -> None:
+        deadline = time.monotonic() + 60
+        while not (lost_host.home / "locking").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lost_host.stop()
+
+    async def acquire() -> BaseException | None:
+        executor = SSHExecutor(SSHOptions(known_hosts=known, agent_python=str(python)))
+        conns = await executor.connect_all(targets(hosts))
+        killer = threading.Thread(target=kill_when_locking)
+        killer.start()
+        try:
+            await ClusterLock(CLUSTER, ".orch", new_holder("test")).acquire(conns)
+        except HostError as exc:
+            return exc
+        finally:
+            await asyncio.to_thread(killer.join)
+            for conn in conns.values():
+                if isinstance(conn, Connection):
+                    await conn.close()
+        return None
+
+    error = asyncio.run(acquire())
+    assert_unlocked(test_hosts)
+    assert isinstance(error, HostUnreachable), error  # exit 3
+    assert str(error).startswith(f"{lost_host.name}: could not take the cluster lock"), error
+    assert f"perhaps on {lost_host.name} (lost while taking it)" in str(error)
+    assert "orch unlock --force " in str(error)
 
 
 def test_with_no_host_reachable_plan_says_so_and_exits_3(
