@@ -8,8 +8,11 @@ a healthy host locked, and whatever it could not release it names, with the comm
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,6 +89,18 @@ def lost_host(tmp_path: Path) -> Iterator[RunningHost]:
         stop_hosts([host])
 
 
+def vanish(host: RunningHost) -> None:
+    """The host drops off the network: its sshd processes (listener and sessions) are killed
+    first, so connections end without an exit status, as when a Mac loses power; then the
+    rest of it is stopped. (Stopping it politely could let a session report the killed
+    step's exit status first: a failed step, not a lost host.)"""
+    for pid in host.processes():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().startswith("sshd"):
+                os.kill(pid, signal.SIGKILL)
+    host.stop()
+
+
 def test_a_host_lost_mid_apply_keeps_the_report_and_frees_the_others(
     test_hosts: list[RunningHost], lost_host: RunningHost, tmp_path: Path
 ) -> None:
@@ -105,7 +120,7 @@ def test_a_host_lost_mid_apply_keeps_the_report_and_frees_the_others(
             assert run.poll() is None, run.communicate()
             time.sleep(0.05)
         assert all(lock_dir(h).is_dir() for h in [*test_hosts, lost_host])
-        lost_host.stop()  # sshd, its sessions and the step die: the connection is lost for real
+        vanish(lost_host)
     finally:
         out, err = run.communicate(timeout=120)
     assert "Traceback" not in out + err, err
@@ -120,6 +135,11 @@ def test_a_host_lost_mid_apply_keeps_the_report_and_frees_the_others(
 
     nonce = re.search(r"orch unlock --force ([0-9a-f]+) ", out)
     assert nonce, out
+    early = orch("unlock", cluster, "--force", nonce.group(1), "--connect-timeout", "2",
+                 known_hosts=known)  # while it is down: not "no lock anywhere", but exit 3
+    assert early.returncode == 3, early.stdout + early.stderr
+    assert f"error: {lost_host.name}: could not check for lock {nonce.group(1)}" in early.stderr
+    assert "Run the same command again once every host is reachable." in early.stderr
     reboot(lost_host)  # it comes back: the printed command removes exactly what was left
     unlock = orch("unlock", cluster, "--force", nonce.group(1), known_hosts=known)
     assert unlock.returncode == 0, unlock.stdout + unlock.stderr
@@ -142,7 +162,7 @@ def test_a_host_lost_while_locking_unlocks_the_others_and_names_it(
         deadline = time.monotonic() + 60
         while not (lost_host.home / "locking").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        lost_host.stop()
+        vanish(lost_host)
 
     async def acquire() -> BaseException | None:
         executor = SSHExecutor(SSHOptions(known_hosts=known, agent_python=str(python)))
