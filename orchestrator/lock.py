@@ -116,7 +116,7 @@ class ClusterLock:
                 answers[first] = await self._take(gate)
             except HostError as exc:
                 answers[first] = exc
-            if answers[first] is None:  # through the gate: no racing run can refuse us now
+            if answers[first] is None:  # through the gate: a race over these hosts is won
                 answers.update(await for_each_host(rest, self._take, self.concurrency))
         except BaseException:  # a bug or an interrupt: never leave what we took behind
             await self.release()
