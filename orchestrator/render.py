@@ -47,8 +47,14 @@ def plan_text(plan: Plan, *, show_diff: bool = False) -> str:
 
 
 def summary_line(plan: Plan) -> str:
+    """The last line, which a log reader trusts: it never says "No changes." of a cluster
+    whose hosts could not be asked (the lines above it give each host's reason)."""
     counts = plan.counts()
     hosts = len(plan.hosts)
+    if not plan.hosts and plan.unreachable:
+        n = len(plan.unreachable)
+        return (f"No host could be reached ({n} unreachable: "
+                f"{', '.join(sorted(plan.unreachable))}): nothing was planned.")
     if not plan.has_changes:
         text = f"No changes. {hosts} host{'s' if hosts != 1 else ''} match the cluster file."
     else:
@@ -78,6 +84,13 @@ def report_text(report: ApplyReport) -> str:
     transfers = report.extra.get("transfers")
     if transfers:
         lines.append(summary_text(transfers))
+    lock = report.extra.get("lock")
+    if lock:
+        left = lock["not_released"]
+        lines.append(f"Lock: NOT released on {', '.join(left)} "
+                     f"({'; '.join(f'{h}: {why}' for h, why in left.items())}). "
+                     f"Until it is removed every apply is refused; once reachable: "
+                     f"{lock['unlock']}")
     health = report.extra.get("health")
     if health:
         lines.append(("Ring: serving at " if health["ok"] else "Ring: NOT serving at ")

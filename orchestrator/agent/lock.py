@@ -20,10 +20,13 @@ def op_lock_acquire(req: Request, _stdin: IO[bytes]) -> Response:
     if not isinstance(holder, dict) or not isinstance(holder.get("nonce"), str):
         raise AgentError("holder must be an object with a nonce")
     full = expand(str(path))
-    os.makedirs(os.path.dirname(full), exist_ok=True)
     try:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
         os.mkdir(full, 0o700)
-    except FileExistsError:
+    except FileExistsError as exc:
+        if exc.filename != full:  # a file where a parent directory should be
+            raise AgentError(f"cannot create the lock directory {exc.filename}: it exists "
+                             "and is not a directory") from None
         # The winner writes holder.json right after its mkdir; wait briefly for it.
         for _ in range(50):
             current = json_file(os.path.join(full, "holder.json"), None)
@@ -31,7 +34,16 @@ def op_lock_acquire(req: Request, _stdin: IO[bytes]) -> Response:
                 return {"acquired": False, "holder": current}
             time.sleep(0.02)
         return {"acquired": False, "holder": {"who": "unknown (no holder.json)", "nonce": "?"}}
-    dump_json_atomic(os.path.join(full, "holder.json"), holder)
+    except OSError as exc:  # read-only, permissions, disk full: a message, not a traceback
+        where = exc.filename or full
+        raise AgentError(f"cannot create the lock directory {where}: {exc.strerror or exc}") \
+            from None
+    try:
+        dump_json_atomic(os.path.join(full, "holder.json"), holder)
+    except OSError as exc:  # an empty lock would refuse every run, naming no one: undo it
+        shutil.rmtree(full, ignore_errors=True)
+        where = os.path.join(full, "holder.json")
+        raise AgentError(f"cannot write {where}: {exc.strerror or exc}") from None
     return {"acquired": True, "holder": holder}
 
 
@@ -39,8 +51,10 @@ def op_lock_release(req: Request, _stdin: IO[bytes]) -> Response:
     """Release the lock only if `nonce` is its holder's: a run never frees another's lock."""
     path, nonce = fields(req, ("path", "nonce"), {})
     full = expand(str(path))
+    if not os.path.isdir(full):  # first: a file where a parent should be is "no lock" too
+        return {"released": False}
     current = json_file(os.path.join(full, "holder.json"), None)
-    if not os.path.isdir(full) or not isinstance(current, dict) or current.get("nonce") != nonce:
+    if not isinstance(current, dict) or current.get("nonce") != nonce:
         return {"released": False}
     shutil.rmtree(full)
     return {"released": True}

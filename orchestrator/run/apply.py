@@ -137,8 +137,13 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
         where = f" while applying {current.resource}" if current else ""
         log.warning("host_failed", host=conn.name, error=str(exc))
         return HostOutcome(host_plan.host, HostStatus.FAILED, tuple(applied),
-                           f"{exc}{where}")
+                           f"{_why(conn.name, exc)}{where}")
     return HostOutcome(host_plan.host, HostStatus.CHANGED, tuple(applied))
+
+
+def _why(host: str, error: HostError) -> str:
+    """The error without its "host: " prefix: the report's line already starts with the host."""
+    return str(error).removeprefix(f"{host}: ")
 
 
 async def apply_plan(
@@ -167,7 +172,7 @@ async def apply_plan(
         conn = conns.get(host_plan.host)
         if conn is None or isinstance(conn, HostError):
             return HostOutcome(host_plan.host, HostStatus.UNREACHABLE,
-                               error=str(conn) if conn else "no connection")
+                               error=_why(host_plan.host, conn) if conn else "no connection")
         async with gate:
             if fail_fast and failed.is_set():
                 return HostOutcome(host_plan.host, HostStatus.FAILED,
@@ -175,7 +180,8 @@ async def apply_plan(
             try:
                 outcome = await apply_host(conn, host_plan, transfers=transfers)
             except HostUnreachable as exc:
-                outcome = HostOutcome(host_plan.host, HostStatus.UNREACHABLE, error=str(exc))
+                outcome = HostOutcome(host_plan.host, HostStatus.UNREACHABLE,
+                                      error=_why(host_plan.host, exc))
             if outcome.status in (HostStatus.FAILED, HostStatus.UNREACHABLE):
                 failed.set()
             return outcome

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from orchestrator.config import Cluster
-from orchestrator.errors import HostError, PlanError
+from orchestrator.errors import HostError, HostUnreachable, PlanError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
@@ -270,29 +270,69 @@ async def apply(
     """
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
-        lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command))
-        await lock.acquire(conns)
+        lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command),
+                           cluster_file=str(cluster.file), concurrency=options.ssh.concurrency)
+        await lock.acquire(conns)  # raises having released what it took
         try:
-            prepared = await prepare(cluster, conns, options, read_only=False, intent=intent)
-            current = prepared.plan
-            if saved is not None:
-                _check_saved(saved, current)
-            if only is not None:
-                current = current.only(only)
-            transfers = for_plan(cluster, current, prepared.desired)
-            async with transfers.serving(conns) if transfers else nullcontext():
-                report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
-                                          serial=serial, fail_fast=fail_fast,
-                                          transfers=transfers)
-            if transfers is not None:
-                report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
-            if only is None and prepared.intent.placement is not None and not report.by_status(
-                    HostStatus.FAILED) and not report.by_status(HostStatus.UNREACHABLE):
-                report = await _verify(cluster, prepared.intent.placement, conns, report,
-                                       current.has_changes)
-        finally:
-            await lock.release()
-        return current, report
+            current, report = await _locked_apply(cluster, conns, options, saved=saved,
+                                                  serial=serial, fail_fast=fail_fast,
+                                                  only=only, intent=intent)
+        except BaseException:
+            await lock.release()  # what it cannot release is logged with the unlock command
+            raise
+        # Released after the report exists, and folded into it: a host lost now must not
+        # take the report of what every other host did with it.
+        return current, _with_release(report, await lock.release(), lock.unlock_hint)
+
+
+async def _locked_apply(cluster: Cluster, conns: Mapping[str, Connection | HostError],
+                        options: RunOptions, *, saved: Plan | None, serial: int | None,
+                        fail_fast: bool,
+                        only: Callable[[str, Change], bool] | None,
+                        intent: Intent | None) -> tuple[Plan, ApplyReport]:
+    """Plan (or check a saved plan), apply and verify, with the cluster lock held."""
+    prepared = await prepare(cluster, conns, options, read_only=False, intent=intent)
+    current = prepared.plan
+    if saved is not None:
+        _check_saved(saved, current)
+    if only is not None:
+        current = current.only(only)
+    transfers = for_plan(cluster, current, prepared.desired)
+    async with transfers.serving(conns) if transfers else nullcontext():
+        report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
+                                  serial=serial, fail_fast=fail_fast, transfers=transfers)
+    if transfers is not None:
+        report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
+    if only is None and prepared.intent.placement is not None and not report.by_status(
+            HostStatus.FAILED) and not report.by_status(HostStatus.UNREACHABLE):
+        report = await _verify(cluster, prepared.intent.placement, conns, report,
+                               current.has_changes)
+    return current, report
+
+
+def _with_release(report: ApplyReport, failures: Mapping[str, HostError],
+                  unlock_hint: str) -> ApplyReport:
+    """The report, plus where this run's lock is left and how to remove it.
+
+    A host that converged but kept the lock is no longer `ok`: the next apply will be refused
+    there, so it counts as failed (unreachable, if the host was lost), which sets the exit code.
+    """
+    if not failures:
+        return report
+    outcomes = []
+    for outcome in report.outcomes:
+        error = failures.get(outcome.host)
+        if error is not None and outcome.status in (HostStatus.OK, HostStatus.CHANGED):
+            status = (HostStatus.UNREACHABLE if isinstance(error, HostUnreachable)
+                      else HostStatus.FAILED)
+            reason = str(error).removeprefix(f"{outcome.host}: ")
+            outcome = replace(outcome, status=status,
+                              error=f"converged, but the cluster lock was not released: {reason}")
+        outcomes.append(outcome)
+    left = {host: str(error).removeprefix(f"{host}: ") for host, error in failures.items()}
+    return replace(report, outcomes=tuple(outcomes), extra={
+        **report.extra, "lock": {"not_released": dict(sorted(left.items())),
+                                 "unlock": unlock_hint}})
 
 
 async def _verify(cluster: Cluster, placement: Placement,
@@ -350,6 +390,9 @@ def _plain(value: object) -> dict[str, object]:
 
 
 async def unlock(cluster: Cluster, options: RunOptions, nonce: str) -> list[str]:
+    """Remove lock `nonce` from every host that has it; a host not reached is raised (exit 3)
+    after the others were cleared, never skipped in silence."""
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
-        return await force_unlock(conns, cluster.name, cluster.runtime.dir, nonce)
+        return await force_unlock(conns, cluster.name, cluster.runtime.dir, nonce,
+                                  concurrency=options.ssh.concurrency)

@@ -1,10 +1,28 @@
 """One apply per cluster at a time, enforced on the hosts themselves.
 
 There is no server to hold a lock, so every host holds a copy: a directory created atomically
-(`mkdir` either makes it or finds it) with the holder's name, time and a nonce inside. Hosts are
-locked in sorted order, so two runs racing for the same cluster cannot each hold half of it:
-the one that loses on the first contested host releases what it took and reports the holder.
-`orch unlock --force NONCE` removes a lock left by a run that died.
+(`mkdir` either makes it or finds it) with the holder's name, time and a nonce inside. A run
+holds the cluster only when it holds every reachable host's copy.
+
+Why the first host alone, then the rest at once. Locking hosts one after another costs a round
+trip per host each way (about 2 s at 25 hosts), so all but one are locked concurrently. Taking
+*every* host concurrently would be wrong: two racing runs could each win some hosts and both
+be refused (no run proceeds, both exit 4). So the first host in sorted order is taken alone
+first, as a gate: two runs over the same hosts both start there, `mkdir` lets exactly one of
+them in, and the other is refused before it has taken anything — so it cannot block the winner
+anywhere else. The winner then takes the remaining hosts concurrently; what can still refuse
+it there is a lock the gate does not order: one left by a run that died, or one held by a run
+over a different set of hosts (below). On any refusal or error the run releases everything it
+took, concurrently, and reports who holds the lock (or what failed where), so a failed
+acquisition never leaves a host locked by a run that has exited.
+
+What this does not promise: two runs whose host sets start at different hosts (different
+`--limit`s, or a first host one run cannot reach) have different gates, and may then both be
+refused (never both admitted: a host they share is held by at most one). Rerunning settles it.
+
+Release is concurrent too, and never raises: a host that cannot be reached (or whose agent
+fails) is returned with the reason, so the caller can still report what the run did and print
+`orch unlock --force NONCE CLUSTER` for the lock left behind.
 """
 
 from __future__ import annotations
@@ -18,8 +36,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import HostError, LockHeld
-from orchestrator.executor import Connection
+import structlog
+
+from orchestrator.errors import ActionFailed, HostError, HostUnreachable, LockHeld
+from orchestrator.executor import Connection, for_each_host
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,45 +76,156 @@ def lock_path(cluster: str, orch_dir: str) -> str:
     return f"~/{orch_dir.strip('/')}/locks/{cluster}"
 
 
-class ClusterLock:
-    """Acquire on every reachable host in sorted order; release in reverse."""
+def unlock_command(nonce: str, cluster_file: str) -> str:
+    return f"orch unlock --force {nonce} {cluster_file}"
 
-    def __init__(self, cluster: str, orch_dir: str, holder: Holder) -> None:
+
+class ClusterLock:
+    """Acquire on every reachable host (the first in sorted order alone, then the rest
+    concurrently); release concurrently. See the module docstring for why that is safe."""
+
+    def __init__(self, cluster: str, orch_dir: str, holder: Holder, *,
+                 cluster_file: str = "CLUSTER", concurrency: int = 10) -> None:
         self.path = lock_path(cluster, orch_dir)
         self.holder = holder
-        self.held: list[Connection] = []
+        self.cluster_file = cluster_file
+        self.concurrency = concurrency
+        self.held: dict[str, Connection] = {}
+
+    @property
+    def unlock_hint(self) -> str:
+        """The command that removes this run's lock wherever it was left."""
+        return unlock_command(self.holder.nonce, self.cluster_file)
 
     async def acquire(self, conns: Mapping[str, Connection | HostError]) -> None:
-        for name in sorted(conns):
-            conn = conns[name]
-            if isinstance(conn, HostError):
-                continue
-            answer = await conn.agent("lock_acquire", {"path": self.path,
-                                                       "holder": self.holder.to_json()})
-            if not answer["acquired"]:
-                await self.release()
-                other = Holder.from_json(answer["holder"])
-                raise LockHeld(f"the cluster lock is held by {other.describe()} "
-                               f"(on {name}); if that run is gone: "
-                               f"orch unlock --force {other.nonce} CLUSTER")
-            self.held.append(conn)
+        """Hold the lock on every reachable host, or raise having released all of it.
 
-    async def release(self) -> None:
-        while self.held:
-            conn = self.held.pop()
-            await conn.agent("lock_release", {"path": self.path, "nonce": self.holder.nonce})
+        Raises LockHeld (another run holds it somewhere), HostUnreachable (a host was lost
+        while locking: it may hold this run's lock) or ActionFailed (a host could not create
+        its lock directory). Nothing is locked after a raise, except on a host that could not
+        be reached to release it, which the message names with the command that removes it.
+        """
+        live = sorted(((n, c) for n, c in conns.items() if not isinstance(c, HostError)),
+                      key=lambda item: item[0])
+        if not live:
+            return
+        try:
+            (first, gate), rest = live[0], dict(live[1:])
+            answers: dict[str, Holder | HostError | None] = {}
+            try:
+                answers[first] = await self._take(gate)
+            except HostError as exc:
+                answers[first] = exc
+            if answers[first] is None:  # through the gate: a race over these hosts is won
+                answers.update(await for_each_host(rest, self._take, self.concurrency))
+        except BaseException:  # a bug or an interrupt: never leave what we took behind
+            await self.release()
+            raise
+        refused = {n: a for n, a in answers.items() if isinstance(a, Holder)}
+        failed = {n: a for n, a in answers.items() if isinstance(a, HostError)}
+        if not refused and not failed:
+            log.info("lock_acquired", path=self.path, hosts=len(self.held),
+                     nonce=self.holder.nonce)
+            return
+        left = await self.release()
+        raise self._refusal(refused, failed, left)
+
+    async def _take(self, conn: Connection) -> Holder | None:
+        """None when taken; the holder when another run holds this host's copy."""
+        answer = await conn.agent("lock_acquire", {"path": self.path,
+                                                   "holder": self.holder.to_json()})
+        if answer["acquired"]:
+            self.held[conn.name] = conn
+            return None
+        return Holder.from_json(answer["holder"])
+
+    async def release(self) -> dict[str, HostError]:
+        """Release every copy this run holds, concurrently; never raises a host's failure.
+
+        Returns the hosts whose copy could not be released, with why (logged too, with the
+        command that removes it). A copy already gone (removed by `orch unlock`) is no failure.
+        """
+        held, self.held = self.held, {}
+        if not held:
+            return {}
+
+        async def release_one(conn: Connection) -> bool:
+            answer = await conn.agent("lock_release", {"path": self.path,
+                                                       "nonce": self.holder.nonce})
+            return bool(answer["released"])
+
+        results = await for_each_host(held, release_one, self.concurrency)
+        failures = {n: r for n, r in results.items() if isinstance(r, HostError)}
+        for name, error in sorted(failures.items()):
+            log.warning("lock_not_released", host=name, path=self.path, error=str(error),
+                        remove_with=self.unlock_hint)
+        return failures
+
+    def _refusal(self, refused: Mapping[str, Holder], failed: Mapping[str, HostError],
+                 left: Mapping[str, HostError]) -> HostError | LockHeld:
+        """One error for a failed acquisition: who holds it, or what failed where."""
+        lost = {n: e for n, e in failed.items() if isinstance(e, HostUnreachable)}
+        tail = " Nothing was changed on any host"
+        if not left and not lost:
+            tail += ", and no host holds this run's lock."
+        else:
+            maybe = [f"still on {', '.join(sorted(left))} (the release failed: "
+                     f"{_reasons(left)})"] if left else []
+            maybe += [f"perhaps on {', '.join(sorted(lost))} (lost while taking it)"] \
+                if lost else []
+            tail += (f"; this run's lock is {' and '.join(maybe)}: once reachable, "
+                     f"{self.unlock_hint}.")
+        if refused:
+            by_run: dict[str, list[str]] = {}
+            holders: dict[str, Holder] = {}
+            for name in sorted(refused):
+                by_run.setdefault(refused[name].nonce, []).append(name)
+                holders[refused[name].nonce] = refused[name]
+            held = "; and by ".join(
+                f"{holders[n].describe()} (on {', '.join(hosts)}); if that run is gone: "
+                f"{unlock_command(n, self.cluster_file)}" for n, hosts in by_run.items())
+            also = f" Also: {_reasons(failed)}." if failed else ""
+            return LockHeld(f"the cluster lock is held by {held}.{also}{tail}")
+        host = sorted(lost or failed)[0]
+        why = _reasons(failed).removeprefix(f"{host}: ") if len(failed) == 1 else \
+            _reasons(failed)
+        fix = "Once it is reachable, run again." if lost else f"Fix that on {host}, then run again."
+        if len(failed) > 1:
+            fix = "Fix those hosts, then run again."
+        what = f"could not take the cluster lock {self.path}: {why}.{tail} {fix}"
+        return HostUnreachable(host, what) if lost else ActionFailed(host, what)
+
+
+def _reasons(errors: Mapping[str, HostError]) -> str:
+    """'mac2: why; mac3: why', without the executor's generic 'agent <op> failed:' prefix."""
+    return "; ".join(f"{n}: " + str(e).removeprefix(f"{n}: ").removeprefix(
+        "agent lock_acquire failed: ").removeprefix("agent lock_release failed: ")
+        for n, e in sorted(errors.items()))
 
 
 async def force_unlock(conns: Mapping[str, Connection | HostError], cluster: str,
-                       orch_dir: str, nonce: str) -> list[str]:
-    """Remove the lock with this nonce wherever it is; returns the hosts it was removed from."""
-    removed = []
-    for name in sorted(conns):
-        conn = conns[name]
-        if isinstance(conn, HostError):
-            continue
-        answer = await conn.agent("lock_release", {"path": lock_path(cluster, orch_dir),
-                                                   "nonce": nonce})
-        if answer["released"]:
-            removed.append(name)
+                       orch_dir: str, nonce: str, *, concurrency: int = 10) -> list[str]:
+    """Remove the lock with this nonce wherever it is; returns the hosts it was removed from.
+
+    Hosts are asked concurrently. A host that cannot be reached (or whose agent fails) is
+    not skipped silently: after every other host was asked, the first such failure is raised
+    naming the hosts that were cleared, so the user knows to run it again.
+    """
+    path = lock_path(cluster, orch_dir)
+
+    async def release_one(conn: Connection) -> bool:
+        answer = await conn.agent("lock_release", {"path": path, "nonce": nonce})
+        return bool(answer["released"])
+
+    results = await for_each_host(conns, release_one, concurrency)
+    removed = sorted(n for n, r in results.items() if r is True)
+    failures = {n: r for n, r in results.items() if isinstance(r, HostError)}
+    if failures:
+        host = sorted(failures)[0]
+        done = f"removed it on {', '.join(removed)}" if removed else "removed it nowhere"
+        what = (f"could not check for lock {nonce}: {_reasons(failures)}; {done}. "
+                "Run the same command again once every host is reachable.")
+        error_type = HostUnreachable if any(isinstance(e, HostUnreachable)
+                                            for e in failures.values()) else ActionFailed
+        raise error_type(host, what)
     return removed
