@@ -150,10 +150,8 @@ def test_a_host_lost_mid_apply_keeps_the_report_and_frees_the_others(
 def test_a_host_lost_while_locking_unlocks_the_others_and_names_it(
     test_hosts: list[RunningHost], lost_host: RunningHost, tmp_path: Path
 ) -> None:
-    python = tmp_path / "python"  # holds each lock call 2 s, long enough to lose the host
-    python.write_text('#!/bin/sh\ncase "$3" in lock_acquire) touch "$HOME/locking"; sleep 2;; '
-                      'esac\nexec python3 "$@"\n')
-    python.chmod(0o755)
+    # holds each lock call 2 s, long enough to lose the host
+    python = proxy(tmp_path / "python", delay="2", touch="locking")
     hosts = [*test_hosts, lost_host]  # mini-lost sorts last: locked with mac2 and mac3
     known = tmp_path / "known_hosts"
     known.write_text("\n".join(h.known_hosts_line for h in hosts) + "\n")
@@ -218,20 +216,18 @@ def test_with_no_host_reachable_plan_says_so_and_exits_3(
 
 # -- the lock in parallel (issue #14) --------------------------------------------------------
 
-def python_wrapper(path: Path, log: Path, sleep: str) -> Path:
-    """An `agent_python` that waits `sleep` (a shell expression, in seconds) before running
-    the agent, and logs `HOME op start end` for each lock op: how the tests see, from the
-    hosts' side, which lock calls overlapped."""
-    path.write_text(f"""#!/bin/sh
-start=$(date +%s.%N)
-sleep "{sleep}"
-python3 "$@"
-rc=$?
-case "$3" in lock_*) echo "$HOME $3 $start $(date +%s.%N)" >> {log} ;; esac
-exit $rc
-""")
+def proxy(path: Path, *, delay: str, log: Path | None = None, touch: str = "") -> Path:
+    """An `agent_python` that waits `delay` seconds (or `random`: 0-0.25 s) before each lock
+    op reaches the agent and logs `HOME op start end` for it (see agent_proxy.py): how the
+    tests see, from the hosts' side, which lock calls overlapped."""
+    options = [f"--delay={delay}", f"--touch={touch}"] + ([f"--log={log}"] if log else [])
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} {PROXY} {' '.join(options)} -- "
+                    '"$0" "$@"\n')
     path.chmod(0o755)
     return path
+
+
+PROXY = Path(__file__).with_name("agent_proxy.py")
 
 
 def targets(hosts: Sequence[RunningHost]) -> list[Target]:
@@ -251,7 +247,7 @@ def test_lock_takes_the_first_host_alone_then_the_others_at_once(
     test_hosts: list[RunningHost], tmp_path: Path
 ) -> None:
     log = tmp_path / "calls.log"
-    python = python_wrapper(tmp_path / "slow-python", log, "1")
+    python = proxy(tmp_path / "slow-python", delay="1", log=log)
 
     async def lock_and_release() -> float:
         conns = await connect(test_hosts, python)
@@ -289,8 +285,7 @@ def test_of_two_racing_runs_exactly_one_wins(
 ) -> None:
     # Each agent call waits 0-0.25 s at random: racing runs reach the hosts in random order,
     # which is what would let two runs each win some hosts without the first-host gate.
-    python = python_wrapper(tmp_path / "jittery-python", tmp_path / "calls.log",
-                            "$(od -An -N1 -tu1 /dev/urandom | awk '{print $1 / 1000}')")
+    python = proxy(tmp_path / "jittery-python", delay="random")
 
     async def race() -> list[str]:
         a, b = await connect(test_hosts, python), await connect(test_hosts, python)
