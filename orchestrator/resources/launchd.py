@@ -31,11 +31,14 @@ def render_plist(
     keep_alive: bool = True,
     throttle_interval: int = 10,
     background: bool = True,
+    user_name: str | None = None,
 ) -> str:
     """The job's plist (XML via plistlib, so no value can break the markup).
 
     `inputs` are the contents of the files the job reads; their hash joins the plist's own in
     `ORCH_CONFIG_HASH`, so changing any of them changes the plist and reloads the job.
+    `user_name` (a LaunchDaemon's `UserName`) runs a system-domain job as that user; a daemon
+    is not `background` (LimitLoadToSessionType is for agents).
     """
     body: dict[str, object] = {
         "Label": label,
@@ -49,6 +52,8 @@ def render_plist(
     if background:
         # Over SSH there is no GUI session: the user domain with Background sessions loads.
         body["LimitLoadToSessionType"] = "Background"
+    if user_name:
+        body["UserName"] = user_name
     if working_directory:
         body["WorkingDirectory"] = working_directory
     if stdout_path:
@@ -76,6 +81,7 @@ class LaunchdService:
     domain: str = "user"
     must_run: bool = True  # a loaded job that is not running is drift (KeepAlive jobs)
     needs: tuple[str, ...] = field(default=())  # resource ids this job must wait for
+    staged: str | None = None  # system domain: written here as the user, installed by root
 
     @property
     def id(self) -> str:
@@ -86,7 +92,8 @@ class LaunchdService:
         return LaunchdRef(self.domain, self.label)
 
     def facts_needed(self) -> FactRequest:
-        return FactRequest(files=frozenset({self.plist_path}), launchd=frozenset({self.ref}))
+        return FactRequest(files=frozenset({self.plist_path}), launchd=frozenset({self.ref}),
+                           sudo=self.domain == "system")
 
     def diff(self, facts: HostFacts) -> Change | None:
         plist_file = facts.file(self.plist_path)
@@ -95,10 +102,17 @@ class LaunchdService:
         sha = hashlib.sha256(self.plist.encode()).hexdigest()
         fields: list[FieldChange] = []
         steps: list[Step] = []
-        if plist_file.kind is not FileKind.FILE or plist_file.sha256 != sha:
+        if plist_file.kind is not FileKind.FILE or plist_file.sha256 != sha \
+                or (self.staged is not None and plist_file.mode != 0o644):
             fields.append(FieldChange("plist", plist_file.sha256, sha))
-            steps.append(Step("write", {"path": self.plist_path, "mode": 0o644, "sha256": sha,
-                                        "content": self.plist}))
+            if self.staged is None:
+                steps.append(Step("write", {"path": self.plist_path, "mode": 0o644,
+                                            "sha256": sha, "content": self.plist}))
+            else:  # a LaunchDaemon's plist is root's: staged as the user, copied by root
+                steps += [Step("write", {"path": self.staged, "mode": 0o644, "sha256": sha,
+                                         "content": self.plist}),
+                          Step("install_system", {"src": self.staged, "dest": self.plist_path,
+                                                  "mode": 0o644})]
         running_hash = job.env.get(HASH_ENV)
         if job.state is JobState.NOT_LOADED:
             fields.append(FieldChange("state", "not_loaded", "running"))
@@ -116,5 +130,8 @@ class LaunchdService:
         return Change(self.id, action, tuple(fields), tuple(steps), cleanup=self.cleanup())
 
     def cleanup(self) -> tuple[Step, ...]:
-        return (Step("launchd_bootout", {"domain": self.domain, "label": self.label}),
-                Step("remove", {"path": self.plist_path}))
+        bootout = Step("launchd_bootout", {"domain": self.domain, "label": self.label})
+        if self.staged is None:
+            return (bootout, Step("remove", {"path": self.plist_path}))
+        return (bootout, Step("remove_system", {"path": self.plist_path}),
+                Step("remove", {"path": self.staged}))

@@ -23,6 +23,7 @@ from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan, diff_host, fact_request
 from orchestrator.plan.desired import desired_state
+from orchestrator.plan.preflight import check_sudo
 from orchestrator.plan.ring import couple_ring, rank_fact_request, rank_view, ring_restart_reasons
 from orchestrator.plan.sources import assign_sources
 from orchestrator.resources.base import Action, Change, FieldChange, Resource
@@ -178,6 +179,7 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
                      for n in intent.placement.nodes]
             broken = ring_restart_reasons(views, len(intent.placement.nodes))
             result = couple_ring(result, worker_services(cluster, desired), broken=broken)
+    check_sudo(result, desired, facts, cluster.runtime.dir)  # before any change, or never
     return Prepared(intent, desired, result)
 
 
