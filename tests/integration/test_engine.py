@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import shutil
 import socket
 import subprocess
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
