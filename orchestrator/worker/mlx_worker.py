@@ -330,10 +330,10 @@ def ring_sockets(endpoints: list[tuple[str, int]], mine: tuple[str, int]) -> lis
         except (OSError, ValueError):
             continue
         try:
+            peer = tuple(sock.getpeername()[:2])  # first: a listener has no peer
             ring = sock.type == socket.SOCK_STREAM and (
-                tuple(sock.getsockname()[:2]) == mine
-                or tuple(sock.getpeername()[:2]) in endpoints)
-        except OSError:  # not connected (a listener), or not an IP socket
+                tuple(sock.getsockname()[:2]) == mine or peer in endpoints)
+        except (OSError, TypeError):  # not connected (a listener), or not an IP socket
             ring = False
         if ring:
             found.append(sock)

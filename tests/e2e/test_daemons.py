@@ -60,9 +60,9 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lab]:
     hosts = start_hosts(tmp_path / "hosts", sandbox.specs(3))
     hub_pid = None
     try:
-        endpoint, commit, hub_pid = sandbox._start_hub(tmp_path, model_dir)  # noqa: SLF001
+        endpoint, commit, hub_pid = sandbox._start_hub(tmp_path, model_dir)
         api_port = processes.free_port(hosts[0].address)
-        cluster_file = sandbox._write_cluster(tmp_path, hosts, endpoint, commit,  # noqa: SLF001
+        cluster_file = sandbox._write_cluster(tmp_path, hosts, endpoint, commit,
                                               api_port)
         yield Lab(hosts, cluster_file, f"http://{hosts[0].address}:{api_port}")
     finally:
