@@ -32,7 +32,8 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
    1) forms no ring and ignores ``MLX_HOSTFILE``;
 5. runs ``mlx_lm.server`` ``main()`` with ``--model DIR --pipeline --host H --port P`` — the same
    command line on every rank; rank 0 serves HTTP;
-6. watches its ring connections (`watch_ring`) and exits (code 4) when a peer closes one.
+6. watches its ring connections (`watch_ring`) and exits (code 4) when a peer closes one
+   (after `RING_BREAK_GRACE`, so that orch's own ring restart stops it first).
 
 Why 6: a ring forms once. A rank that dies (its Mac rebooted, its process crashed) and is
 started again by launchd can never rejoin the old ring, and the surviving ranks neither notice
@@ -304,6 +305,11 @@ def init_ring(expected_world_size: int, rank: int) -> Any:
 
 
 RING_WATCH_INTERVAL = 1.0  # seconds between checks of the ring's connections
+# Seconds between noticing a broken ring and exiting. When orch restarts the ring itself it
+# boots every rank out within a few seconds; exiting at once would let KeepAlive start the old
+# job again in between (a wasted start, and a second restart of that rank). A rank that is
+# booted out meanwhile simply dies with its SIGTERM.
+RING_BREAK_GRACE = 10.0
 KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPALIVE", 10), ("TCP_KEEPINTVL", 5),
              ("TCP_KEEPCNT", 3))  # a peer gone without a FIN (power, cable) is seen in ~25 s
 
@@ -385,7 +391,8 @@ def watch_ring(status: Status, endpoints: list[tuple[str, int]], rank: int) -> N
                 if why is not None:
                     message = f"ring broken: the connection with {peer} was {why}; exiting " \
                               "so launchd restarts this rank and the ring forms again"
-                    log(message)
+                    log(f"{message} (in {RING_BREAK_GRACE:g} s)")
+                    time.sleep(RING_BREAK_GRACE)
                     status.set(state="failed", error=message, exit_code=EXIT_RING)
                     os._exit(EXIT_RING)
 
