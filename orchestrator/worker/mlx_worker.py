@@ -392,8 +392,8 @@ def watch_ring(status: Status, endpoints: list[tuple[str, int]], rank: int) -> N
                     message = f"ring broken: the connection with {peer} was {why}; exiting " \
                               "so launchd restarts this rank and the ring forms again"
                     log(f"{message} (in {RING_BREAK_GRACE:g} s)")
-                    time.sleep(RING_BREAK_GRACE)
                     status.set(state="failed", error=message, exit_code=EXIT_RING)
+                    time.sleep(RING_BREAK_GRACE)
                     os._exit(EXIT_RING)
 
     threading.Thread(target=run, name="orch-ring-watch", daemon=True).start()
