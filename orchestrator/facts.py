@@ -113,6 +113,7 @@ class FactRequest:
     texts: frozenset[str] = frozenset()  # small files read whole (e.g. a worker's status)
     managed: bool = True
     cluster: str = "default"  # whose managed record to read (one per cluster on a host)
+    sudo: bool = False  # whether `sudo -n` runs orch's root commands without a password
 
     def __post_init__(self) -> None:
         for name in ("files", "venvs", "sysctl", "trees", "texts"):
@@ -136,6 +137,7 @@ class FactRequest:
             texts=frozenset().union(*(p.texts for p in parts)),
             managed=any(p.managed for p in parts),
             cluster=_one_cluster(parts),
+            sudo=any(p.sudo for p in parts),
         )
 
     def minus(self, other: FactRequest) -> FactRequest:
@@ -145,16 +147,17 @@ class FactRequest:
                            sysctl=self.sysctl - other.sysctl,
                            guards=self.guards - other.guards, trees=self.trees - other.trees,
                            texts=self.texts - other.texts, managed=False,
-                           cluster=self.cluster)
+                           cluster=self.cluster, sudo=self.sudo and not other.sudo)
 
     @property
     def empty(self) -> bool:
         return not (self.files or self.venvs or self.launchd or self.sysctl or self.guards
-                    or self.trees or self.texts or self.managed)
+                    or self.trees or self.texts or self.managed or self.sudo)
 
     def to_json(self) -> dict[str, Any]:
-        """The agent's `facts` request, sorted so equal requests serialize identically."""
-        return {
+        """The agent's `facts` request, sorted so equal requests serialize identically
+        (``sudo`` only when asked: the probe runs a command, so it is not asked for free)."""
+        request: dict[str, Any] = {
             "files": sorted(self.files),
             "venvs": sorted(self.venvs),
             "launchd": [{"domain": r.domain, "label": r.label} for r in sorted(self.launchd)],
@@ -165,6 +168,9 @@ class FactRequest:
             "managed": self.managed,
             "cluster": self.cluster,
         }
+        if self.sudo:
+            request["sudo"] = True
+        return request
 
 
 def _one_cluster(parts: Iterable[FactRequest]) -> str:
@@ -194,6 +200,7 @@ class HostFacts:
     texts: Mapping[str, str | None] = field(default_factory=dict)
     managed: Mapping[str, Any] = field(default_factory=dict)
     counters: Mapping[str, int] = field(default_factory=dict)
+    sudo: bool | None = None  # `sudo -n` works for orch's root commands; None: not asked
 
     def merged(self, more: HostFacts) -> HostFacts:
         """These facts plus those of a second, smaller request to the same host."""
@@ -208,6 +215,7 @@ class HostFacts:
             texts=MappingProxyType({**self.texts, **more.texts}),
             counters=MappingProxyType({k: self.counters.get(k, 0) + more.counters.get(k, 0)
                                        for k in {*self.counters, *more.counters}}),
+            sudo=self.sudo if more.sudo is None else more.sudo,
         )
 
     def file(self, path: str) -> FileFact:
@@ -339,7 +347,7 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
     were answered.
     """
     r = _Reader(host, "facts", raw)
-    r.expect_keys(TOP_KEYS)
+    r.expect_keys((*TOP_KEYS, "sudo") if "sudo" in r.raw else TOP_KEYS)
     r.child("agent").expect_keys(("version",))
     os_r = r.child("os")
     os_r.expect_keys(("system", "product_version"))
@@ -367,6 +375,7 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
         texts=MappingProxyType(r.strings("texts", (str, _NONE))),
         managed=MappingProxyType(dict(r.get("managed", Mapping))),
         counters=MappingProxyType({k: counters.get(k, int) for k in counters.raw}),
+        sudo=r.get("sudo", bool) if "sudo" in r.raw else None,
     )
     if request is not None:
         _check_answers(r, facts, request)
@@ -388,3 +397,5 @@ def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
         got = set(getattr(facts, name))
         if got != keys:
             r.fail(f"{name} answered {sorted(got)}, requested {sorted(keys)}")
+    if (facts.sudo is not None) != request.sudo:
+        r.fail("sudo answered" if facts.sudo is not None else "sudo requested, not answered")

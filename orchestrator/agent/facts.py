@@ -29,6 +29,7 @@ from .common import (
     own_version,
     run_status,
     string_list,
+    which,
 )
 from .hashcache import HashCache
 from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
@@ -181,12 +182,28 @@ def text_fact(path: str) -> str | None:
     return data.decode("utf-8", "replace")
 
 
+def sudo_works() -> bool:
+    """Whether root commands orch runs would run without a password prompt.
+
+    ``sudo -n -l CMD`` asks the policy about one command orch runs as root (bootstrapping a
+    LaunchDaemon) without running anything and without prompting: exit 0 only when it is
+    allowed with NOPASSWD. ``sudo -n true`` would wrongly fail on a Mac whose sudoers allows
+    exactly orch's commands (the line the controller prints) and nothing else.
+    """
+    tool = which("launchctl") or "/bin/launchctl"
+    probe = ["sudo", "-n", "-l", tool, "bootstrap", "system",
+             "/Library/LaunchDaemons/com.orch.probe.plist"]
+    return run_status(probe, None, None, 30) == 0
+
+
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
-    files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only = fields(
+    (files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only,
+     sudo) = fields(
         req,
         (),
         {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "trees": [],
-         "texts": [], "managed": True, "cluster": "default", "read_only": False},
+         "texts": [], "managed": True, "cluster": "default", "read_only": False,
+         "sudo": False},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
         raise AgentError("launchd and guards must be lists")
@@ -201,7 +218,9 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
             managed_record = json_file(record_path(cluster), {})
         except ValueError as exc:
             raise AgentError(f"{record_path(cluster)} is not valid JSON: {exc}") from None
+    answer: Response = {} if not sudo else {"sudo": sudo_works()}
     return {
+        **answer,
         "agent": {"version": own_version()},
         "os": {
             "system": platform.system(),

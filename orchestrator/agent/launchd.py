@@ -49,9 +49,12 @@ def parse_launchctl_print(text: str) -> dict[str, Any]:
 
 
 def launchd_job(text: str) -> dict[str, Any]:
-    """A loaded job's state from its ``launchctl print`` text."""
+    """A loaded job's state from its ``launchctl print`` text (``not_loaded`` when the text
+    holds no service block: "Bad request. Could not find service ...")."""
     parsed = parse_launchctl_print(text)
     scalars: dict[str, str] = parsed["scalars"]
+    if not scalars:
+        return dict(NOT_LOADED)
     state = "running" if scalars.get("state") == "running" else "waiting"
     pid_text = scalars.get("pid", "")
     pid = int(pid_text) if pid_text.isdigit() else None

@@ -58,6 +58,7 @@ class Runtime:
     env: tuple[tuple[str, str], ...] = ()  # extra worker environment, sorted
     throttle_interval: int = 10
     dir: str = ".orch"
+    launchd_domain: Literal["system", "user"] = "system"  # where the workers run (README)
 
 
 @dataclass(frozen=True)

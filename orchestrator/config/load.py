@@ -88,6 +88,7 @@ def load_cluster(path: Path) -> Cluster:
             env=tuple(sorted(spec.runtime.env.items())),
             throttle_interval=spec.runtime.throttle_interval,
             dir=spec.runtime.dir,
+            launchd_domain=spec.runtime.launchd_domain,
         ),
         tasks=tasks,
         groups=groups,

@@ -115,6 +115,9 @@ class RuntimeSection(_Strict):
     throttle_interval: int = Field(10, ge=1, le=3600,
                                    description="launchd's minimum seconds between worker starts")
     dir: str = Field(".orch", description="orch's directory on each node, relative to HOME")
+    launchd_domain: Literal["system", "user"] = Field(
+        "system", description="system: workers are LaunchDaemons (load at boot, exempt from "
+                              "Local Network Privacy; need NOPASSWD sudo); user: LaunchAgents")
 
 
 class TemplateTask(_Strict):

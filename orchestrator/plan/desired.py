@@ -93,6 +93,7 @@ def desired_state(
                 resources += worker_resources(
                     cluster, intent.placement, node,
                     home=known.home if known else "~",
+                    user=known.user if known else "~",
                     system=known.os_system if known else "Darwin",
                     model_dir=inputs.model_dir, files=inputs.files,
                     model_files_id=inputs.model_files_id, wheelhouse=wheelhouse,

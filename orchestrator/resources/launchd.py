@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 
 from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState, LaunchdRef
 from orchestrator.resources.base import Action, Change, FieldChange
-from orchestrator.resources.steps import LaunchdBootout, LaunchdBootstrap, Remove, Step, Text, Write
+from orchestrator.resources.steps import (
+    InstallSystem,
+    LaunchdBootout,
+    LaunchdBootstrap,
+    Remove,
+    RemoveSystem,
+    Step,
+    Text,
+    Write,
+)
 
 HASH_ENV = "ORCH_CONFIG_HASH"
 
@@ -32,11 +41,14 @@ def render_plist(
     keep_alive: bool = True,
     throttle_interval: int = 10,
     background: bool = True,
+    user_name: str | None = None,
 ) -> str:
     """The job's plist (XML via plistlib, so no value can break the markup).
 
     `inputs` are the contents of the files the job reads; their hash joins the plist's own in
     `ORCH_CONFIG_HASH`, so changing any of them changes the plist and reloads the job.
+    `user_name` (a LaunchDaemon's `UserName`) runs a system-domain job as that user; a daemon
+    is not `background` (LimitLoadToSessionType is for agents).
     """
     body: dict[str, object] = {
         "Label": label,
@@ -50,6 +62,8 @@ def render_plist(
     if background:
         # Over SSH there is no GUI session: the user domain with Background sessions loads.
         body["LimitLoadToSessionType"] = "Background"
+    if user_name:
+        body["UserName"] = user_name
     if working_directory:
         body["WorkingDirectory"] = working_directory
     if stdout_path:
@@ -77,6 +91,7 @@ class LaunchdService:
     domain: str = "user"
     must_run: bool = True  # a loaded job that is not running is drift (KeepAlive jobs)
     needs: tuple[str, ...] = field(default=())  # resource ids this job must wait for
+    staged: str | None = None  # system domain: written here as the user, installed by root
 
     @property
     def id(self) -> str:
@@ -87,7 +102,8 @@ class LaunchdService:
         return LaunchdRef(self.domain, self.label)
 
     def facts_needed(self) -> FactRequest:
-        return FactRequest(files=frozenset({self.plist_path}), launchd=frozenset({self.ref}))
+        return FactRequest(files=frozenset({self.plist_path}), launchd=frozenset({self.ref}),
+                           sudo=self.domain == "system")
 
     def diff(self, facts: HostFacts) -> Change | None:
         plist_file = facts.file(self.plist_path)
@@ -96,9 +112,14 @@ class LaunchdService:
         sha = hashlib.sha256(self.plist.encode()).hexdigest()
         fields: list[FieldChange] = []
         steps: list[Step] = []
-        if plist_file.kind is not FileKind.FILE or plist_file.sha256 != sha:
+        if plist_file.kind is not FileKind.FILE or plist_file.sha256 != sha \
+                or (self.staged is not None and plist_file.mode != 0o644):
             fields.append(FieldChange("plist", plist_file.sha256, sha))
-            steps.append(Write(self.plist_path, 0o644, Text(self.plist)))
+            if self.staged is None:
+                steps.append(Write(self.plist_path, 0o644, Text(self.plist)))
+            else:  # a LaunchDaemon's plist is root's: staged as the user, copied by root
+                steps += [Write(self.staged, 0o644, Text(self.plist)),
+                          InstallSystem(self.staged, self.plist_path, 0o644)]
         running_hash = job.env.get(HASH_ENV)
         if job.state is JobState.NOT_LOADED:
             fields.append(FieldChange("state", "not_loaded", "running"))
@@ -119,4 +140,7 @@ class LaunchdService:
         return LaunchdBootstrap(self.domain, self.label, self.plist_path)
 
     def cleanup(self) -> tuple[Step, ...]:
-        return (LaunchdBootout(self.domain, self.label), Remove(self.plist_path))
+        bootout = LaunchdBootout(self.domain, self.label)
+        if self.staged is None:
+            return (bootout, Remove(self.plist_path))
+        return (bootout, RemoveSystem(self.plist_path), Remove(self.staged))

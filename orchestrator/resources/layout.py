@@ -16,10 +16,15 @@ Per node, under ``~/<runtime.dir>`` (default ``~/.orch``)::
     serve/<cluster>/worker.log    its stdout and stderr (launchd does not rotate it)
     serve/<cluster>/hf-cache/     HF_HUB_CACHE: mlx-lm's /v1/models needs an existing folder
 
-and the job's plist at ``~/Library/LaunchAgents/com.orch.<cluster>.worker.plist``.
+and the job's plist: by default a LaunchDaemon,
+``/Library/LaunchDaemons/com.orch.<cluster>.worker.plist``, staged as the user at
+``~/<runtime.dir>/system/`` and installed by root; with ``runtime.launchd_domain: user``, an
+agent at ``~/Library/LaunchAgents/…``. Why a daemon: Local Network Privacy (macOS 15+, TN3179)
+blocks a launchd *agent*'s connections to LAN peers, and jobs bootstrapped into ``user/<uid>``
+over SSH are gone after a reboot; daemons are exempt and load at boot.
 
-Everything is under the cluster's own directory, the venv and the wheelhouse included: what one
-cluster records for removal can never be something another cluster on the same Mac runs from
+Everything else is under the cluster's own directory, the venv and the wheelhouse included: what
+one cluster records for removal can never be something another cluster on the same Mac runs from
 (a shared venv would need reference counting; a second copy costs disk, never a broken ring).
 """
 
@@ -53,10 +58,11 @@ class WorkerLayout:
 
     cluster: str
     runtime_dir: str = ".orch"
+    domain: str = "system"  # launchd domain of the worker: "system" (a daemon) or "user"
 
     @classmethod
     def of(cls, cluster: Cluster) -> WorkerLayout:
-        return cls(cluster.name, cluster.runtime.dir.strip("/"))
+        return cls(cluster.name, cluster.runtime.dir.strip("/"), cluster.runtime.launchd_domain)
 
     @property
     def root(self) -> str:
@@ -106,17 +112,29 @@ class WorkerLayout:
         return f"com.orch.{self.cluster}.worker"
 
     @property
+    def system(self) -> bool:
+        """The worker is a LaunchDaemon: its plist is root's, installed with ``sudo -n``."""
+        return self.domain == "system"
+
+    @property
     def plist_path(self) -> str:
+        if self.system:
+            return f"/Library/LaunchDaemons/{self.label}.plist"
         return f"~/Library/LaunchAgents/{self.label}.plist"
 
     @property
+    def staged_plist(self) -> str | None:
+        """Where a daemon's plist is written as the user before root installs it."""
+        return f"{self.root}/system/{self.label}.plist" if self.system else None
+
+    @property
     def job(self) -> LaunchdRef:
-        return LaunchdRef("user", self.label)
+        return LaunchdRef(self.domain, self.label)
 
     @property
     def service_id(self) -> str:
         """The `LaunchdService` resource id of the worker (what `couple_ring` looks for)."""
-        return f"launchd:user/{self.label}"
+        return f"launchd:{self.domain}/{self.label}"
 
 
 def ring_endpoints(cluster: Cluster, placement: Placement) -> list[Endpoint]:

@@ -50,7 +50,7 @@ class Sysctl:
 
     def facts_needed(self) -> FactRequest:
         return FactRequest(files=frozenset({self.daemon_path}), sysctl=frozenset({self.name}),
-                           launchd=frozenset({LaunchdRef("system", self.label)}))
+                           launchd=frozenset({LaunchdRef("system", self.label)}), sudo=True)
 
     def diff(self, facts: HostFacts) -> Change | None:
         fields: list[FieldChange] = []

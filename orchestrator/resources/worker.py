@@ -147,6 +147,7 @@ def worker_resources(
     *,
     home: str,
     system: str,
+    user: str,
     model_dir: str,
     files: Mapping[str, FileDigest],
     model_files_id: str | None = None,
@@ -156,8 +157,9 @@ def worker_resources(
 ) -> list[Resource]:
     """One serving node's resources, in apply order.
 
-    ``home`` and ``system`` are the node's facts (``HostFacts.home``, ``.os_system``):
-    launchd and the worker need absolute paths, and the MLX build depends on the OS.
+    ``home``, ``user`` and ``system`` are the node's facts (``HostFacts.home``, ``.user``,
+    ``.os_system``): launchd and the worker need absolute paths, a LaunchDaemon runs as the
+    SSH user (``UserName``), and the MLX build depends on the OS.
     ``model_dir`` / ``files`` (this rank's files, relative path → (sha256, size)) and
     ``model_files_id`` come from the shard sync; ``files`` must include config, tokenizer and
     ``model.safetensors.index.json``, not only weights. ``inputs_digest`` is anything else the
@@ -195,6 +197,10 @@ def worker_resources(
     }
     if multi:  # a one-entry hostfile makes mlx wait forever; one node runs without a ring
         env["MLX_HOSTFILE"] = absolute(layout.hostfile, home)
+    if layout.system:
+        # A daemon's environment is launchd's minimal one: say who the worker runs as and
+        # where its HOME is, rather than relying on what launchd adds for UserName.
+        env.update({"HOME": home, "USER": user, "LOGNAME": user, "SHELL": "/bin/sh"})
     env.update(settings.env)
     log = absolute(layout.log, home)
     plist = render_plist(
@@ -208,15 +214,16 @@ def worker_resources(
         stderr_path=log,
         keep_alive=True,
         throttle_interval=settings.throttle_interval,
-        background=True,
+        background=not layout.system,
+        user_name=user if layout.system else None,
     )
     needs = [env_resource.id, *(r.id for r in (*directories, *files_read))]
     if sysctl is not None:
         needs.append(sysctl.id)
     if model_files_id is not None:
         needs.append(model_files_id)
-    resources.append(LaunchdService(layout.label, layout.plist_path, plist,
-                                    needs=tuple(needs)))
+    resources.append(LaunchdService(layout.label, layout.plist_path, plist, layout.domain,
+                                    needs=tuple(needs), staged=layout.staged_plist))
     return resources
 
 

@@ -24,6 +24,7 @@ from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state
+from orchestrator.plan.preflight import check_sudo
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
 from orchestrator.resources.steps import Text, Write
@@ -141,6 +142,7 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
                                   options, read_only=read_only)
     pending = wheelhouse if isinstance(wheelhouse, NodePlatform) else None
     result = plan_cluster(cluster, intent, desired, facts, pending_wheelhouse=pending)
+    check_sudo(result, desired, facts, cluster.runtime.dir)  # before any change, or never
     return Prepared(intent, desired, result)
 
 

@@ -31,7 +31,15 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
    (the default backend silently falls back to a group of 1). A one-node service (world size
    1) forms no ring and ignores ``MLX_HOSTFILE``;
 5. runs ``mlx_lm.server`` ``main()`` with ``--model DIR --pipeline --host H --port P`` — the same
-   command line on every rank; rank 0 serves HTTP.
+   command line on every rank; rank 0 serves HTTP;
+6. watches its ring connections (`watch_ring`) and exits (code 4) when a peer closes one
+   (after `RING_BREAK_GRACE`, so that orch's own ring restart stops it first).
+
+Why 6: a ring forms once. A rank that dies (its Mac rebooted, its process crashed) and is
+started again by launchd can never rejoin the old ring, and the surviving ranks neither notice
+nor exit: rank 0 keeps answering ``/health`` 503 (FACTS.md). Exiting when a ring connection
+closes turns one lost rank into every rank restarting — each by its own launchd ``KeepAlive``
+— so the whole ring forms again with no orch command.
 
 A status file (JSON, replaced atomically) tells the agent where the rank is: ``state`` is
 ``verifying`` → ``ring`` → ``loading`` → ``serving``, or ``failed`` with ``error``; plus rank,
@@ -51,7 +59,9 @@ import inspect
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -294,6 +304,102 @@ def init_ring(expected_world_size: int, rank: int) -> Any:
     return group
 
 
+RING_WATCH_INTERVAL = 1.0  # seconds between checks of the ring's connections
+# Seconds between noticing a broken ring and exiting. When orch restarts the ring itself it
+# boots every rank out within a few seconds; exiting at once would let KeepAlive start the old
+# job again in between (a wasted start, and a second restart of that rank). A rank that is
+# booted out meanwhile simply dies with its SIGTERM.
+RING_BREAK_GRACE = 10.0
+KEEPALIVE = (("TCP_KEEPIDLE", 10), ("TCP_KEEPALIVE", 10), ("TCP_KEEPINTVL", 5),
+             ("TCP_KEEPCNT", 3))  # a peer gone without a FIN (power, cable) is seen in ~25 s
+
+
+def hostfile_endpoints(path: str) -> list[tuple[str, int]]:
+    """The ``(ip, port)`` of every rank, from mlx's hostfile (``[["ip:port"], ...]``)."""
+    with open(path) as f:
+        entries = json.load(f)
+    endpoints = []
+    for entry in entries:
+        for address in entry:
+            host, _, port = str(address).rpartition(":")
+            endpoints.append((host.strip("[]"), int(port)))
+    return endpoints
+
+
+def ring_sockets(endpoints: list[tuple[str, int]], mine: tuple[str, int]) -> list[socket.socket]:
+    """This process's TCP connections of the ring: accepted on its own endpoint, or made to
+    a peer's. Each is a dup of mlx's descriptor (closing it leaves mlx's open)."""
+    found = []
+    for name in os.listdir("/dev/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except (OSError, ValueError):
+            continue
+        try:
+            peer = tuple(sock.getpeername()[:2])  # first: a listener has no peer
+            ring = sock.type == socket.SOCK_STREAM and (
+                tuple(sock.getsockname()[:2]) == mine or peer in endpoints)
+        except (OSError, TypeError):  # not connected (a listener), or not an IP socket
+            ring = False
+        if ring:
+            found.append(sock)
+        else:
+            sock.close()
+    return found
+
+
+def peer_gone(sock: socket.socket) -> str | None:
+    """Why this ring connection is dead, or None while it is open. MSG_PEEK leaves any
+    pending bytes to mlx; an orderly close reads as b"" and a reset as an error."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        return f"{exc.strerror or exc}"
+    return "closed by the peer" if data == b"" else None
+
+
+def watch_ring(status: Status, endpoints: list[tuple[str, int]], rank: int) -> None:
+    """Exit (code 4) as soon as a ring connection dies; see the module docstring, 6."""
+    socks = ring_sockets(endpoints, endpoints[rank])
+    if not socks:
+        log("no ring connection found to watch; a broken ring will not be noticed")
+        return
+    for sock in socks:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in KEEPALIVE:
+                if hasattr(socket, option):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+        except OSError:
+            pass
+
+    peers = []
+    for sock in socks:
+        try:
+            ip, port = sock.getpeername()[:2]
+            peers.append(f"{ip}:{port}")
+        except OSError:
+            peers.append("a peer")
+
+    def run() -> None:
+        while True:
+            time.sleep(RING_WATCH_INTERVAL)
+            for sock, peer in zip(socks, peers, strict=True):
+                why = peer_gone(sock)
+                if why is not None:
+                    message = f"ring broken: the connection with {peer} was {why}; exiting " \
+                              "so launchd restarts this rank and the ring forms again"
+                    log(f"{message} (in {RING_BREAK_GRACE:g} s)")
+                    status.set(state="failed", error=message, exit_code=EXIT_RING)
+                    time.sleep(RING_BREAK_GRACE)
+                    os._exit(EXIT_RING)
+
+    threading.Thread(target=run, name="orch-ring-watch", daemon=True).start()
+    log(f"watching {len(socks)} ring connections")
+
+
 def install_split_hook(split: list[int]) -> Callable[[], None]:
     """Make mlx-lm's pipeline loading use ``split``; return a function that undoes it.
 
@@ -421,6 +527,7 @@ def main(argv: list[str]) -> None:
             status.set(state="ring")
             log(f"verified {len(config['files'])} files; forming a ring of {size}")
             init_ring(size, rank)
+            watch_ring(status, hostfile_endpoints(os.environ["MLX_HOSTFILE"]), rank)
     except WorkerError as exc:
         fail(status, exc.code, str(exc))
     status.set(state="loading")

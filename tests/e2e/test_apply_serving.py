@@ -58,7 +58,7 @@ def test_apply_from_bare_hosts_serves_what_one_process_computes(tmp_path: Path) 
         assert drift.returncode == 2, drift.stdout + drift.stderr
         changes = [(h["host"], c["resource"], sorted(f["name"] for f in c["fields"]))
                    for h in json.loads(drift.stdout)["hosts"] for c in h["changes"]]
-        assert changes == [(h, "launchd:user/com.orch.sandbox.worker",
+        assert changes == [(h, "launchd:system/com.orch.sandbox.worker",
                             ["config_hash", "plist"]) for h in ("mac1", "mac2", "mac3")]
         assert orch("apply", started.cluster_file, "--yes", *known).returncode == 0
         after = status_of(started.cluster_file, known)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -265,3 +266,48 @@ def test_a_dead_runs_lock_is_removed_with_its_nonce(
     assert unlocked.returncode == 0
     assert f"removed lock deadbeef on: {test_hosts[1].name}" in unlocked.stdout
     assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+
+
+def test_serving_plan_on_a_mac_without_nopasswd_sudo_is_refused_touching_nothing(
+    tmp_path: Path, tree_hash: TreeHash
+) -> None:
+    """Workers are LaunchDaemons: root installs them. A Mac whose `sudo -n` would prompt is
+    refused at plan time, naming it and the sudoers line, before anything is written; with
+    `launchd_domain: user` (no root needed for a model this small) the same Mac plans."""
+    from orchestrator.simulator.tiny_model import make_tiny_deepseek
+
+    model = make_tiny_deepseek(tmp_path / "model", n_layers=4, n_files=2)
+    [host] = start_hosts(tmp_path / "hosts", [HostSpec("nosudo", 64 * GIB, "Apple M4 Pro",
+                                                       address="127.0.0.24",
+                                                       sudo_nopasswd=False)])
+    try:
+        (tmp_path / "inventory.yml").write_text(inventory_yaml([host]))
+        cluster = tmp_path / "serve.yml"
+        cluster.write_text(f"name: serve\ninventory: inventory.yml\nmodel:\n  path: {model}\n"
+                           "placement:\n  nodes: [nosudo]\n")
+        volatile = ("log", "run", "tmp")  # the sshd log, launchd's socket, session temp files
+        before = tree_hash(host, "", exclude=volatile)
+        refused = orch("plan", cluster, known_hosts=host.known_hosts_file)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "nosudo: `sudo -n` would ask" in refused.stderr
+        assert (f"{host.user} ALL=(root) NOPASSWD: /bin/cp {host.home}/.orch/system/com.orch.* "
+                "/Library/LaunchDaemons/com.orch.*, ") in refused.stderr
+        assert "/bin/launchctl bootstrap system /Library/LaunchDaemons/com.orch.*" \
+            in refused.stderr
+        assert refused.stdout == ""
+        assert tree_hash(host, "", exclude=volatile) == before, "plan changed the host"
+        # apply caches orch's agent and takes (then releases) the cluster lock before facts;
+        # nothing else
+        refused = orch("apply", cluster, "--yes", known_hosts=host.known_hosts_file)
+        assert refused.returncode == 1 and "nosudo: `sudo -n` would ask" in refused.stderr
+        orch_dir = host.home / ".orch"
+        assert sorted(p.name for p in orch_dir.iterdir()) == ["agent", "locks"]
+        assert not any((orch_dir / "locks").iterdir()), "the lock was not released"
+        shutil.rmtree(orch_dir)
+        assert tree_hash(host, "", exclude=volatile) == before, "apply changed the host"
+
+        cluster.write_text(cluster.read_text() + "runtime:\n  launchd_domain: user\n")
+        agents = orch("plan", cluster, "--detailed-exitcode", known_hosts=host.known_hosts_file)
+        assert agents.returncode == 2, agents.stdout + agents.stderr
+    finally:
+        stop_hosts([host])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -170,3 +171,43 @@ def test_wired_limit_is_set_and_survives_a_reboot(spare_host: RunningHost) -> No
     node.apply([])  # no longer declared: the value is reset and the daemon removed
     assert node.facts([wired]).sysctl["iogpu.wired_limit_mb"] == "0"
     assert not (spare_host.launch_daemons_dir / "com.orch.wired-limit.plist").exists()
+
+
+def test_after_a_reboot_daemons_come_back_agents_do_not(spare_host: RunningHost) -> None:
+    """What a Mac does at boot: /Library/LaunchDaemons load (a KeepAlive worker daemon runs
+    again, as its UserName, and the wired-limit daemon restores the limit); jobs bootstrapped
+    into user/<uid> over SSH are forgotten."""
+    node = Node(spare_host)
+    home, user = str(spare_host.home), spare_host.user
+    report = f"{home}/daemon.env"
+    code = ("import json, os, time; json.dump({k: os.environ.get(k) for k in "
+            "('HOME', 'USER', 'ORCH_SIM_EUID')} | {'pid': os.getpid()}, "
+            f"open({report!r}, 'w')); time.sleep(600)")
+    label = "com.orch.test.daemon"
+    daemon = LaunchdService(
+        label, f"/Library/LaunchDaemons/{label}.plist",
+        render_plist(label, ["/usr/bin/python3", "-c", code], env={"HOME": home, "USER": user},
+                     throttle_interval=1, background=False, user_name=user),
+        "system", staged=f"~/.orch/system/{label}.plist")
+    agent = service(spare_host, "agent", label="com.orch.test.agent")
+    wired = Sysctl("iogpu.wired_limit_mb", 180_000, "com.orch.wired-limit")
+    resources = [wired, daemon, agent]
+    node.apply(resources)
+    assert node.plan(resources).changes == ()
+    printed = subprocess.run(spare_host.ssh_argv("launchctl", "print", f"system/{label}"),
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+    assert "\tresource coalition = {\n\t\tID = " in printed and "\t\tstate = active\n" in printed
+    first = Path(report).read_text()
+
+    reboot(spare_host)
+    wait_for(lambda: Path(report).read_text() != first, what="the daemon to start at boot")
+    facts = node.facts(resources)
+    assert facts.job(daemon.ref).state is JobState.RUNNING
+    assert facts.job(agent.ref).state is JobState.NOT_LOADED  # forgotten: no login session
+    wait_for(lambda: node.facts([wired]).sysctl["iogpu.wired_limit_mb"] == "180000",
+             what="the wired-limit daemon")
+    env = json.loads(Path(report).read_text())
+    assert (env["HOME"], env["USER"], env["ORCH_SIM_EUID"]) == (home, user, None)  # not root
+    assert [c.resource for c in node.plan(resources).changes] == [agent.id]
+    node.apply([])
+    assert not (spare_host.launch_daemons_dir / f"{label}.plist").exists()

@@ -258,3 +258,29 @@ def test_real_agent_answer_parses(tmp_path: Path) -> None:
     assert facts.tree("~/no-such-dir") == {}
     assert facts.text("~/f") == "x"
     assert facts.text("~/absent") is None
+
+
+def test_sudo_is_answered_exactly_when_asked(tmp_path: Path) -> None:
+    """The real agent probes `sudo -n -l` only on request (here: a `sudo` that prompts, on
+    PATH), and the answer must match the request either way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sudo = bin_dir / "sudo"
+    sudo.write_text("#!/bin/sh\necho 'sudo: a password is required' >&2\nexit 1\n")
+    sudo.chmod(0o755)
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    asked = FactRequest(sudo=True)
+    proc = subprocess.run([sys.executable, str(AGENT_FILE), "facts"],
+                          input=json.dumps(asked.to_json()).encode() + b"\n",
+                          capture_output=True, env=env, check=True)
+    raw = json.loads(proc.stdout)
+    assert parse_facts("m", raw, asked).sudo is False
+    with pytest.raises(ActionFailed, match="sudo answered"):
+        parse_facts("m", raw, FactRequest())
+    without = {**raw}
+    del without["sudo"]
+    with pytest.raises(ActionFailed, match="sudo requested, not answered"):
+        parse_facts("m", without, asked)
+    assert parse_facts("m", without, FactRequest()).sudo is None
+    merged = FactRequest().merge(asked)
+    assert merged.sudo and not merged.minus(asked).sudo

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 
 from orchestrator.config import Cluster, Runtime
+from orchestrator.facts import FileFact, FileKind, HostFacts, JobState, LaunchdJob
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.policy import GIB
 from orchestrator.resources.base import Resource
@@ -40,12 +41,14 @@ MODEL = "~/.orch/models/tiny"
 
 def resources(n: int = 3, rank: int = 0, *, c: Cluster | None = None,
               p: Placement | None = None, home: str = HOME, system: str = "Darwin",
+              user: str = "orch",
               files: Mapping[str, FileDigest] | None = None, model_files_id: str | None = None,
               inputs_digest: str = "", wheelhouse: Wheelhouse | None = None,
               settings: WorkerSettings | None = None) -> list[Resource]:
     c = c or cluster(n)
     p = p or placement(c)
-    return worker_resources(c, p, p.nodes[rank], home=home, system=system, model_dir=MODEL,
+    return worker_resources(c, p, p.nodes[rank], home=home, system=system, user=user,
+                            model_dir=MODEL,
                             files=rank_files() if files is None else files,
                             model_files_id=model_files_id, inputs_digest=inputs_digest,
                             wheelhouse=wheelhouse, settings=settings)
@@ -82,7 +85,7 @@ def test_three_nodes_in_apply_order_with_the_job_last() -> None:
         "file:~/.orch/serve/lab/mlx_worker.py",
         "file:~/.orch/serve/lab/hostfile.json",
         "file:~/.orch/serve/lab/worker.json",
-        "launchd:user/com.orch.lab.worker",
+        "launchd:system/com.orch.lab.worker",
     ]
     assert WorkerLayout(cluster=(c := cluster(3)).name).service_id == ids[-1]
     assert c.name == "lab"
@@ -110,9 +113,45 @@ def test_hostfile_lists_each_rank_ring_ip_and_port_in_rank_order() -> None:
                for r in range(3))
 
 
-def test_plist_runs_the_worker_in_the_user_domain_as_the_design_says() -> None:
-    items = resources(3, rank=1)
+def test_worker_is_a_launchdaemon_running_as_the_ssh_user_with_its_own_environment() -> None:
+    """TN3179: a launchd agent's LAN connections fail; a daemon's do not, and it loads at boot.
+    launchd gives a daemon a minimal environment: the plist names the user and HOME itself."""
+    items = resources(3, rank=1, user="alice")
     body = plist(items)
+    assert body["UserName"] == "alice"
+    assert "LimitLoadToSessionType" not in body  # an agents-only key
+    assert body["KeepAlive"] is True and body["RunAtLoad"] is True
+    assert body["ProgramArguments"][0] == f"{HOME}/.orch/venv/bin/python"
+    env = body["EnvironmentVariables"]
+    assert {k: env[k] for k in ("HOME", "USER", "LOGNAME", "MLX_RANK")} == \
+        {"HOME": HOME, "USER": "alice", "LOGNAME": "alice", "MLX_RANK": "1"}
+    svc = service(items)
+    assert svc.domain == "system" and svc.id == "launchd:system/com.orch.lab.worker"
+    assert svc.plist_path == "/Library/LaunchDaemons/com.orch.lab.worker.plist"
+    assert svc.staged == "~/.orch/system/com.orch.lab.worker.plist"
+    assert svc.facts_needed().sudo  # the plan asks whether sudo -n works
+    [change] = [c for c in [svc.diff(_bare_facts())] if c is not None]
+    assert [(s.op, s.request().get("path") or s.request().get("dest")) for s in change.steps] == [
+        ("write", "~/.orch/system/com.orch.lab.worker.plist"),
+        ("install_system", "/Library/LaunchDaemons/com.orch.lab.worker.plist"),
+        ("launchd_bootstrap", None)]
+    assert change.steps[-1].request()["domain"] == "system"
+    assert [s.op for s in svc.cleanup()] == ["launchd_bootout", "remove_system", "remove"]
+
+
+def _bare_facts() -> HostFacts:
+    """A Mac with nothing of orch's: the plist missing, the job not loaded."""
+    missing = FileFact(FileKind.MISSING, None, None, None)
+    return HostFacts("mac2", "Darwin", "15.5", "alice", 501, HOME, "3.12.0", None, None,
+                     files={"/Library/LaunchDaemons/com.orch.lab.worker.plist": missing},
+                     launchd={"system/com.orch.lab.worker":
+                              LaunchdJob(JobState.NOT_LOADED, None, None, {})})
+
+
+def test_plist_runs_the_worker_in_the_user_domain_when_asked() -> None:
+    items = resources(c=cluster(3, runtime=Runtime(launchd_domain="user")), rank=1)
+    body = plist(items)
+    assert "UserName" not in body and "HOME" not in body["EnvironmentVariables"]
     assert body["Label"] == "com.orch.lab.worker"
     assert body["ProgramArguments"] == [f"{HOME}/.orch/serve/lab/venv/bin/python",
                                         f"{HOME}/.orch/serve/lab/mlx_worker.py",

@@ -1,0 +1,93 @@
+"""Preflight: refuse a plan that needs root on a Mac where ``sudo -n`` would prompt.
+
+orch never runs as root; what must be root's (LaunchDaemons, the GPU wired limit) goes through
+``sudo -n``, which fails instead of prompting. Without a NOPASSWD rule an apply would stop
+half-way, after the files were written and before the job was loaded; asking first (the agent's
+``sudo`` fact, in the facts call the plan needs anyway) turns that into a refusal before any
+change, with the one sudoers line that allows exactly the commands orch runs as root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from orchestrator.errors import HostError, PlanError
+from orchestrator.facts import HostFacts
+from orchestrator.plan.core import Plan
+from orchestrator.resources.base import Resource
+from orchestrator.resources.steps import (
+    InstallSystem,
+    LaunchdBootout,
+    LaunchdBootstrap,
+    LaunchdKickstart,
+    RemoveSystem,
+    Run,
+    Step,
+)
+
+__all__ = ["check_sudo", "needs_root", "sudoers_line"]
+
+DAEMONS = "/Library/LaunchDaemons/com.orch.*"
+
+
+def sudoers_line(user: str, home: str, staging_dirs: Sequence[str] = (".orch",)) -> str:
+    """The sudoers rule (for ``visudo -f /etc/sudoers.d/orch``) allowing what orch runs as root.
+
+    The commands are those of the agent's ``install_system`` / ``remove_system`` ops (cp and
+    chmod of a staged plist, rm -f), of system-domain ``launchctl`` (bootstrap, bootout,
+    kickstart -k) and the wired limit's ``sysctl -w``; every path is a LaunchDaemon of orch's
+    (``com.orch.*``) or a plist orch staged under its directory in HOME.
+    """
+    home = home.rstrip("/")
+    sources = ", ".join(f"/bin/cp {home}/{d.strip('/')}/system/com.orch.* {DAEMONS}"
+                        for d in dict.fromkeys(staging_dirs))
+    commands = [
+        sources,
+        f"/bin/chmod 644 {DAEMONS}",
+        f"/bin/rm -f {DAEMONS}",
+        f"/bin/launchctl bootstrap system {DAEMONS}",
+        "/bin/launchctl bootout system/com.orch.*",
+        "/bin/launchctl kickstart -k system/com.orch.*",
+        "/usr/sbin/sysctl -w iogpu.wired_limit_mb=*",
+    ]
+    return f"{user} ALL=(root) NOPASSWD: " + ", ".join(commands)
+
+
+def _root_step(step: Step) -> bool:
+    if isinstance(step, InstallSystem | RemoveSystem):
+        return True
+    if isinstance(step, LaunchdBootstrap | LaunchdBootout | LaunchdKickstart):
+        return step.domain == "system"
+    if isinstance(step, Run):
+        return bool(step.argv) and step.argv[0] == "sudo"
+    return False
+
+
+def needs_root(resources: Sequence[Resource], steps: Sequence[Step]) -> bool:
+    """A host needs root when it should hold something root's (a system-domain job, a
+    sysctl) or when the plan runs a root step there (e.g. removing such a daemon)."""
+    return any(r.facts_needed().sudo for r in resources) or any(_root_step(s) for s in steps)
+
+
+def check_sudo(plan: Plan, desired: Mapping[str, Sequence[Resource]],
+               facts: Mapping[str, HostFacts | HostError], runtime_dir: str = ".orch") -> None:
+    """Raise PlanError naming every node that needs root but whose ``sudo -n`` would prompt,
+    with the sudoers line for each; do nothing when every such node is ready (or unasked)."""
+    refused: list[str] = []
+    for host_plan in sorted(plan.hosts, key=lambda h: h.host):
+        fact = facts.get(host_plan.host)
+        if not isinstance(fact, HostFacts) or fact.sudo is not False:
+            continue
+        steps = [s for c in host_plan.changes for s in c.steps]
+        if not needs_root(desired.get(host_plan.host, ()), steps):
+            continue
+        line = sudoers_line(fact.user, fact.home, (runtime_dir, ".orch"))
+        refused.append(f"{host_plan.host}: `sudo -n` would ask {fact.user} for a password, "
+                       f"and orch runs LaunchDaemons and the GPU wired limit as root there. "
+                       f"Allow exactly orch's root commands (sudo visudo -f "
+                       f"/etc/sudoers.d/orch):\n  {line}")
+    if refused:
+        raise PlanError("nothing was changed: " + "\n".join(refused)
+                        + "\n(without sudo, workers can run as launchd agents: "
+                          "runtime.launchd_domain: user; see the README, What orch needs "
+                          "on a Mac)")
