@@ -76,7 +76,7 @@ def test_migration_removes_the_user_agent_before_the_daemon_is_bootstrapped() ->
     assert AGENT in ids and DAEMON in ids
     removal = plan.changes[ids.index(AGENT)]
     assert removal.action is Action.DELETE
-    assert [(s.op, s.request.get("domain"), s.request.get("path")) for s in removal.steps] == [
+    assert [(s.op, s.request().get("domain"), s.request().get("path")) for s in removal.steps] == [
         ("launchd_bootout", "user", None),
         ("remove", None, "~/Library/LaunchAgents/com.orch.lab.worker.plist")]
     # The op order on the host: the agent's bootout before any daemon step, then the daemon's

@@ -121,7 +121,7 @@ def test_worker_is_a_launchdaemon_running_as_the_ssh_user_with_its_own_environme
     assert body["UserName"] == "alice"
     assert "LimitLoadToSessionType" not in body  # an agents-only key
     assert body["KeepAlive"] is True and body["RunAtLoad"] is True
-    assert body["ProgramArguments"][0] == f"{HOME}/.orch/venv/bin/python"
+    assert body["ProgramArguments"][0] == f"{HOME}/.orch/serve/lab/venv/bin/python"
     env = body["EnvironmentVariables"]
     assert {k: env[k] for k in ("HOME", "USER", "LOGNAME", "MLX_RANK")} == \
         {"HOME": HOME, "USER": "alice", "LOGNAME": "alice", "MLX_RANK": "1"}
