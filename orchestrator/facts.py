@@ -113,6 +113,7 @@ class FactRequest:
     texts: frozenset[str] = frozenset()  # small files read whole (e.g. a worker's status)
     managed: bool = True
     cluster: str = "default"  # whose managed record to read (one per cluster on a host)
+    state_dir: str = ".orch"  # the cluster's runtime.dir, where its managed record is
     sudo: bool = False  # whether `sudo -n` runs orch's root commands without a password
 
     def __post_init__(self) -> None:
@@ -138,6 +139,7 @@ class FactRequest:
             managed=any(p.managed for p in parts),
             cluster=_one_cluster(parts),
             sudo=any(p.sudo for p in parts),
+            state_dir=next((p.state_dir for p in parts if p.state_dir != ".orch"), ".orch"),
         )
 
     def minus(self, other: FactRequest) -> FactRequest:
@@ -147,7 +149,8 @@ class FactRequest:
                            sysctl=self.sysctl - other.sysctl,
                            guards=self.guards - other.guards, trees=self.trees - other.trees,
                            texts=self.texts - other.texts, managed=False,
-                           cluster=self.cluster, sudo=self.sudo and not other.sudo)
+                           cluster=self.cluster, sudo=self.sudo and not other.sudo,
+                           state_dir=self.state_dir)
 
     @property
     def empty(self) -> bool:
@@ -167,6 +170,7 @@ class FactRequest:
             "texts": sorted(self.texts),
             "managed": self.managed,
             "cluster": self.cluster,
+            "dir": self.state_dir,
         }
         if self.sudo:
             request["sudo"] = True

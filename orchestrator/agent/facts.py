@@ -198,12 +198,12 @@ def sudo_works() -> bool:
 
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     (files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only,
-     sudo) = fields(
+     sudo, directory) = fields(
         req,
         (),
         {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "trees": [],
          "texts": [], "managed": True, "cluster": "default", "read_only": False,
-         "sudo": False},
+         "sudo": False, "dir": None},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
         raise AgentError("launchd and guards must be lists")
@@ -215,9 +215,10 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     managed_record: Any = {}
     if managed:
         try:
-            managed_record = json_file(record_path(cluster), {})
+            managed_record = json_file(record_path(cluster, directory), {})
         except ValueError as exc:
-            raise AgentError(f"{record_path(cluster)} is not valid JSON: {exc}") from None
+            where = record_path(cluster, directory)
+            raise AgentError(f"{where} is not valid JSON: {exc}") from None
     answer: Response = {} if not sudo else {"sudo": sudo_works()}
     return {
         **answer,

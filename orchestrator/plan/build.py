@@ -37,7 +37,7 @@ def host_requests(cluster: Cluster, intent: Intent,
                   desired: Mapping[str, Sequence[Resource]]) -> dict[str, FactRequest]:
     """Each host's one facts request: its resources' needs, plus, on a rank's node, what the
     ring's state is read from (the worker's job and status file)."""
-    requests = {name: fact_request(resources, cluster.name)
+    requests = {name: fact_request(resources, cluster.name, cluster.runtime.dir.strip("/"))
                 for name, resources in desired.items()}
     if intent.placement is not None:
         observe = rank_fact_request(WorkerLayout.of(cluster))

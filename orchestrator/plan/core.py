@@ -25,9 +25,12 @@ PLAN_FORMAT = 2
 RECORD_ID = "orch:managed-record"
 
 
-def fact_request(resources: Sequence[Resource], cluster: str) -> FactRequest:
-    """Everything the host's resources need, and the cluster's managed record: one agent call."""
-    return FactRequest(cluster=cluster).merge(*(r.facts_needed() for r in resources))
+def fact_request(resources: Sequence[Resource], cluster: str,
+                 state_dir: str = ".orch") -> FactRequest:
+    """Everything the host's resources need, and the cluster's managed record (under its
+    `runtime.dir`): one agent call."""
+    return FactRequest(cluster=cluster, state_dir=state_dir).merge(
+        *(r.facts_needed() for r in resources))
 
 
 def record_for(cluster: str, resources: Sequence[Resource]) -> dict[str, Any]:

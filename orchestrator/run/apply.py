@@ -101,18 +101,21 @@ def _interim_record(host_plan: HostPlan) -> dict[str, Any]:
 
 
 async def apply_host(conn: Connection, host_plan: HostPlan, *,
-                     transfers: TransferHook | None = None) -> HostOutcome:
+                     transfers: TransferHook | None = None,
+                     state_dir: str = ".orch") -> HostOutcome:
+    """One host's changes in order; `state_dir` is the cluster's runtime.dir, where the host
+    keeps the cluster's managed record."""
     if transfers is None:
-        return await _apply_host(conn, host_plan, None)
+        return await _apply_host(conn, host_plan, None, state_dir)
     transfers.host_started(conn.name)
     try:
-        return await _apply_host(conn, host_plan, transfers)
+        return await _apply_host(conn, host_plan, transfers, state_dir)
     finally:
         transfers.host_finished(conn.name)
 
 
 async def _apply_host(conn: Connection, host_plan: HostPlan,
-                      transfers: TransferHook | None) -> HostOutcome:
+                      transfers: TransferHook | None, state_dir: str) -> HostOutcome:
     if not host_plan.changes:
         return HostOutcome(host_plan.host, HostStatus.OK)
     applied: list[str] = []
@@ -120,7 +123,7 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
     try:
         cluster = str(host_plan.record["cluster"])
         await conn.agent("managed_write", {"record": _interim_record(host_plan),
-                                           "cluster": cluster})
+                                           "cluster": cluster, "dir": state_dir})
         for current in host_plan.changes:
             log.info("change_started", host=conn.name, resource=current.resource,
                      action=current.action.value)
@@ -130,7 +133,8 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
                 for step in current.steps:
                     await run_step(conn, step)
             applied.append(current.resource)
-        await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster})
+        await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster,
+                                           "dir": state_dir})
     except HostUnreachable:
         raise
     except HostError as exc:
@@ -154,6 +158,7 @@ async def apply_plan(
     serial: int | None = None,
     fail_fast: bool = False,
     transfers: TransferHook | None = None,
+    state_dir: str = ".orch",
 ) -> ApplyReport:
     """Apply every host's changes. `serial` applies hosts in batches of that size, in order;
     `fail_fast` stops starting new hosts (and batches) after the first failure; `transfers`
@@ -178,7 +183,8 @@ async def apply_plan(
                 return HostOutcome(host_plan.host, HostStatus.FAILED,
                                    error="not started: another host failed (--fail-fast)")
             try:
-                outcome = await apply_host(conn, host_plan, transfers=transfers)
+                outcome = await apply_host(conn, host_plan, transfers=transfers,
+                                           state_dir=state_dir)
             except HostUnreachable as exc:
                 outcome = HostOutcome(host_plan.host, HostStatus.UNREACHABLE,
                                       error=_why(host_plan.host, exc))

@@ -302,7 +302,8 @@ async def _locked_apply(cluster: Cluster, conns: Mapping[str, Connection | HostE
     transfers = for_plan(cluster, current, prepared.desired)
     async with transfers.serving(conns) if transfers else nullcontext():
         report = await apply_plan(current, conns, concurrency=options.ssh.concurrency,
-                                  serial=serial, fail_fast=fail_fast, transfers=transfers)
+                                  serial=serial, fail_fast=fail_fast, transfers=transfers,
+                                  state_dir=cluster.runtime.dir.strip("/"))
     if transfers is not None:
         report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
     if only is None and prepared.intent.placement is not None and not report.by_status(

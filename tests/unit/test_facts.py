@@ -222,6 +222,7 @@ def test_to_json_is_sorted_and_deterministic() -> None:
         "texts": [],
         "managed": True,
         "cluster": "default",
+        "dir": ".orch",
     }
     json.dumps(request.to_json())
 

@@ -149,3 +149,27 @@ def test_values_reach_the_host_literally(tmp_path: Path, value: str) -> None:
     assert (tmp_path / name).read_text() == value
     assert (tmp_path / f"made {name}").exists()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_the_managed_record_lives_under_the_clusters_runtime_dir(tmp_path: Path) -> None:
+    """Issue #13 item 6: a cluster whose runtime.dir is `.orch-b` keeps its record there, reads
+    it back from there, and leaves ~/.orch alone but for the machine-wide caches."""
+    resources: list[Resource] = [Directory("~/b-data", 0o755)]
+
+    async def go() -> tuple[HostPlan, HostPlan]:
+        conn = LocalConnection(tmp_path, name="node")
+
+        async def plan() -> HostPlan:
+            request = fact_request(resources, "b", ".orch-b")
+            raw = await conn.agent("facts", request.to_json())
+            return diff_host("b", resources, parse_facts(conn.name, raw, request))
+
+        first = await plan()
+        outcome = await apply_host(conn, first, state_dir=".orch-b")
+        assert outcome.status is HostStatus.CHANGED, outcome.error
+        return first, await plan()
+
+    first, second = asyncio.run(go())
+    assert first.changes and not second.changes
+    assert (tmp_path / ".orch-b" / "managed" / "b.json").is_file()
+    assert not (tmp_path / ".orch" / "managed").exists()
