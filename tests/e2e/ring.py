@@ -193,3 +193,27 @@ def start_ring(full: Path, root: Path, split: Sequence[int], ips: Sequence[str],
         stop_workers(workers)
         raise
     return Ring(workers, f"http://{ips[0]}:{api_port}", rank_files)
+
+
+def generate(mlx_model: Any, tokenizer: Any, prompt: str,
+             max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs, from the prompt tokens mlx_lm.server builds for a
+    chat request without tools."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tools=None, tokenize=True)
+    tokens, logprobs = [], []
+    for r in stream_generate(mlx_model, tokenizer, ids, max_tokens=max_tokens,
+                             sampler=make_sampler(0.0)):
+        tokens.append(int(r.token))
+        logprobs.append(float(r.logprobs[r.token].item()))
+    return tokens, logprobs
+
+
+def reference(model: Path, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
+    """What one process holding the whole model generates."""
+    from mlx_lm import load
+
+    return generate(*load(str(model)), prompt, max_tokens)

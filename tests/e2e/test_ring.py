@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -33,8 +32,10 @@ from tests.e2e.ring import (
     Ring,
     Worker,
     free_port,
+    generate,
     make_rank_dir,
     mlx_lm_rank_files,
+    reference,
     start_ring,
     start_worker,
     stop_workers,
@@ -68,30 +69,6 @@ def declared_split(model: Path) -> tuple[int, ...]:
                                 meta.shared.total, usable, policy))
     assert result is not None and result.fits, result
     return result.counts
-
-
-def generate(mlx_model: Any, tokenizer: Any, prompt: str,
-             max_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their logprobs, from the prompt tokens mlx_lm.server builds for a
-    chat request without tools."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tools=None, tokenize=True)
-    tokens, logprobs = [], []
-    for r in stream_generate(mlx_model, tokenizer, ids, max_tokens=max_tokens,
-                             sampler=make_sampler(0.0)):
-        tokens.append(int(r.token))
-        logprobs.append(float(r.logprobs[r.token].item()))
-    return tokens, logprobs
-
-
-def reference(model: Path, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
-    """What one process holding the whole model generates."""
-    from mlx_lm import load
-
-    return generate(*load(str(model)), prompt, max_tokens)
 
 
 def layers_that_change_output(model: Path, prompt: str, max_tokens: int) -> list[int]:
