@@ -18,12 +18,12 @@ from orchestrator.worker.hostfile import render_hostfile
 from orchestrator.worker.status import WorkerState, parse_status
 from tests.e2e.ring import (
     make_rank_dir,
-    mlx_lm_rank_files,
     sha256_file,
     start_worker,
     stop_workers,
     write_config,
 )
+from tests.fixtures.mlx_lm import mlx_lm_rank_files
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 SPLIT = (2, 3, 1)
