@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -136,16 +137,29 @@ def _pins() -> list[str]:
     return pins
 
 
+def inventory_yaml(hosts: Sequence[RunningHost], ring_ips: Sequence[str] | None = None,
+                   names: Sequence[str] | None = None) -> str:
+    """The inventory a user writes for these hosts: how to reach each, its ring IP (its own
+    address unless given), RAM and chip, under their names (or `names`). The sandbox and the
+    tests write it the same way."""
+    lines = ["hosts:"]
+    for i, host in enumerate(hosts):
+        memory = host.spec.memory_bytes
+        memory_gb = str(memory // GIB) if memory % GIB == 0 else repr(memory / GIB)
+        name = host.name if names is None else names[i]
+        lines += [f"  {name}:", f"    address: {host.address}", f"    port: {host.port}",
+                  f"    user: {host.user}", f"    identity_file: {host.identity_file}",
+                  f"    ring_ip: {host.address if ring_ips is None else ring_ips[i]}",
+                  f"    memory_gb: {memory_gb}",
+                  f"    chip: {host.spec.chip.removeprefix('Apple ')}"]
+    return "\n".join(lines) + "\n"
+
+
 def _write_cluster(directory: Path, hosts: list[RunningHost], endpoint: str, commit: str,
                    api_port: int) -> Path:
-    lines = ["# Written by `orch sandbox up`: simulated Macs on this machine.", "hosts:"]
-    for host in hosts:
-        lines += [f"  {host.name}:", f"    address: {host.address}", f"    port: {host.port}",
-                  f"    user: {host.user}", f"    identity_file: {host.identity_file}",
-                  f"    ring_ip: {host.address}",
-                  f"    memory_gb: {host.spec.memory_bytes // GIB}",
-                  f"    chip: {host.spec.chip.removeprefix('Apple ')}"]
-    (directory / "inventory.yml").write_text("\n".join(lines) + "\n")
+    (directory / "inventory.yml").write_text(
+        "# Written by `orch sandbox up`: simulated Macs on this machine.\n"
+        + inventory_yaml(hosts))
     packages = ", ".join(json.dumps(p) for p in _pins())  # `mlx[cpu]` needs quotes in YAML
     cluster = directory / "sandbox.yml"
     cluster.write_text(f"""\

@@ -4,18 +4,96 @@ Everything is real except the Macs: ``mlx[cpu]``, ``mlx_lm.server --pipeline`` a
 backend run as local processes, each with ``MLX_RANK`` and ``MLX_HOSTFILE`` as launchd would set
 them. Nothing is skipped: without mlx and mlx-lm installed (``pip install -e '.[mlx,test]'``)
 these tests fail at import.
+
+Converging a sandbox from bare hosts (a venv per node, a ring that compiles its kernels) is the
+slowest thing the suite does, so the tests that need "a converged, serving sandbox" share one:
+the ``serving`` fixture. It is applied once, from bare hosts (the output of that first apply is
+kept for the test that checks it), and stopped right after the last test that uses it.
+Contract: a test may change the cluster, but leaves it converged (``orch plan
+--detailed-exitcode`` exits 0) and serving on all three nodes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from orchestrator.simulator import cluster as sandbox
+from orchestrator.simulator.cluster import Sandbox
+from tests.e2e.ring import reference
+from tests.fixtures.cli import Ran, orch
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/e2e runs real MLX workers: mark it so ``-m e2e`` selects them."""
+PROMPT = "Say OK."
+MAX_TOKENS = 8
+
+_LAST_USER = pytest.StashKey[str]()
+_STOPS = pytest.StashKey[list[Path]]()
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The shared sandbox: what `orch sandbox up` started, and the first apply's output."""
+
+    sandbox: Sandbox
+    first_apply: Ran  # `orch apply` on the bare hosts
+    expected: tuple[int, ...]  # greedy tokens for PROMPT from one process holding the model
+
+    @property
+    def directory(self) -> Path:
+        return self.sandbox.directory
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.sandbox.cluster_file
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.sandbox.known_hosts
+
+    @property
+    def api_url(self) -> str:
+        return self.sandbox.api_url
+
+    def orch(self, *args: str | Path) -> Ran:
+        """`orch COMMAND cluster_file ARGS` against this sandbox."""
+        command, *rest = args
+        return orch(command, self.cluster_file, *rest, known_hosts=self.known_hosts)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e runs real MLX workers: mark it so ``-m e2e`` selects them.
+    Note the last test that uses ``serving``: the sandbox stops after it."""
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
+    users = [item.nodeid for item in items if "serving" in getattr(item, "fixturenames", ())]
+    if users:
+        config.stash[_LAST_USER] = users[-1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared sandbox once its last user is done, not at the end of the session: the
+    tests after it need the CPU (and the README test the same addresses)."""
+    if item.config.stash.get(_LAST_USER, None) == item.nodeid:
+        for directory in item.config.stash.get(_STOPS, []):
+            sandbox.down(directory)
+
+
+@pytest.fixture(scope="session")
+def serving(tmp_path_factory: pytest.TempPathFactory,
+            pytestconfig: pytest.Config) -> Iterator[Serving]:
+    directory = tmp_path_factory.mktemp("serving") / "sandbox"
+    pytestconfig.stash.setdefault(_STOPS, []).append(directory)
+    try:
+        started = sandbox.up(directory, 3)
+        applied = orch("apply", started.cluster_file, "--yes", known_hosts=started.known_hosts)
+        assert applied.returncode == 0, applied.output
+        expected, _ = reference(directory / "model", PROMPT, MAX_TOKENS)
+        yield Serving(started, applied, tuple(expected))
+    finally:
+        sandbox.down(directory)  # a no-op when it stopped after its last user

@@ -24,54 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.worker import WORKER_SCRIPT
-from orchestrator.worker import mlx_worker as worker_module
 from orchestrator.worker.hostfile import render_hostfile
 from orchestrator.worker.status import WorkerStatus, parse_status
-from tests.fixtures.groups import FakeGroup
+from tests.fixtures.mlx_lm import mlx_lm_rank_files
 
 INDEX = "model.safetensors.index.json"
 
 
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class _Selected(Exception):
-    """Raised from the patched download to stop sharded_load once it has chosen files."""
-
-    def __init__(self, files: set[str]) -> None:
-        super().__init__(files)
-        self.files = files
-
-
-def mlx_lm_rank_files(model_dir: Path, split: Sequence[int], rank: int) -> set[str]:
-    """The weight files ``mlx_lm.utils.sharded_load`` reads for ``rank`` under ``split``.
-
-    Asked of mlx-lm itself: sharded_load runs with the worker's split hook installed until it
-    requests this rank's weight files from ``_download``, which records them and stops it.
-    """
-    import mlx_lm.utils as mlx_utils
-
-    original_download = mlx_utils._download
-    calls = 0
-
-    def download(path: Any, revision: Any = None, allow_patterns: Any = None) -> Path:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # the first fetches config/tokenizer; the second, the weight files
-            raise _Selected(set(allow_patterns))
-        return Path(path)
-
-    undo = worker_module.install_split_hook(list(split))
-    mlx_utils._download = download
-    try:
-        mlx_utils.sharded_load(str(model_dir), pipeline_group=FakeGroup(rank, len(split)))
-    except _Selected as selected:
-        return selected.files
-    finally:
-        mlx_utils._download = original_download
-        undo()
-    raise AssertionError("sharded_load never asked for this rank's weight files")
 
 
 def make_rank_dir(full: Path, dest: Path, weight_files: set[str]) -> dict[str, str]:
@@ -193,3 +154,27 @@ def start_ring(full: Path, root: Path, split: Sequence[int], ips: Sequence[str],
         stop_workers(workers)
         raise
     return Ring(workers, f"http://{ips[0]}:{api_port}", rank_files)
+
+
+def generate(mlx_model: Any, tokenizer: Any, prompt: str,
+             max_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their logprobs, from the prompt tokens mlx_lm.server builds for a
+    chat request without tools."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                        add_generation_prompt=True, tools=None, tokenize=True)
+    tokens, logprobs = [], []
+    for r in stream_generate(mlx_model, tokenizer, ids, max_tokens=max_tokens,
+                             sampler=make_sampler(0.0)):
+        tokens.append(int(r.token))
+        logprobs.append(float(r.logprobs[r.token].item()))
+    return tokens, logprobs
+
+
+def reference(model: Path, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
+    """What one process holding the whole model generates."""
+    from mlx_lm import load
+
+    return generate(*load(str(model)), prompt, max_tokens)

@@ -33,7 +33,7 @@ from orchestrator.simulator import processes
 from orchestrator.simulator.hosts import RunningHost, reboot, start_hosts, stop_hosts
 from orchestrator.simulator.tiny_model import make_tiny_deepseek
 from orchestrator.verify.health import chat_completion
-from tests.fixtures.cli import run_orch as orch
+from tests.fixtures.cli import orch
 
 ADDRESS_BASE = 51  # 127.0.0.51-53: this file's own Macs
 LABEL = "com.orch.sandbox.worker"

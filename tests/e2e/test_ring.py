@@ -14,13 +14,10 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from orchestrator.model.meta import files_for_layers, load_local_meta
-from orchestrator.placement.policy import PlacementPolicy
-from orchestrator.placement.split import SplitProblem, layer_ranges, solve
+from orchestrator.placement.split import layer_ranges
 from orchestrator.plan.ring import RankSnapshot
 from orchestrator.verify.health import (
     chat_completion,
@@ -33,13 +30,15 @@ from tests.e2e.ring import (
     Ring,
     Worker,
     free_port,
+    generate,
     make_rank_dir,
-    mlx_lm_rank_files,
+    reference,
     start_ring,
     start_worker,
     stop_workers,
     write_config,
 )
+from tests.fixtures.mlx_lm import declared_split, mlx_lm_rank_files
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 IPS = ("127.0.0.21", "127.0.0.22", "127.0.0.23")
@@ -55,43 +54,6 @@ pytestmark = pytest.mark.timeout(240)
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_deepseek(tmp_path_factory.mktemp("model") / "full", n_layers=LAYERS,
                               n_files=6)
-
-
-def declared_split(model: Path) -> tuple[int, ...]:
-    """Placement's split for two big hosts and one that can hold only one layer."""
-    meta = load_local_meta(model)
-    policy = PlacementPolicy(reserve_bytes=0, kv_cache_bytes=0)
-    one_layer = policy.node_bytes(meta.shared.total + max(layer.total for layer in meta.layers))
-    big = policy.node_bytes(meta.weight_bytes)
-    usable = (big, big, one_layer)
-    result = solve(SplitProblem(tuple(layer.total for layer in meta.layers),
-                                meta.shared.total, usable, policy))
-    assert result is not None and result.fits, result
-    return result.counts
-
-
-def generate(mlx_model: Any, tokenizer: Any, prompt: str,
-             max_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their logprobs, from the prompt tokens mlx_lm.server builds for a
-    chat request without tools."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                        add_generation_prompt=True, tools=None, tokenize=True)
-    tokens, logprobs = [], []
-    for r in stream_generate(mlx_model, tokenizer, ids, max_tokens=max_tokens,
-                             sampler=make_sampler(0.0)):
-        tokens.append(int(r.token))
-        logprobs.append(float(r.logprobs[r.token].item()))
-    return tokens, logprobs
-
-
-def reference(model: Path, prompt: str, max_tokens: int) -> tuple[list[int], list[float]]:
-    """What one process holding the whole model generates."""
-    from mlx_lm import load
-
-    return generate(*load(str(model)), prompt, max_tokens)
 
 
 def layers_that_change_output(model: Path, prompt: str, max_tokens: int) -> list[int]:
@@ -127,14 +89,6 @@ def snapshots(workers: list[Worker]) -> list[RankSnapshot]:
     return [RankSnapshot(rank=w.rank, host=IPS[w.rank], running=w.process.poll() is None,
                          status=w.status(), log_tail=w.log(), exit_code=w.process.poll())
             for w in workers]
-
-
-def test_placement_picks_the_files_mlx_lm_loads(model: Path) -> None:
-    """orch's per-node file list is exactly what mlx-lm reads for that rank, split applied."""
-    split = declared_split(model)
-    meta = load_local_meta(model)
-    for rank, (start, end) in enumerate(layer_ranges(split)):
-        assert set(files_for_layers(meta, start, end)) == mlx_lm_rank_files(model, split, rank)
 
 
 def test_uneven_ring_serves_what_one_process_computes(model: Path, tmp_path: Path,

@@ -31,18 +31,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.config import Cluster, load_cluster
 from orchestrator.errors import HostError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
-from orchestrator.facts import HostFacts, JobState, parse_facts
+from orchestrator.facts import HostFacts, JobState
 from orchestrator.model.meta import load_local_meta
 from orchestrator.placement import plan_placement
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.policy import PlacementPolicy
-from orchestrator.plan import Plan, diff_host, fact_request
+from orchestrator.plan import Plan, diff_host
 from orchestrator.plan.ring import RESTART_FIELD, couple_ring
 from orchestrator.resources.base import Resource
 from orchestrator.resources.layout import WorkerLayout
@@ -55,7 +53,10 @@ from orchestrator.simulator.processes import free_port
 from orchestrator.status import ClusterStatus, gather_status, status_text
 from orchestrator.verify.ring import RingHealth, verify_ring
 from orchestrator.worker.status import parse_status
-from tests.e2e.test_ring import reference
+from tests.e2e.ring import reference
+from tests.fixtures import clusters
+from tests.fixtures.cli import orch
+from tests.fixtures.facts import read_facts
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 CLUSTER = "wtest"
@@ -111,19 +112,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[lis
 
 def write_cluster(directory: Path, hosts: Sequence[RunningHost], model: Path) -> Path:
     """A cluster file and inventory for the hosts, as a user (or `orch sandbox`) writes them."""
-    lines = ["hosts:"]
-    for h in hosts:
-        lines += [f"  {h.name}:", f"    address: {h.address}", f"    port: {h.port}",
-                  f"    user: {h.user}", f"    identity_file: {h.identity_file}",
-                  f"    ring_ip: {h.address}", f"    memory_gb: {h.spec.memory_bytes / 2**30!r}",
-                  f"    chip: {h.spec.chip.removeprefix('Apple ')}"]
-    (directory / "inventory.yml").write_text("\n".join(lines) + "\n")
     p = policy()
     assert p.reserve_bytes is not None
-    cluster_file = directory / f"{CLUSTER}.yml"
-    cluster_file.write_text(f"""\
-name: {CLUSTER}
-inventory: inventory.yml
+    return clusters.write_cluster(directory, CLUSTER, f"""\
 model:
   path: {model}
 placement:
@@ -134,8 +125,7 @@ runtime:
   packages: {json.dumps(list(PACKAGES))}
   api_port: {free_port(hosts[0].address)}
   ring_port: {free_port(hosts[0].address)}
-""")
-    return cluster_file
+""", hosts=hosts, file=f"{CLUSTER}.yml")
 
 
 def make_placement(cluster: Cluster, model: Path) -> Placement:
@@ -208,9 +198,7 @@ class Lab:
             async def one(name: str) -> HostFacts:
                 conn = conns[name]
                 assert not isinstance(conn, HostError), conn
-                request = fact_request(desired[name], CLUSTER)
-                raw = await conn.agent("facts", request.to_json())
-                return parse_facts(name, raw, request)
+                return await read_facts(conn, desired[name], CLUSTER)
             facts = await asyncio.gather(*(one(n) for n in desired))
             host_plans = tuple(diff_host(CLUSTER, desired[f.host], f) for f in facts)
             return Plan(CLUSTER, "wtest.yml", host_plans)
@@ -252,9 +240,7 @@ class Lab:
         async def fn(conns: Mapping[str, Connection | HostError]) -> tuple[JobState, int | None]:
             conn = conns[name]
             assert not isinstance(conn, HostError)
-            request = fact_request(self.desired()[name][-1:], CLUSTER)
-            facts = parse_facts(name, await conn.agent("facts", request.to_json()), request)
-            job = facts.job(self.layout.job)
+            job = (await read_facts(conn, self.desired()[name][-1:], CLUSTER)).job(self.layout.job)
             return job.state, job.pid
         return self.run(fn)
 
@@ -286,9 +272,7 @@ def base_facts(hosts: Sequence[RunningHost]) -> dict[str, HostFacts]:
         for h in hosts:
             async with executor.connect(Target(h.name, h.address, h.port, h.user,
                                                h.identity_file)) as conn:
-                request = fact_request([], CLUSTER)
-                result[h.name] = parse_facts(h.name, await conn.agent("facts",
-                                                                      request.to_json()), request)
+                result[h.name] = await read_facts(conn, [], CLUSTER)
         return result
     return asyncio.run(go())
 
@@ -338,10 +322,9 @@ def test_ring_converges_serves_restarts_together_and_recovers(
             assert row.worker == "running" and row.state == "serving"
             assert row.rss_bytes and row.rss_bytes > 10 * MIB and row.uptime_s is not None
         print("\n" + status_text(status))
-        cli = CliRunner().invoke(main, ["status", str(lab.cluster_file), "--json",
-                                        "--known-hosts", str(hosts[0].known_hosts_file)])
-        assert cli.exit_code == 0, cli.output
-        report = json.loads(cli.output)
+        cli = orch("status", lab.cluster_file, "--json", known_hosts=hosts[0].known_hosts_file)
+        assert cli.returncode == 0, cli.output
+        report = json.loads(cli.stdout)
         assert report["healthy"] is True and report["ring"]["size"] == 3
         assert [(n["host"], n["rank"], n["layers"]) for n in report["nodes"]] == [
             (n.name, n.rank, list(n.layers)) for n in lab.placement.nodes]

@@ -27,9 +27,9 @@ from orchestrator.facts import (
     HostFacts,
     JobState,
     LaunchdRef,
-    parse_facts,
 )
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
+from tests.fixtures.facts import read_facts
 
 T = TypeVar("T")
 OLD = time.time() - 3600
@@ -45,10 +45,6 @@ def target(host: RunningHost) -> Target:
 
 async def open_conn(host: RunningHost) -> Connection:
     return await SSHExecutor(SSHOptions(known_hosts=host.known_hosts_file)).open(target(host))
-
-
-async def facts_of(conn: Connection, request: FactRequest) -> HostFacts:
-    return parse_facts(conn.name, await conn.agent("facts", request.to_json()), request)
 
 
 def plist(label: str, arguments: list[str], **keys: Any) -> bytes:
@@ -67,7 +63,7 @@ def test_facts_per_host_from_the_standins(test_hosts: list[RunningHost]) -> None
         executor = SSHExecutor(SSHOptions(known_hosts=test_hosts[0].known_hosts_file))
         conns = await executor.connect_all(target(h) for h in test_hosts)
         try:
-            return await for_each_host(conns, lambda c: facts_of(c, request), limit=3)
+            return await for_each_host(conns, lambda c: read_facts(c, request), limit=3)
         finally:
             for conn in conns.values():
                 if not isinstance(conn, HostError):
@@ -104,8 +100,8 @@ def test_hash_cache_second_call_hashes_nothing(test_hosts: list[RunningHost]) ->
         try:
             await conn.agent("facts", {})  # the agent is cached: what follows is converged
             before = conn.round_trips
-            first = await facts_of(conn, request)
-            second = await facts_of(conn, request)
+            first = await read_facts(conn, request)
+            second = await read_facts(conn, request)
             return first, second, conn.round_trips - before
         finally:
             await conn.close()
@@ -129,7 +125,7 @@ def test_written_files_are_known_without_rehashing(test_hosts: list[RunningHost]
         try:
             assert (await write(conn, "~/.orch/ring.json", b'[["10.0.0.1:47100"]]'))["changed"]
             assert not (await write(conn, "~/.orch/ring.json", b'[["10.0.0.1:47100"]]'))["changed"]
-            return await facts_of(
+            return await read_facts(
                 conn, FactRequest(files=frozenset({"~/.orch/ring.json", "~/.orch"}))
             )
         finally:
@@ -167,7 +163,7 @@ def test_venv_packages_and_guards(test_hosts: list[RunningHost]) -> None:
                     }
                 ),
             )
-            return await facts_of(conn, request)
+            return await read_facts(conn, request)
         finally:
             await conn.close()
 
@@ -207,19 +203,19 @@ def test_launchd_lifecycle_through_the_agent(test_hosts: list[RunningHost], labe
         conn = await open_conn(host)
         seen: list[Any] = []
         try:
-            seen.append((await facts_of(conn, request)).job(ref))
+            seen.append((await read_facts(conn, request)).job(ref))
             await write(conn, path, plist(label, sleeper, RunAtLoad=True, KeepAlive=True,
                                           EnvironmentVariables={"MLX_RANK": "0"}))  # fmt: skip
             seen.append(await conn.agent("launchd_bootstrap", {**job, "plist": path}))
-            seen.append((await facts_of(conn, request)).job(ref))
+            seen.append((await read_facts(conn, request)).job(ref))
             # Reloading a running job: the agent boots it out, waits for the asynchronous
             # bootout to finish, then bootstraps (no "5: Input/output error").
             seen.append(await conn.agent("launchd_bootstrap", {**job, "plist": path}))
-            seen.append((await facts_of(conn, request)).job(ref))
+            seen.append((await read_facts(conn, request)).job(ref))
             seen.append(await conn.agent("launchd_kickstart", job))
-            seen.append((await facts_of(conn, request)).job(ref))
+            seen.append((await read_facts(conn, request)).job(ref))
             seen.append(await conn.agent("launchd_bootout", job))
-            seen.append((await facts_of(conn, request)).job(ref))
+            seen.append((await read_facts(conn, request)).job(ref))
             seen.append(await conn.agent("launchd_bootout", job))
         finally:
             await conn.close()
@@ -272,7 +268,7 @@ def test_system_daemon_goes_through_sudo(wired_host: RunningHost) -> None:
             )
             assert answer == {"changed": True, "was_loaded": False}
             for _ in range(100):
-                facts = await facts_of(conn, request)
+                facts = await read_facts(conn, request)
                 if facts.job(ref).last_exit is not None:
                     return facts
                 await asyncio.sleep(0.1)

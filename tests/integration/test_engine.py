@@ -1,7 +1,8 @@
 """The convergence engine end to end on real sshd hosts: plan = apply, drift, exit codes, lock.
 
-Every `orch` invocation here is the real CLI in a subprocess, so exit codes, output and the
-absence of tracebacks are what a user would see.
+Every `orch` invocation here is the real CLI (`tests.fixtures.cli`), so exit codes, output and
+the absence of tracebacks are what a user would see; the concurrent apply runs in a process of
+its own.
 """
 
 from __future__ import annotations
@@ -22,35 +23,20 @@ import pytest
 from orchestrator.config import load_cluster
 from orchestrator.executor import SSHOptions
 from orchestrator.run.engine import RunOptions, plan
+from orchestrator.simulator.cluster import inventory_yaml
 from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
+from tests.fixtures import clusters
+from tests.fixtures.cli import orch
 from tests.integration.conftest import TreeHash
 
 GIB = 1024**3
 ODD = "va lue 'q' \"dq\" $(touch /tmp/orch-pwned) ; echo x"
 
 
-def inventory_yaml(hosts: Sequence[RunningHost]) -> str:
-    lines = ["hosts:"]
-    for i, host in enumerate(hosts):
-        lines += [
-            f"  {host.name}:",
-            f"    address: {host.address}",
-            f"    port: {host.port}",
-            f"    user: {host.user}",
-            f"    identity_file: {host.identity_file}",
-            f"    ring_ip: 10.9.0.{i + 1}",
-            f"    memory_gb: {host.spec.memory_bytes // GIB}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def write_cluster(directory: Path, hosts: Sequence[RunningHost], extra_tasks: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "inventory.yml").write_text(inventory_yaml(hosts))
     (directory / "motd.j2").write_text("{{ host.name }} serves {{ cluster }}: {{ odd }}\n")
-    (directory / "cluster.yml").write_text(f"""\
-name: itest
-inventory: inventory.yml
+    return clusters.write_cluster(directory, "itest", f"""\
 runtime:
   packages: []
 tasks:
@@ -62,18 +48,7 @@ tasks:
   - name: marker
     command: [touch, "made it"]
     creates: "~/made it"
-{extra_tasks}""")
-    return directory / "cluster.yml"
-
-
-def orch(*args: str | Path, known_hosts: Path | None = None,
-         timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "orchestrator", "--log-format", "json", *map(str, args)]
-    if known_hosts is not None and args and args[0] in ("plan", "apply", "unlock", "facts"):
-        argv += ["--known-hosts", str(known_hosts)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
-    return proc
+{extra_tasks}""", hosts=hosts, ring_ips=[f"10.9.0.{i + 1}" for i in range(len(hosts))])
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,9 @@ import pytest
 from orchestrator.errors import HostError, HostUnreachable, LockHeld
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
 from orchestrator.run.lock import ClusterLock, new_holder
-from orchestrator.simulator.hosts import HostSpec, RunningHost, reboot, start_hosts, stop_hosts
-from tests.integration.test_engine import GIB, inventory_yaml, orch
+from orchestrator.simulator.cluster import inventory_yaml
+from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, reboot, start_hosts, stop_hosts
+from tests.fixtures.cli import orch
 
 CLUSTER = "lockfaults"  # its own name and files: test_engine's cluster state is left alone
 

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import main
+from tests.fixtures.cli import orch
+from tests.fixtures.clusters import write_cluster
 from tests.fixtures.deepseek_like import make_deepseek_like
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LAB = REPO_ROOT / "inventories" / "lab.yml"
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cluster_file(tmp_path: Path, model: Path, nodes: str = "auto") -> Path:
-    path = tmp_path / "cluster.yml"
-    path.write_text(f"name: deepseek-r1\n"
-                    f"inventory: {LAB}\n"
-                    f"model:\n  path: {model}\n"
-                    f"placement:\n  nodes: {nodes}\n")
-    return path
+    return write_cluster(tmp_path, "deepseek-r1",
+                         f"model:\n  path: {model}\nplacement:\n  nodes: {nodes}\n")
 
 
 def place(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, ["place", *args])
-    return result.exit_code, result.stdout, result.stderr
+    ran = orch("place", *args)
+    return ran.returncode, ran.stdout, ran.stderr
 
 
 def test_auto_picks_the_guides_three_macs(tmp_path: Path, model_dir: Path) -> None:

@@ -15,8 +15,8 @@ from typing import TypeVar
 import pytest
 
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target
-from orchestrator.facts import HostFacts, JobState, LaunchdRef, parse_facts
-from orchestrator.plan import HostPlan, diff_host, fact_request
+from orchestrator.facts import HostFacts, JobState, LaunchdRef
+from orchestrator.plan import HostPlan, diff_host
 from orchestrator.resources.base import Resource
 from orchestrator.resources.launchd import HASH_ENV, LaunchdService, render_plist
 from orchestrator.resources.sysctl import Sysctl
@@ -29,6 +29,7 @@ from orchestrator.simulator.hosts import (
     start_hosts,
     stop_hosts,
 )
+from tests.fixtures.facts import read_facts
 
 CLUSTER = "services-test"
 
@@ -53,11 +54,7 @@ class Node:
         return asyncio.run(go())
 
     def facts(self, resources: Sequence[Resource]) -> HostFacts:
-        request = fact_request(resources, CLUSTER)
-
-        async def fn(conn: Connection) -> HostFacts:
-            return parse_facts(conn.name, await conn.agent("facts", request.to_json()), request)
-        return self._run(fn)
+        return self._run(lambda conn: read_facts(conn, resources, CLUSTER))
 
     def plan(self, resources: Sequence[Resource]) -> HostPlan:
         return diff_host(CLUSTER, resources, self.facts(resources))

@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.config import Cluster
 from orchestrator.model.cache import cache_dir
 from orchestrator.model.hub import HubClient
@@ -34,10 +31,12 @@ from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hosts import RunningHost
 from orchestrator.simulator.hub import TestHub
 from orchestrator.simulator.tiny_model import make_tiny_deepseek
+from tests.fixtures import clusters
+from tests.fixtures.cli import Ran
+from tests.fixtures.cli import orch as run_orch
 
 REPO = "org/tiny"
 TOKEN = "hf_integration_secret_f00dfeed1234"
-GIB = 1024**3
 
 
 @pytest.fixture(scope="module")
@@ -99,34 +98,19 @@ def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
 def write_cluster(directory: Path, hosts: Sequence[RunningHost], hub: TestHub,
                   nodes: Sequence[str], names: Sequence[str] | None = None) -> Path:
     """The cluster file and its inventory; ``names``: the hosts' inventory names, in order
-    (their test host names by default)."""
-    lines = ["hosts:"]
-    for host, name in zip(hosts, names or [h.name for h in hosts], strict=True):
-        lines += [f"  {name}:", f"    address: {host.address}", f"    port: {host.port}",
-                  f"    user: {host.user}", f"    identity_file: {host.identity_file}",
-                  f"    ring_ip: {host.address}",  # the peer servers bind here
-                  f"    memory_gb: {host.spec.memory_bytes // GIB}"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "inventory.yml").write_text("\n".join(lines) + "\n")
-    (directory / "cluster.yml").write_text(
-        f"name: synctest\ninventory: inventory.yml\n"
+    (their test host names by default). The peer servers bind each host's ring IP: its own
+    address."""
+    return clusters.write_cluster(
+        directory, "synctest",
         f"model:\n  repo: {REPO}\n  endpoint: {hub.endpoint}\n"
         f"placement:\n  nodes: [{', '.join(nodes)}]\nruntime:\n  packages: []\n"
-        f"  sync_port: {free_port([h.address for h in hosts])}\n")
-    return directory / "cluster.yml"
+        f"  sync_port: {free_port([h.address for h in hosts])}\n", hosts=hosts, names=names)
 
 
-def orch(*args: str | Path, known: Path) -> tuple[int, str, str]:
-    command = [str(a) for a in args]
-    if command[0] in ("plan", "apply", "facts"):
-        command += ["--known-hosts", str(known)]
-    result = CliRunner().invoke(main, ["--log-format", "json", *command])
-    structlog.reset_defaults()  # the CLI pointed the logger at the runner's captured stderr
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), output
-    assert TOKEN not in output
-    return result.exit_code, result.stdout, result.stderr
+def orch(*args: str | Path, known: Path) -> Ran:
+    ran = run_orch(*args, known_hosts=known)
+    assert TOKEN not in ran.output
+    return ran
 
 
 def model_root(host: RunningHost) -> Path:
@@ -186,8 +170,8 @@ def test_each_node_gets_exactly_its_files_and_each_leaves_the_hub_once(
     hub.reset_stats()
     cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
     known = test_hosts[0].known_hosts_file
-    code, out, err = orch("apply", cluster, "--yes", "--json", known=known)
-    assert code == 0, err
+    ran = orch("apply", cluster, "--yes", "--json", known=known)
+    assert ran.returncode == 0, ran.stderr
     needed = needed_by(meta, cluster)
     assert len(needed) == 3 and all(needed.values())
     assert len({frozenset(v) for v in needed.values()}) == 3  # different files per node
@@ -197,15 +181,15 @@ def test_each_node_gets_exactly_its_files_and_each_leaves_the_hub_once(
     assert stats.complete_serves == {f"{REPO}/{name}": 1 for name in served_files}
     assert stats.total_bytes_served == sum((model_dir / n).stat().st_size for n in served_files)
     assert stats.cdn_requests_with_authorization == 0
-    summary = transfers_of(out)
+    summary = transfers_of(ran.stdout)
     assert summary["failed"] == 0 and summary["bytes"]["lan"] > 0
     assert summary["bytes"]["hub"] + summary["bytes"]["local"] == stats.total_bytes_served
     no_token_on(test_hosts)
 
-    code, out, _ = orch("plan", cluster, "--detailed-exitcode", known=known)
-    assert code == 0 and "No changes." in out
-    code, out, _ = orch("facts", cluster, known=known)
-    facts = json.loads(out)
+    ran = orch("plan", cluster, "--detailed-exitcode", known=known)
+    assert ran.returncode == 0 and "No changes." in ran.stdout
+    ran = orch("facts", cluster, known=known)
+    facts = json.loads(ran.stdout)
     for host in test_hosts:  # planning a converged cluster reads no file data
         counters = facts[host.name]["counters"]
         assert counters["bytes_hashed"] == 0 and counters["files_hashed"] == 0, counters
@@ -222,17 +206,16 @@ def test_a_flaky_hub_costs_at_most_a_tenth_more(
     hub.set_faults(Faults(cut_fraction=0.3, error_fraction=0.1, seed=5))
     try:
         cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
-        code, out, err = orch("apply", cluster, "--yes", "--json",
-                              known=test_hosts[0].known_hosts_file)
+        ran = orch("apply", cluster, "--yes", "--json", known=test_hosts[0].known_hosts_file)
     finally:
         hub.set_faults(Faults())
-    assert code == 0, err
+    assert ran.returncode == 0, ran.stderr
     assert_exact(test_hosts, needed_by(meta, cluster), model_dir)
     stats = hub.stats()
     model_bytes = sum(p.stat().st_size for p in model_dir.iterdir())
     assert stats.faults["cut"] > 0 and stats.faults["error"] > 0, stats.faults
     assert stats.total_bytes_served <= 1.1 * model_bytes, (stats.total_bytes_served, model_bytes)
-    assert transfers_of(out)["retries"] > 0
+    assert transfers_of(ran.stdout)["retries"] > 0
 
 
 @pytest.mark.usefixtures("sync_env")
@@ -242,7 +225,7 @@ def test_a_changed_shard_is_reported_and_repaired_from_a_peer(
 ) -> None:
     cluster = write_cluster(tmp_path, test_hosts, hub, [h.name for h in test_hosts])
     known = test_hosts[0].known_hosts_file
-    assert orch("apply", cluster, "--yes", known=known)[0] == 0
+    assert orch("apply", cluster, "--yes", known=known).returncode == 0
     victim = test_hosts[1]
     shard = sorted(n for n in held(victim) if n.endswith(".safetensors"))[0]
     path = model_root(victim) / shard
@@ -250,20 +233,20 @@ def test_a_changed_shard_is_reported_and_repaired_from_a_peer(
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data) + b"\0")  # one byte changed; size and mtime too
 
-    code, out, _ = orch("plan", cluster, "--detailed-exitcode", "--json", known=known)
-    assert code == 2
+    ran = orch("plan", cluster, "--detailed-exitcode", "--json", known=known)
+    assert ran.returncode == 2
     changes = [(h["host"], c["resource"], [s["file"] for s in c["steps"]])
-               for h in json.loads(out)["hosts"] for c in h["changes"]]
+               for h in json.loads(ran.stdout)["hosts"] for c in h["changes"]]
     assert changes == [(victim.name, "model_files:~/.orch/models/org--tiny", [shard])]
 
     hub.reset_stats()
-    code, out, err = orch("apply", cluster, "--yes", "--json", known=known)
-    assert code == 0, err
+    ran = orch("apply", cluster, "--yes", "--json", known=known)
+    assert ran.returncode == 0, ran.stderr
     assert path.read_bytes() == (model_dir / shard).read_bytes()
-    [fetch] = transfers_of(out)["fetches"]
+    [fetch] = transfers_of(ran.stdout)["fetches"]
     assert fetch["kind"] == "lan" and fetch["source"] != victim.name
     assert hub.stats().bytes_served.get(f"{REPO}/{shard}", 0) == 0  # not from the hub
-    assert orch("plan", cluster, "--detailed-exitcode", known=known)[0] == 0
+    assert orch("plan", cluster, "--detailed-exitcode", known=known).returncode == 0
 
 
 @pytest.mark.usefixtures("sync_env")
@@ -274,16 +257,16 @@ def test_a_node_added_to_the_placement_gets_its_files_from_peers(
     wipe(test_hosts)
     two = write_cluster(tmp_path / "two", test_hosts, hub, [h.name for h in test_hosts[:2]])
     known = test_hosts[0].known_hosts_file
-    assert orch("apply", two, "--yes", known=known)[0] == 0
+    assert orch("apply", two, "--yes", known=known).returncode == 0
     assert held(test_hosts[2]) == {}
     three = write_cluster(tmp_path / "three", test_hosts, hub, [h.name for h in test_hosts])
 
     hub.reset_stats()
-    code, out, err = orch("apply", three, "--yes", "--json", known=known)
-    assert code == 0, err
-    plan = json.loads(out)["plan"]
+    ran = orch("apply", three, "--yes", "--json", known=known)
+    assert ran.returncode == 0, ran.stderr
+    plan = json.loads(ran.stdout)["plan"]
     assert [h["host"] for h in plan["hosts"] if h["changes"]] == [test_hosts[2].name]
-    summary = transfers_of(out)
+    summary = transfers_of(ran.stdout)
     assert summary["bytes"]["hub"] == 0 and summary["bytes"]["lan"] > 0
     assert {f["source"] for f in summary["fetches"]} <= {h.name for h in test_hosts[:2]}
     assert not any(k.endswith(".safetensors") for k in hub.stats().bytes_served)
@@ -291,7 +274,7 @@ def test_a_node_added_to_the_placement_gets_its_files_from_peers(
     for host in test_hosts[:2]:  # the others keep what they hold (a LAN source; other layers)
         assert needed[host.name] <= set(held(host))
     assert set(held(test_hosts[2])) == needed[test_hosts[2].name]
-    assert orch("plan", three, "--detailed-exitcode", known=known)[0] == 0
+    assert orch("plan", three, "--detailed-exitcode", known=known).returncode == 0
 
 
 @pytest.mark.usefixtures("sync_env")
@@ -308,14 +291,14 @@ def test_hosts_named_hub_and_local_copy_from_each_other_as_peers(
     host = dict(zip(names, test_hosts[:2], strict=True))
     known = test_hosts[0].known_hosts_file
     alone = write_cluster(tmp_path / "alone", test_hosts[:2], hub, [holder], names)
-    assert orch("apply", alone, "--yes", known=known)[0] == 0
+    assert orch("apply", alone, "--yes", known=known).returncode == 0
     assert held(host[needer]) == {}
     both = write_cluster(tmp_path / "both", test_hosts[:2], hub, [holder, needer], names)
 
     hub.reset_stats()
-    code, out, err = orch("apply", both, "--yes", "--json", known=known)
-    assert code == 0, err
-    summary = transfers_of(out)
+    ran = orch("apply", both, "--yes", "--json", known=known)
+    assert ran.returncode == 0, ran.output
+    summary = transfers_of(ran.stdout)
     assert summary["files"] > 0 and summary["failed"] == 0
     assert {(f["host"], f["source"], f["kind"]) for f in summary["fetches"]} == {
         (needer, holder, "lan")}
@@ -324,4 +307,4 @@ def test_hosts_named_hub_and_local_copy_from_each_other_as_peers(
     needed = needed_by(meta, both)
     assert set(held(host[needer])) == needed[needer]
     assert_exact([host[needer]], {host[needer].name: needed[needer]}, model_dir)
-    assert orch("plan", both, "--detailed-exitcode", known=known)[0] == 0
+    assert orch("plan", both, "--detailed-exitcode", known=known).returncode == 0

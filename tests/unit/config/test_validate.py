@@ -10,10 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.config import json_schemas, load_cluster
+from tests.fixtures.cli import orch
 from tests.unit.config.cases import CASES, CLUSTER, INVENTORY, Case
 
 MARK = "»"
@@ -33,8 +32,8 @@ def write_case(tmp_path: Path, files: dict[str, str]) -> tuple[Path, int, int] |
 
 
 def run_validate(cluster: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(main, ["validate", str(cluster)])
-    return result.exit_code, result.output  # click >= 8.2 mixes stderr into output
+    ran = orch("validate", cluster)
+    return ran.returncode, ran.output
 
 
 def test_there_are_at_least_twenty_classes_of_mistake() -> None:
@@ -101,7 +100,7 @@ def test_cli_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
 # --- JSON Schema -------------------------------------------------------------------------------
 
 def schema_validator(which: str) -> jsonschema.protocols.Validator:
-    schemas = json.loads(CliRunner().invoke(main, ["schema"]).output)
+    schemas = json.loads(orch("schema").stdout)
     schema = schemas[which]
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
@@ -128,6 +127,6 @@ def test_schema_rejects_broken_shapes(case: Case) -> None:
 
 
 def test_schema_command_prints_one_file(tmp_path: Path) -> None:
-    out = CliRunner().invoke(main, ["schema", "--file", "cluster"]).output
+    out = orch("schema", "--file", "cluster").stdout
     assert json.loads(out)["title"] == "ClusterFile"
     assert set(json_schemas()) == {"cluster", "inventory", "playbook"}

@@ -17,26 +17,20 @@ from pathlib import Path
 import pytest
 
 from orchestrator.executor import LocalConnection
-from orchestrator.facts import HostFacts, parse_facts
 from orchestrator.plan import HostPlan, diff_host, fact_request
 from orchestrator.resources.base import Action, Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.pyenv import PythonEnv
 from orchestrator.run.apply import HostStatus, apply_host
+from tests.fixtures.facts import read_facts
 
 CLUSTER = "local-test"
 
 
-async def facts_for(conn: LocalConnection, resources: Sequence[Resource],
-                    cluster: str = CLUSTER) -> HostFacts:
-    request = fact_request(resources, cluster)
-    return parse_facts(conn.name, await conn.agent("facts", request.to_json()), request)
-
-
 async def plan_for(conn: LocalConnection, resources: Sequence[Resource],
                    cluster: str = CLUSTER) -> HostPlan:
-    return diff_host(cluster, resources, await facts_for(conn, resources, cluster))
+    return diff_host(cluster, resources, await read_facts(conn, resources, cluster))
 
 
 def converge(home: Path, resources: Sequence[Resource],
@@ -161,8 +155,7 @@ def test_the_managed_record_lives_under_the_clusters_runtime_dir(tmp_path: Path)
 
         async def plan() -> HostPlan:
             request = fact_request(resources, "b", ".orch-b")
-            raw = await conn.agent("facts", request.to_json())
-            return diff_host("b", resources, parse_facts(conn.name, raw, request))
+            return diff_host("b", resources, await read_facts(conn, request))
 
         first = await plan()
         outcome = await apply_host(conn, first, state_dir=".orch-b")

@@ -12,16 +12,13 @@ from orchestrator.placement import (
     plan_placement,
     policy_from_cluster,
 )
+from tests.fixtures import clusters
 from tests.unit.placement.conftest import GIB, LAB
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def write_cluster(tmp_path: Path, model: Path, placement: str = "  nodes: auto\n") -> Path:
-    path = tmp_path / "cluster.yml"
-    path.write_text(f"name: lab\ninventory: {REPO_ROOT / 'inventories' / 'lab.yml'}\n"
-                    f"model:\n  path: {model}\nplacement:\n{placement}")
-    return path
+    return clusters.write_cluster(tmp_path, "lab",
+                                  f"model:\n  path: {model}\nplacement:\n{placement}")
 
 
 def test_the_lab_inventory_becomes_the_guides_macs(tmp_path: Path, deepseek_dir: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from orchestrator.model.meta import files_for_layers, load_local_meta
 from orchestrator.placement import layer_ranges
 from tests.fixtures.groups import FakeGroup
+from tests.fixtures.mlx_lm import declared_split, mlx_lm_rank_files
 from tests.fixtures.tiny_model import make_tiny_deepseek
 
 mx = pytest.importorskip("mlx.core")
@@ -100,3 +101,17 @@ def test_a_directory_with_only_the_ranks_files_loads_the_right_weights(
     assert expected <= set(loaded)
     for name in expected:
         assert mx.array_equal(loaded[name], reference[name]).item(), name
+
+
+@pytest.fixture(scope="module")
+def six_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The e2e ring's model: 6 layers in 6 files."""
+    return make_tiny_deepseek(tmp_path_factory.mktemp("six") / "full", n_layers=6, n_files=6)
+
+
+def test_placement_picks_the_files_mlx_lm_loads(six_files: Path) -> None:
+    """orch's per-node file list is exactly what mlx-lm reads for that rank, split applied."""
+    split = declared_split(six_files)
+    meta = load_local_meta(six_files)
+    for rank, (start, end) in enumerate(layer_ranges(split)):
+        assert set(files_for_layers(meta, start, end)) == mlx_lm_rank_files(six_files, split, rank)

@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator.executor import CommandResult
 from orchestrator.worker.status import WorkerStatus
-from tests.unit.serving.helpers import HOME
+from tests.fixtures.facts import HOME
 
 LAYOUT_STATUS = "~/.orch/serve/lab/status.json"
 

@@ -9,11 +9,11 @@ from typing import Any
 from orchestrator.config import Cluster, Host, ModelSpec, PlacementSpec, Runtime
 from orchestrator.facts import FileFact, FileKind, HostFacts, JobState, LaunchdJob, VenvFact
 from orchestrator.placement.choose import Placement, place
-from orchestrator.placement.policy import GIB, NodeSpec, PlacementPolicy
+from orchestrator.placement.policy import NodeSpec, PlacementPolicy
 from orchestrator.worker.status import WorkerState, WorkerStatus
+from tests.fixtures.facts import host_facts
 from tests.unit.placement.helpers import synthetic_meta
 
-HOME = "/Users/orch"
 NAMES = ("mac1", "mac2", "mac3")
 
 
@@ -49,11 +49,9 @@ def facts(host: str = "mac1", *, files: Mapping[str, FileFact] | None = None,
           venvs: Mapping[str, VenvFact] | None = None,
           managed: Mapping[str, Any] | None = None,
           trees: Mapping[str, Mapping[str, FileFact]] | None = None) -> HostFacts:
-    return HostFacts(host=host, os_system="Darwin", os_version="14.5", user="orch", uid=501,
-                     home=HOME, python_version="3.11.7", memory_bytes=192 * GIB,
-                     chip="Apple M2 Ultra", files=dict(files or {}), venvs=dict(venvs or {}),
-                     launchd=dict(launchd or {}), managed=dict(managed or {}),
-                     trees=dict(trees or {}))
+    return host_facts(host, files=dict(files or {}), venvs=dict(venvs or {}),
+                      launchd=dict(launchd or {}), managed=dict(managed or {}),
+                      trees=dict(trees or {}))
 
 
 def job(state: JobState = JobState.RUNNING, pid: int | None = 100,

@@ -28,7 +28,8 @@ from orchestrator.plan.preflight import check_sudo, sudoers_line
 from orchestrator.resources.base import Action, Resource
 from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.worker import worker_resources
-from tests.unit.serving.helpers import HOME, cluster, placement
+from tests.fixtures.facts import HOME
+from tests.unit.serving.helpers import cluster, placement
 from tests.unit.serving.helpers import files as rank_files
 
 MISSING = FileFact(FileKind.MISSING, None, None, None)

@@ -33,7 +33,8 @@ from orchestrator.resources.worker import (
 )
 from orchestrator.worker import worker_script
 from orchestrator.worker.hostfile import parse_hostfile
-from tests.unit.serving.helpers import HOME, cluster, placement
+from tests.fixtures.facts import HOME
+from tests.unit.serving.helpers import cluster, placement
 from tests.unit.serving.helpers import files as rank_files
 
 MODEL = "~/.orch/models/tiny"

@@ -11,6 +11,7 @@ from orchestrator.model.manifest import Entry, HubOrigin, Manifest
 from orchestrator.plan import HostPlan, diff_host
 from orchestrator.resources.model_files import ModelFiles
 from orchestrator.resources.steps import Source
+from tests.fixtures.facts import host_facts
 
 DIRECTORY = "~/.orch/models/org--tiny"
 WEIGHTS = tuple(f"model-0000{i}-of-00006.safetensors" for i in range(1, 7))
@@ -44,10 +45,9 @@ def facts(host: str, model: ModelFiles, held: Iterable[str] = (), *,
             files[path] = FileFact(FileKind.FILE, entry.size + 1, 0o644, wrong[rel])
         else:
             files[path] = FileFact(FileKind.MISSING, None, None, None)
-    return HostFacts(host=host, os_system="Darwin", os_version="14.5", user="u", uid=501,
-                     home=f"/Users/{host}", python_version="3.9.6", memory_bytes=1 << 37,
-                     chip="Apple M2 Ultra", files=files,
-                     guards={model.stray_guard.id: 0 if strays else 1})
+    return host_facts(host, user="u", home=f"/Users/{host}", python_version="3.9.6",
+                      memory_bytes=1 << 37, files=files,
+                      guards={model.stray_guard.id: 0 if strays else 1})
 
 
 def node(weights: Iterable[str], man: Manifest | None = None) -> ModelFiles:

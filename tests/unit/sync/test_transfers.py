@@ -17,10 +17,10 @@ import pytest
 
 from orchestrator.errors import HostError
 from orchestrator.executor import Connection, LocalConnection
-from orchestrator.facts import HostFacts, parse_facts
+from orchestrator.facts import HostFacts
 from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import Manifest, hub_manifest
-from orchestrator.plan import Plan, diff_host, fact_request
+from orchestrator.plan import Plan, diff_host
 from orchestrator.plan.sources import assign_sources
 from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
@@ -30,6 +30,7 @@ from orchestrator.run.progress import EventProgress, Progress, RichProgress, Tra
 from orchestrator.run.transfers import Peer, TransferContext, summary_text
 from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hub import TestHub
+from tests.fixtures.facts import read_facts
 
 REPO = "org/tiny"
 TOKEN = "hf_transfers_secret_55aa66bb77cc"
@@ -69,9 +70,7 @@ class Cluster:
 
     def facts(self) -> dict[str, HostFacts]:
         async def one(host: str) -> HostFacts:
-            request = fact_request([self.models[host]], "t")
-            return parse_facts(host, await self.conns[host].agent("facts", request.to_json()),
-                               request)
+            return await read_facts(self.conns[host], [self.models[host]])
 
         async def everyone() -> dict[str, HostFacts]:
             got = await asyncio.gather(*(one(h) for h in sorted(self.models)))
