@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from orchestrator.drain import PROBE_INTERVAL
 from orchestrator.verify.health import chat_completion
 from tests.e2e.conftest import MAX_TOKENS, PROMPT, Serving
 
@@ -32,6 +33,14 @@ def test_drain_and_undrain_keep_serving_the_same_tokens(serving: Serving) -> Non
 
     undrained = serving.orch("undrain", "mac3", "--json")
     assert undrained.returncode == 0, undrained.output
+    back = json.loads(undrained.stdout)
+    assert back["outage_s"] is not None and back["outage_s"] >= 0, back
+    print(f"undrain outage: {back['outage_s']:.2f} s")
+    # The returning node's environment, wheelhouse and files were staged while the old ring
+    # served (issue #13 item 12): the cut-over only restarts ranks, as a drain's does. The
+    # floor is the probe's own resolution (an answer every PROBE_INTERVAL at best).
+    assert back["outage_s"] <= 2 * max(report["outage_s"], 4 * PROBE_INTERVAL), (report, back)
+    assert back["cutover_transfers"] is None or back["cutover_transfers"]["files"] == 0, back
     assert inventory.read_text() == original, "comments and layout must survive"
     status = json.loads(serving.orch("status", "--json").stdout)
     assert status["ring"]["size"] == 3 and status["ring"]["state"] == "serving", status
