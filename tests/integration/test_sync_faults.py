@@ -61,8 +61,8 @@ def faulty(hub: TestHub, test_hosts: list[RunningHost]) -> Iterator[TestHub]:
 
 def apply(hosts: Sequence[RunningHost], hub: TestHub, tmp_path: Path) -> tuple[int, str, str, Path]:
     cluster = write_cluster(tmp_path, hosts, hub, [h.name for h in hosts])
-    code, out, err = orch("apply", cluster, "--yes", "--json", known=hosts[0].known_hosts_file)
-    return code, out, err, cluster
+    ran = orch("apply", cluster, "--yes", "--json", known=hosts[0].known_hosts_file)
+    return ran.returncode, ran.stdout, ran.stderr, cluster
 
 
 def weights(model_dir: Path) -> frozenset[str]:
@@ -177,7 +177,8 @@ def test_429_with_retry_after_is_waited_for_and_counted(
 ) -> None:
     """A third of the weight requests are rate limited (429, Retry-After: 1): each file's next
     request comes at least 1 s after its 429 (by the hub's clock), every file arrives, and
-    every 429 is one of the retries apply reports."""
+    every 429 is one of the retries apply reports (a loaded machine may add a retry of its
+    own, e.g. a peer connection reset, so the report counts at least the 429s)."""
     faulty.set_faults(Faults(rate_limit_fraction=0.3, retry_after=1, seed=6,
                              files=weights(model_dir)))
     code, out, err, cluster = apply(test_hosts, faulty, tmp_path)
@@ -186,7 +187,7 @@ def test_429_with_retry_after_is_waited_for_and_counted(
     limited = faulty.stats().faults["rate_limited"]
     assert limited > 0
     summary = transfers_of(out)
-    assert summary["retries"] == limited
+    assert summary["retries"] >= limited
     for name in weights(model_dir):
         log = [e for e in faulty.log if e.file == name]
         for before, after in itertools.pairwise(log):
@@ -201,7 +202,7 @@ def test_a_file_over_the_plain_http_limit_fails_naming_it(
 ) -> None:
     """The biggest weight file is over the hub's plain-HTTP limit (the real Hub's is 50 GB):
     exit 1 naming the file and the refusal, after one request to the CDN, nothing in place.
-    (That it also names the limit: test_transfer.py, an xfail until the agent says it.)"""
+    and the limit the Hub gave."""
     cluster = write_cluster(tmp_path, test_hosts, faulty, [h.name for h in test_hosts])
     needed = needed_by(meta, cluster)
     big = max(weights(model_dir), key=lambda n: (model_dir / n).stat().st_size)
@@ -212,5 +213,6 @@ def test_a_file_over_the_plain_http_limit_fails_naming_it(
     [(host, error)] = failed_hosts(out).items()
     assert host == owner
     assert f"{big}: " in error and f"/{big} answered HTTP 400 (FileTooLarge)" in error
+    assert f"{faulty.plain_http_limit}-byte limit" in error, error
     nowhere(test_hosts, big)
     assert hub_requests(faulty, big) == [("resolve", 302, ()), ("cdn", 400, ())]
