@@ -15,27 +15,17 @@ import argparse
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
 
-REQUEST = struct.Struct(">II")
-RESPONSE = struct.Struct(">I")
+from orchestrator.agent.protocol import BODY as RESPONSE
+from orchestrator.agent.protocol import HEADER as REQUEST
+from orchestrator.agent.protocol import read_exact
+
 LOCK_OPS = ("lock_acquire", "lock_release")
-
-
-def read_exact(stream: IO[bytes], size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = stream.read(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 class Watch:
