@@ -58,6 +58,17 @@ def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
     return Directory(action.path, action.mode)
 
 
+def serving_nodes(cluster: Cluster, intent: Intent) -> list[str]:
+    """The hosts that serve: the placement's ranks; without a model, the listed placement
+    nodes or every host, drained ones left out either way (as placement leaves them out)."""
+    if intent.serving is not None:
+        return list(intent.serving)
+    listed = cluster.listed_nodes
+    if listed is None:
+        return [name for name, host in cluster.hosts.items() if not host.drained]
+    return list(listed)
+
+
 def desired_state(
     cluster: Cluster,
     intent: Intent,

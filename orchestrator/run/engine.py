@@ -23,7 +23,7 @@ from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.plan.build import host_requests, plan_cluster
-from orchestrator.plan.desired import desired_state
+from orchestrator.plan.desired import desired_state, serving_nodes
 from orchestrator.plan.preflight import check_sudo
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
@@ -59,17 +59,6 @@ def selected_hosts(cluster: Cluster, limit: Sequence[str] | None) -> list[str]:
     if unknown:
         raise PlanError(f"--limit names hosts not in the inventory: {', '.join(unknown)}")
     return [h for h in cluster.hosts if h in limit]
-
-
-def serving_nodes(cluster: Cluster, intent: Intent) -> list[str]:
-    """The hosts that serve: the placement's ranks; without a model, the listed placement
-    nodes or every host, drained ones left out either way (as placement leaves them out)."""
-    if intent.serving is not None:
-        return list(intent.serving)
-    listed = cluster.listed_nodes
-    if listed is None:
-        return [name for name, host in cluster.hosts.items() if not host.drained]
-    return list(listed)
 
 
 @asynccontextmanager
