@@ -62,19 +62,8 @@ class SSHConnection:
         limit = self._options.command_timeout if timeout is None else timeout
         self.round_trips += 1
         log.debug("ssh_run", host=self.name, program=argv[0], round_trip=self.round_trips)
-        try:
-            process = await self._conn.create_process(
-                command,
-                input=stdin or None,
-                stdin=asyncssh.PIPE if stdin else asyncssh.DEVNULL,
-                encoding=None,
-            )
-        except asyncssh.ChannelOpenError as exc:
-            if self._conn.is_closed():
-                raise HostUnreachable(self.name, f"connection lost: {exc.reason}") from exc
-            raise ActionFailed(self.name, f"could not open an SSH session: {exc.reason}") from exc
-        except (asyncssh.Error, OSError) as exc:
-            raise HostUnreachable(self.name, f"connection lost: {_describe(exc)}") from exc
+        process = await self._open(command, input=stdin or None,
+                                   stdin=asyncssh.PIPE if stdin else asyncssh.DEVNULL)
         try:
             done = await process.wait(timeout=limit)
         except asyncssh.TimeoutError as exc:
@@ -112,15 +101,21 @@ class SSHConnection:
         """Open an exec channel for the agent session (counted as a round trip)."""
         self.round_trips += 1
         log.debug("ssh_session", host=self.name, round_trip=self.round_trips)
+        return _SSHChannel(self._conn, await self._open(shlex.join(argv)))
+
+    async def _open(self, command: str, **kwargs: Any) -> asyncssh.SSHClientProcess[bytes]:
+        """An exec channel for `command`, its failures mapped at this edge: a closed
+        connection is HostUnreachable, a refused session on a live one ActionFailed."""
         try:
-            process = await self._conn.create_process(shlex.join(argv), encoding=None)
+            process: asyncssh.SSHClientProcess[bytes] = await self._conn.create_process(
+                command, encoding=None, **kwargs)
         except asyncssh.ChannelOpenError as exc:
             if self._conn.is_closed():
                 raise HostUnreachable(self.name, f"connection lost: {exc.reason}") from exc
             raise ActionFailed(self.name, f"could not open an SSH session: {exc.reason}") from exc
         except (asyncssh.Error, OSError) as exc:
             raise HostUnreachable(self.name, f"connection lost: {_describe(exc)}") from exc
-        return _SSHChannel(self._conn, process)
+        return process
 
     async def close(self) -> None:
         await self.session.close()
