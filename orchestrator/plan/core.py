@@ -4,7 +4,7 @@
 plan can be built in a test from a facts fixture, printed, saved as JSON, compared with another
 plan, and applied later exactly as saved.
 
-What orch put on a host is remembered there (the managed record, `~/.orch/managed.json`), with
+What orch put on a host is remembered there (the managed record, `~/<runtime.dir>/managed/<cluster>.json`), with
 the steps that remove each thing. A resource that is in the record but no longer declared (a
 task deleted from the playbook, a node drained) becomes a `-` change, so apply cleans it up.
 """
