@@ -4,9 +4,10 @@
 plan can be built in a test from a facts fixture, printed, saved as JSON, compared with another
 plan, and applied later exactly as saved.
 
-What orch put on a host is remembered there (the managed record, `~/<runtime.dir>/managed/<cluster>.json`), with
-the steps that remove each thing. A resource that is in the record but no longer declared (a
-task deleted from the playbook, a node drained) becomes a `-` change, so apply cleans it up.
+What orch put on a host is remembered there (the managed record,
+`~/<runtime.dir>/managed/<cluster>.json`), with the steps that remove each thing. A resource
+that is in the record but no longer declared (a task deleted from the playbook, a node drained)
+becomes a `-` change, so apply cleans it up.
 """
 
 from __future__ import annotations
