@@ -490,7 +490,7 @@ def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -
 
     report = asyncio.run(roll(cluster_file, node, run_options(**ssh), drain=drain,
                               echo=lambda line: click.echo(line, err=as_json)))
-    health = report.cutover.extra.get("health") or {}
+    health = report.cutover.health
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
@@ -500,7 +500,7 @@ def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -
         click.echo("Outage: " + ("none observed" if outage == 0 else
                                  f"{outage:.1f} s (last answer of the old ring → first of the "
                                  "new)" if outage is not None else "unknown (no answer seen)"))
-    return report_exit_code(report.cutover, healthy=bool(health.get("ok", False)))
+    return report_exit_code(report.cutover, healthy=health is not None and health.ok)
 
 
 @main.command("drain")

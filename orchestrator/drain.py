@@ -86,9 +86,9 @@ class RollReport:
         return {"node": self.node, "drained": self.drained, "outage_s": self.outage_s,
                 "last_old_answer": self.last_old_answer,
                 "first_new_answer": self.first_new_answer,
-                "staged_transfers": self.staged.extra.get("transfers"),
-                "cutover_transfers": self.cutover.extra.get("transfers"),
-                "health": self.cutover.extra.get("health")}
+                "staged_transfers": self.staged.transfers,
+                "cutover_transfers": self.cutover.transfers,
+                "health": self.cutover.health.to_json() if self.cutover.health else None}
 
 
 def _copies_model_files(change: Change) -> bool:
@@ -183,7 +183,7 @@ def _declare(cluster_file: Path, inventory: Path, node: str, drain: bool) -> Clu
 
 
 def _bytes_line(report: ApplyReport) -> str:
-    summary = report.extra.get("transfers")
+    summary = report.transfers
     if not summary:
         return "nothing to copy"
     b = summary["bytes"]

@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator.plan import Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.run.apply import ApplyReport, HostStatus
-from orchestrator.run.transfers import summary_text
+from orchestrator.run.report import TransferSummary
 
 
 def _value(value: Any) -> str:
@@ -81,24 +81,44 @@ def report_text(report: ApplyReport) -> str:
         lines.append(line)
     counts = {s: len(report.by_status(s)) for s in HostStatus}
     lines.append("Apply: " + ", ".join(f"{n} {s.value}" for s, n in counts.items()) + ".")
-    transfers = report.extra.get("transfers")
-    if transfers:
-        lines.append(summary_text(transfers))
-    lock = report.extra.get("lock")
-    if lock:
-        left = lock["not_released"]
+    if report.transfers:
+        lines.append(summary_text(report.transfers))
+    if report.lock:
+        left = report.lock.not_released
         lines.append(f"Lock: NOT released on {', '.join(left)} "
                      f"({'; '.join(f'{h}: {why}' for h, why in left.items())}). "
                      f"Until it is removed every apply is refused; once reachable: "
-                     f"{lock['unlock']}")
-    health = report.extra.get("health")
-    if health:
-        lines.append(("Ring: serving at " if health["ok"] else "Ring: NOT serving at ")
-                     + f"{health['api_url']}. {health['message']}")
+                     f"{report.lock.unlock}")
+    if report.health:
+        lines.append(("Ring: serving at " if report.health.ok else "Ring: NOT serving at ")
+                     + f"{report.health.api_url}. {report.health.message}")
     return "\n".join(lines)
+
+
+def summary_text(summary: TransferSummary) -> str:
+    """One line for the apply report: what moved, and from where."""
+    b = summary["bytes"]
+    text = (f"Model files: {summary['files']} fetched — {_size(b['hub'])} from the Hub, "
+            f"{_size(b['lan'])} over the LAN, {_size(b['local'])} from the controller; "
+            f"{_size(b['resumed'])} resumed, {_size(b['refetched'])} re-fetched.")
+    if summary["failed"]:
+        text += f" {summary['failed']} failed."
+    return text
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
 
 
 def report_json(report: ApplyReport) -> dict[str, Any]:
     return {"hosts": [{"host": o.host, "status": o.status.value, "applied": list(o.applied),
                        "error": o.error} for o in report.outcomes],
-            **dict(report.extra)}
+            **({"transfers": report.transfers} if report.transfers is not None else {}),
+            **({"lock": report.lock.to_json()} if report.lock is not None else {}),
+            **({"health": report.health.to_json()} if report.health is not None else {})}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from orchestrator.executor import Connection
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
+from orchestrator.run.report import LockLeft, RingCheck, TransferSummary
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,9 @@ class HostOutcome:
 @dataclass(frozen=True)
 class ApplyReport:
     outcomes: tuple[HostOutcome, ...]
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    transfers: TransferSummary | None = None  # set when the plan fetched model files
+    lock: LockLeft | None = None  # set when the lock was left on some host
+    health: RingCheck | None = None  # set when the ring was checked after the apply
 
     def by_status(self, status: HostStatus) -> list[str]:
         return [o.host for o in self.outcomes if o.status is status]

@@ -31,6 +31,7 @@ from orchestrator.resources.steps import Text, Write
 from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
+from orchestrator.run.report import LockLeft, RingCheck
 from orchestrator.run.transfers import for_plan
 from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
 from orchestrator.verify.ring import verify_ring
@@ -294,7 +295,7 @@ async def _locked_apply(cluster: Cluster, conns: Mapping[str, Connection | HostE
                                   serial=serial, fail_fast=fail_fast, transfers=transfers,
                                   state_dir=cluster.runtime.dir.strip("/"))
     if transfers is not None:
-        report = replace(report, extra={**report.extra, "transfers": transfers.summary()})
+        report = replace(report, transfers=transfers.summary())
     if only is None and prepared.intent.placement is not None and not report.by_status(
             HostStatus.FAILED) and not report.by_status(HostStatus.UNREACHABLE):
         report = await _verify(cluster, prepared.intent.placement, conns, report,
@@ -322,9 +323,8 @@ def _with_release(report: ApplyReport, failures: Mapping[str, HostError],
                               error=f"converged, but the cluster lock was not released: {reason}")
         outcomes.append(outcome)
     left = {host: str(error).removeprefix(f"{host}: ") for host, error in failures.items()}
-    return replace(report, outcomes=tuple(outcomes), extra={
-        **report.extra, "lock": {"not_released": dict(sorted(left.items())),
-                                 "unlock": unlock_hint}})
+    return replace(report, outcomes=tuple(outcomes),
+                   lock=LockLeft(dict(sorted(left.items())), unlock_hint))
 
 
 async def _verify(cluster: Cluster, placement: Placement,
@@ -333,8 +333,8 @@ async def _verify(cluster: Cluster, placement: Placement,
     """Health after apply: every rank up, the ring of the right size, a real completion."""
     health = await verify_ring(cluster, placement, conns,
                                timeout=VERIFY_TIMEOUT if changed else VERIFY_TIMEOUT / 4)
-    return replace(report, extra={**report.extra, "health": {
-        "ok": health.ok, "message": health.message(), "api_url": api_url(cluster, placement)}})
+    return replace(report, health=RingCheck(health.ok, health.message(),
+                                            api_url(cluster, placement)))
 
 
 def _check_saved(saved: Plan, current: Plan) -> None:

@@ -66,9 +66,10 @@ from orchestrator.resources.steps import (
 )
 from orchestrator.run.apply import run_step
 from orchestrator.run.progress import Progress, make_progress
+from orchestrator.run.report import ByteCounts, HostBytes, Route, TransferSummary
 
 __all__ = ["DEFAULT_SYNC_PORT", "FetchRecord", "Peer", "TransferContext", "for_plan",
-           "summary_text"]
+]
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +102,7 @@ class FetchRecord:
     host: str
     file: str
     source: str  # the peer host's name, or "hub" / "local" for an origin (`kind` tells which)
-    kind: str  # "hub", "lan" or "local"
+    kind: Route
     size: int
     bytes_moved: int  # bytes that crossed the network (or the controller's link) for it
     bytes_resumed: int  # kept from a partial an earlier run left
@@ -115,7 +116,7 @@ class FetchRecord:
     error: str | None = None
 
 
-def _describe(source: Source) -> tuple[str, str]:
+def _describe(source: Source) -> tuple[str, Route]:
     """(source, kind) as the report names them: a peer by its host name, over the "lan"."""
     if isinstance(source, FromPeer):
         return source.host, "lan"
@@ -443,14 +444,16 @@ class TransferContext:
     def records(self) -> tuple[FetchRecord, ...]:
         return tuple(sorted(self._records, key=lambda r: (r.started_at, r.host, r.file)))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> TransferSummary:
         """The byte accounting apply reports (JSON-able); no token, no URL."""
         done = [r for r in self._records if r.ok]
-        totals = {"hub": 0, "lan": 0, "local": 0}
-        per_host: dict[str, dict[str, int]] = {}
+        totals = ByteCounts(hub=0, lan=0, local=0,
+                            resumed=sum(r.bytes_resumed for r in done),
+                            refetched=sum(r.bytes_refetched for r in done))
+        per_host: dict[str, HostBytes] = {}
         for r in done:
             totals[r.kind] += r.bytes_moved
-            row = per_host.setdefault(r.host, {"files": 0, "hub": 0, "lan": 0, "local": 0})
+            row = per_host.setdefault(r.host, HostBytes(files=0, hub=0, lan=0, local=0))
             row["files"] += 1
             row[r.kind] += r.bytes_moved
         served = {h: sum(a.get("bytes_served", {}).values())
@@ -459,9 +462,7 @@ class TransferContext:
             "files": len(done),
             "failed": len({(r.host, r.file) for r in self._records if not r.ok}
                           - {(r.host, r.file) for r in done}),
-            "bytes": {**totals,
-                      "resumed": sum(r.bytes_resumed for r in done),
-                      "refetched": sum(r.bytes_refetched for r in done)},
+            "bytes": totals,
             "mismatches": sum(r.mismatches for r in self._records),
             "retries": sum(r.retries for r in self._records),
             "hosts": dict(sorted(per_host.items())),
@@ -472,26 +473,6 @@ class TransferContext:
             "finished_at": self._ended,
             "fetches": [asdict(r) for r in self.records],
         }
-
-
-def summary_text(summary: Mapping[str, Any]) -> str:
-    """One line for the apply report: what moved, and from where."""
-    b = summary["bytes"]
-    text = (f"Model files: {summary['files']} fetched — {_size(b['hub'])} from the Hub, "
-            f"{_size(b['lan'])} over the LAN, {_size(b['local'])} from the controller; "
-            f"{_size(b['resumed'])} resumed, {_size(b['refetched'])} re-fetched.")
-    if summary.get("failed"):
-        text += f" {summary['failed']} failed."
-    return text
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
 
 
 def for_plan(cluster: Cluster, plan: Plan, desired: Mapping[str, Sequence[Resource]], *,

@@ -65,14 +65,21 @@ class Serving:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test under tests/e2e runs real MLX workers: mark it so ``-m e2e`` selects them.
-    Note the last test that uses ``serving``: the sandbox stops after it."""
+
+    The tests that use ``serving`` run first, one after another, and the sandbox stops after
+    the last of them. Ordering matters for time, not correctness: an idle ring's ranks other
+    than 0 spin a core each (FACTS.md), so a shared ring left up while another test starts its
+    own would halve the CPU every later test gets on a 2-core machine."""
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.e2e)
-    users = [item.nodeid for item in items if "serving" in getattr(item, "fixturenames", ())]
+    users = [item for item in items if "serving" in getattr(item, "fixturenames", ())]
     if users:
-        config.stash[_LAST_USER] = users[-1]
+        others = [item for item in items if item not in users]
+        first = min(items.index(item) for item in users)
+        items[first:] = users + [item for item in others if items.index(item) >= first]
+        config.stash[_LAST_USER] = users[-1].nodeid
 
 
 @pytest.hookimpl(trylast=True)

@@ -22,12 +22,13 @@ from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import Manifest, hub_manifest
 from orchestrator.plan import Plan, diff_host
 from orchestrator.plan.sources import assign_sources
+from orchestrator.render import summary_text
 from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.steps import FromPeer, Run, Source
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.progress import EventProgress, Progress, RichProgress, Tracker
-from orchestrator.run.transfers import Peer, TransferContext, summary_text
+from orchestrator.run.transfers import Peer, TransferContext
 from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hub import TestHub
 from tests.fixtures.facts import read_facts
