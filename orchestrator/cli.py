@@ -485,6 +485,53 @@ def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any
             else ExitCode.ERROR)
 
 
+def _positive_ints(_ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r}; expected positive integers separated by commas",
+                                 param=param)
+    return numbers
+
+
+@main.command("bench")
+@CLUSTER_ARG
+@click.option("--prompt-words", default="8,64,256", show_default=True, metavar="N,N,...",
+              callback=_positive_ints, help="Prompt lengths to measure, in words.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured completions per prompt length.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Tokens to generate per completion.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds each completion may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print every sample as JSON instead.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_in_a_directory,
+              help="Also save the JSON to this file.")
+def bench_command(cluster_file: Path, prompt_words: tuple[int, ...], repeat: int,
+                  max_tokens: int, timeout: float, as_json: bool, out: Path | None) -> None:
+    """Measure the serving ring through its API: time to first token and decode tokens/s
+    (streamed, one request at a time), per prompt length, beside the placement's estimate.
+
+    Talks only HTTP to rank 0's API (no SSH). Exit 1 when a completion fails.
+    """
+    from orchestrator.verify.bench import bench_cluster, bench_json, bench_text
+
+    cluster = load(cluster_file)
+    if cluster.model is None:
+        raise PlanError(f"{cluster_file} declares no model: there is no service to measure")
+    result = asyncio.run(bench_cluster(cluster, words=prompt_words, repeat=repeat,
+                                       max_tokens=max_tokens, timeout=timeout))
+    document = json.dumps(bench_json(result), indent=2, sort_keys=True)
+    if out is not None:
+        try:
+            out.write_text(document + "\n")
+        except OSError as exc:
+            raise PlanError(f"{out}: cannot save the results: {exc.strerror or exc}") from None
+    click.echo(document if as_json else bench_text(result), nl=as_json)
+
+
 def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -> ExitCode:
     from orchestrator.drain import roll
 
