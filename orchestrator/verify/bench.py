@@ -1,22 +1,27 @@
 """`orch bench`: the serving ring's measured speed, beside the placement's decode estimate.
 
-What is measured, per prompt length, over ``repeat`` streamed chat completions (greedy,
-``stream: true`` with ``stream_options.include_usage``):
+What is measured, per prompt length, ``repeat`` times, each time with two greedy streamed chat
+completions (``stream: true`` with ``stream_options.include_usage``) of prompts of the same
+length:
 
-- **TTFT**, time to first token: from sending the request to the first SSE chunk that carries
-  text. It includes the HTTP round trip, the prompt's prefill through every rank and the first
-  decode step.
-- **decode tokens/s**: ``(completion_tokens - 1) / (t_final - t_first)``, where
-  ``completion_tokens`` is the server's own count (the usage chunk), ``t_first`` the first text
-  chunk and ``t_final`` the chunk with ``finish_reason``, which mlx-lm writes right after its
-  last token. Tokens are counted from usage and not from chunks because mlx-lm sends a chunk
-  only when the detokenizer has text (a token ending mid UTF-8 character sends none). A run
-  with fewer than two tokens has no decode rate.
+- **TTFT**, time to first token: a completion of one token, from sending the request to its
+  first chunk (text or finish). It includes the HTTP round trip, the prompt's prefill through
+  every rank and one decode step.
+- **decode tokens/s**: a completion of ``max_tokens``, timed to its finish chunk (which mlx-lm
+  writes right after the last token), against the first:
+  ``(completion_tokens - 1) / (t_finish - ttft)``, ``completion_tokens`` being the server's own
+  count (the usage chunk).
 
-Each request starts with a different number, so mlx-lm's prompt cache, which reuses a common
-prefix, cannot turn a repetition's prefill into a cache hit (the usage's ``cached_tokens`` is
-kept per sample to show it did not). One unmeasured warm-up request goes first: the first
-completion after a load compiles kernels.
+Why not the gaps between one stream's chunks: mlx-lm sends a chunk only when its detokenizer
+has text, and a token that ends mid UTF-8 character sends none. A real model's tokens nearly
+always do; the sandbox's random weights mostly do not, and their text arrives in one burst at
+the end, which would read as thousands of tokens a second. The two-request difference depends
+on no text at all (each stream's chunk count is kept per sample, to show it).
+
+Each request starts with a different number of the same width, so mlx-lm's prompt cache, which
+reuses a common prefix, cannot turn a prefill into a cache hit (the usage's ``cached_tokens`` is
+kept per sample to show it did not) while the prompt's length stays the same. One unmeasured
+warm-up request goes first: the first completion after a load compiles kernels.
 
 The estimate (`orchestrator.placement.estimate`) is an upper bound on single-stream decode
 speed; the report gives measured / estimate as a ratio and never judges it. Medians and the
@@ -50,6 +55,7 @@ __all__ = [
     "LengthResult",
     "Sample",
     "Spread",
+    "Stream",
     "StreamTransport",
     "bench_api",
     "bench_cluster",
@@ -87,16 +93,38 @@ def urllib_stream(url: str, body: bytes, timeout: float
 
 
 @dataclass(frozen=True)
-class Sample:
-    """One streamed completion."""
+class Stream:
+    """One streamed completion, as its chunks and usage tell it."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int | None  # the prompt cache's hit, as the server reports it
-    chunks: int  # SSE chunks that carried text
-    ttft_s: float
-    total_s: float
-    decode_tps: float | None  # None with fewer than two tokens
+    chunks: int  # chunks that carried text
+    first_s: float  # the first chunk with text or a finish, after the request was sent
+    finish_s: float  # the chunk with the finish reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One repetition: a one-token completion (TTFT) and a long one (decode)."""
+
+    first: Stream
+    long: Stream
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first.first_s
+
+    @property
+    def decode_tps(self) -> float | None:
+        """None with fewer than two tokens, or when the long one was not the slower."""
+        span = self.long.finish_s - self.first.first_s
+        tokens = self.long.completion_tokens - 1
+        return tokens / span if tokens >= 1 and span > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ttft_s": self.ttft_s, "decode_tokens_per_s": self.decode_tps,
+                "first": vars(self.first), "long": vars(self.long)}
 
 
 @dataclass(frozen=True)
@@ -125,7 +153,7 @@ class LengthResult:
 
     @property
     def prompt_tokens(self) -> int:
-        return round(statistics.median(s.prompt_tokens for s in self.samples))
+        return round(statistics.median(s.long.prompt_tokens for s in self.samples))
 
     @property
     def ttft(self) -> Spread:
@@ -156,14 +184,15 @@ class BenchResult:
 
 
 def make_prompt(words: int, nonce: int) -> str:
-    """``words`` words of filler, led by a number no other request of the run starts with."""
+    """``words`` words of filler, led by a number no other request of the run starts with (of
+    one width, so two prompts of as many words have as many tokens)."""
     body = [FILLER[i % len(FILLER)] for i in range(max(0, words - 1))]
-    return " ".join([f"{nonce}.", *body])
+    return " ".join([f"{nonce:06d}.", *body])
 
 
-def parse_stream(started: float, lines: Sequence[tuple[float, bytes]]) -> Sample:
-    """A `Sample` from a streamed chat completion's timed SSE lines (CompletionError if the
-    stream is not one: no text, no finish, or no usage)."""
+def parse_stream(started: float, lines: Sequence[tuple[float, bytes]]) -> Stream:
+    """A `Stream` from a streamed chat completion's timed SSE lines (CompletionError if the
+    stream is not one: no finish, or no usage)."""
     first = final = None
     chunks = 0
     usage: dict[str, Any] | None = None
@@ -184,9 +213,10 @@ def parse_stream(started: float, lines: Sequence[tuple[float, bytes]]) -> Sample
             if (choice.get("delta") or {}).get("content"):
                 chunks += 1
                 first = at if first is None else first
-            if choice.get("finish_reason") is not None:
+            if choice.get("finish_reason") is not None and final is None:
                 final = at
-    if usage is None or final is None:
+                first = at if first is None else first
+    if usage is None or final is None or first is None:
         raise CompletionError("the stream ended without a finish and a usage chunk")
     try:
         prompt_tokens = int(usage["prompt_tokens"])
@@ -194,17 +224,13 @@ def parse_stream(started: float, lines: Sequence[tuple[float, bytes]]) -> Sample
     except (KeyError, TypeError, ValueError) as exc:
         raise CompletionError(f"a usage chunk without token counts: {usage!r}") from exc
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    first = final if first is None else first  # no text at all: the finish is the first token
-    span = final - first
-    decode = (completion_tokens - 1) / span if completion_tokens >= 2 and span > 0 else None
-    return Sample(prompt_tokens, completion_tokens,
-                  cached if isinstance(cached, int) else None, chunks,
-                  first - started, final - started, decode)
+    return Stream(prompt_tokens, completion_tokens, cached if isinstance(cached, int) else None,
+                  chunks, first - started, final - started)
 
 
 async def stream_once(url: str, prompt: str, *, max_tokens: int, timeout: float,
-                      transport: StreamTransport) -> Sample:
-    """One greedy streamed completion, measured."""
+                      transport: StreamTransport) -> Stream:
+    """One greedy streamed completion, timed."""
     body = json.dumps({
         "model": "default_model",  # any other name makes mlx-lm reload the model
         "messages": [{"role": "user", "content": prompt}],
@@ -228,23 +254,24 @@ async def bench_api(url: str, *, cluster: str = "", words: Sequence[int] = (8, 6
                     repeat: int = 3, max_tokens: int = 32, warmup: int = 1,
                     timeout: float = 120.0, estimate_tps: float | None = None,
                     transport: StreamTransport = urllib_stream) -> BenchResult:
-    """Measure the API at `url`: `warmup` unmeasured requests, then `repeat` per length, one
-    at a time (a single stream is what the estimate describes)."""
-    if repeat < 1 or max_tokens < 1 or not words or min(words) < 1:
-        raise ValueError("repeat, max_tokens and every prompt length must be at least 1")
-    nonce = 0
+    """Measure the API at `url`: `warmup` unmeasured requests, then `repeat` pairs per length,
+    one request at a time (a single stream is what the estimate describes)."""
+    if repeat < 1 or max_tokens < 2 or not words or min(words) < 1:
+        raise ValueError("repeat and prompt lengths must be at least 1, max_tokens at least 2")
+    nonces = iter(range(1, 1 << 20))
+
+    async def stream(count: int, tokens: int) -> Stream:
+        return await stream_once(url, make_prompt(count, next(nonces)), max_tokens=tokens,
+                                 timeout=timeout, transport=transport)
+
     for _ in range(warmup):
-        nonce += 1
-        await stream_once(url, make_prompt(words[0], nonce), max_tokens=max_tokens,
-                          timeout=timeout, transport=transport)
+        await stream(words[0], max_tokens)
     lengths = []
     for count in words:
         samples = []
         for _ in range(repeat):
-            nonce += 1
-            samples.append(await stream_once(url, make_prompt(count, nonce),
-                                             max_tokens=max_tokens, timeout=timeout,
-                                             transport=transport))
+            first = await stream(count, 1)
+            samples.append(Sample(first, await stream(count, max_tokens)))
         lengths.append(LengthResult(count, tuple(samples)))
     return BenchResult(cluster, url, max_tokens, repeat, estimate_tps, tuple(lengths))
 
@@ -281,7 +308,7 @@ def bench_json(result: BenchResult) -> dict[str, Any]:
             "ttft_s": _spread_json(length.ttft),
             "decode_tokens_per_s": _spread_json(length.decode),
             "decode_vs_estimate": result.ratio(length),
-            "samples": [vars(s) for s in length.samples],
+            "samples": [s.to_json() for s in length.samples],
         } for length in result.lengths],
     }
 
@@ -309,8 +336,9 @@ def bench_text(result: BenchResult) -> str:
             "-" if ratio is None else f"{ratio:.3f}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"bench {result.cluster}: {result.api_url}, {result.repeat} runs per prompt, "
-             f"up to {result.max_tokens} tokens each, greedy, one stream at a time", ""]
+    lines = [f"bench {result.cluster}: {result.api_url}, {result.repeat} runs per prompt "
+             f"(1 token for TTFT, then {result.max_tokens} for decode), greedy, one stream at "
+             "a time", ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
               for r in rows]
     lines += ["", f"estimate: {estimate} (the placement's upper bound on decode; "
