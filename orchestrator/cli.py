@@ -10,6 +10,7 @@ message on stderr and the exit code README promises (0 ok, 1 error, 2 changes pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -462,18 +463,35 @@ def sandbox_down(directory: Path | None) -> None:
 @CLUSTER_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--no-probe", is_flag=True, help="Do not send the probe chat completion.")
+@click.option("--watch", is_flag=True,
+              help="Redraw every --interval seconds over connections held open; ^C ends it.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes, with --watch.")
+@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Stop --watch after N refreshes (for tests and scripts).")
 @ssh_options
-def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any) -> ExitCode:
+def status_command(cluster_file: Path, as_json: bool, no_probe: bool, watch: bool,
+                   interval: float, count: int | None, **ssh: Any) -> ExitCode:
     """Per node: reachable, mlx / mlx-lm, worker state, pid, uptime, rank, layers, RSS; and the
     ring, the API URL and the latency of a probe completion. Read-only.
 
     Exit 0 when the ring serves and answers, 1 when it does not, 3 when a node is unreachable.
+    With --watch: a live view until ^C (exit 0), one SSH connection per node for all refreshes.
     """
     from orchestrator.status import cluster_status, status_json, status_text
 
     cluster = load(cluster_file)
     if cluster.model is None:
         raise PlanError(f"{cluster_file} declares no model: there is no service to report on")
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws a live view; --json reads once")
+        from orchestrator.watch import watch as watch_status
+
+        with contextlib.suppress(KeyboardInterrupt):  # ^C is how a watch ends: exit 0
+            asyncio.run(watch_status(cluster, run_options(**ssh), interval=interval,
+                                     count=count, probe=not no_probe))
+        return ExitCode.OK
     result = asyncio.run(cluster_status(cluster, run_options(**ssh), probe=not no_probe))
     if as_json:
         click.echo(json.dumps(status_json(result), indent=2, sort_keys=True))
