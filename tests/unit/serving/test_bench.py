@@ -16,6 +16,7 @@ from orchestrator.verify.bench import (
     parse_stream,
 )
 from orchestrator.verify.health import CompletionError
+from tests.fixtures.cli import orch
 
 
 def sse(chunk: dict[str, Any] | str) -> bytes:
@@ -126,3 +127,11 @@ def test_an_api_error_is_a_completion_error_and_no_estimate_prints_unknown() -> 
 def test_prompts_have_the_words_asked_for() -> None:
     assert len(make_prompt(64, 7).split()) == 64
     assert make_prompt(1, 3) == "000003."
+
+
+def test_bench_refuses_bad_prompt_lengths_in_one_line_before_anything_else() -> None:
+    ran = orch("bench", "nowhere.yml", "--prompt-words", "8,0")
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines() == [
+        "error: orch bench: Invalid value for '--prompt-words': '8,0'; expected positive "
+        "integers separated by commas (see 'orch bench --help')"]
