@@ -10,6 +10,7 @@ message on stderr and the exit code README promises (0 ok, 1 error, 2 changes pe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -462,18 +463,35 @@ def sandbox_down(directory: Path | None) -> None:
 @CLUSTER_ARG
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--no-probe", is_flag=True, help="Do not send the probe chat completion.")
+@click.option("--watch", is_flag=True,
+              help="Redraw every --interval seconds over connections held open; ^C ends it.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes, with --watch.")
+@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Stop --watch after N refreshes (for tests and scripts).")
 @ssh_options
-def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any) -> ExitCode:
+def status_command(cluster_file: Path, as_json: bool, no_probe: bool, watch: bool,
+                   interval: float, count: int | None, **ssh: Any) -> ExitCode:
     """Per node: reachable, mlx / mlx-lm, worker state, pid, uptime, rank, layers, RSS; and the
     ring, the API URL and the latency of a probe completion. Read-only.
 
     Exit 0 when the ring serves and answers, 1 when it does not, 3 when a node is unreachable.
+    With --watch: a live view until ^C (exit 0), one SSH connection per node for all refreshes.
     """
     from orchestrator.status import cluster_status, status_json, status_text
 
     cluster = load(cluster_file)
     if cluster.model is None:
         raise PlanError(f"{cluster_file} declares no model: there is no service to report on")
+    if watch:
+        if as_json:
+            raise click.UsageError("--watch draws a live view; --json reads once")
+        from orchestrator.watch import watch as watch_status
+
+        with contextlib.suppress(KeyboardInterrupt):  # ^C is how a watch ends: exit 0
+            asyncio.run(watch_status(cluster, run_options(**ssh), interval=interval,
+                                     count=count, probe=not no_probe))
+        return ExitCode.OK
     result = asyncio.run(cluster_status(cluster, run_options(**ssh), probe=not no_probe))
     if as_json:
         click.echo(json.dumps(status_json(result), indent=2, sort_keys=True))
@@ -483,6 +501,53 @@ def status_command(cluster_file: Path, as_json: bool, no_probe: bool, **ssh: Any
         return ExitCode.UNREACHABLE
     return (ExitCode.OK if result.healthy or (no_probe and result.ring == "serving")
             else ExitCode.ERROR)
+
+
+def _positive_ints(_ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"{value!r}; expected positive integers separated by commas",
+                                 param=param)
+    return numbers
+
+
+@main.command("bench")
+@CLUSTER_ARG
+@click.option("--prompt-words", default="8,64,256", show_default=True, metavar="N,N,...",
+              callback=_positive_ints, help="Prompt lengths to measure, in words.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Measured completions per prompt length.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Tokens to generate per completion.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
+              help="Seconds each completion may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print every sample as JSON instead.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), callback=_in_a_directory,
+              help="Also save the JSON to this file.")
+def bench_command(cluster_file: Path, prompt_words: tuple[int, ...], repeat: int,
+                  max_tokens: int, timeout: float, as_json: bool, out: Path | None) -> None:
+    """Measure the serving ring through its API: time to first token and decode tokens/s
+    (streamed, one request at a time), per prompt length, beside the placement's estimate.
+
+    Talks only HTTP to rank 0's API (no SSH). Exit 1 when a completion fails.
+    """
+    from orchestrator.verify.bench import bench_cluster, bench_json, bench_text
+
+    cluster = load(cluster_file)
+    if cluster.model is None:
+        raise PlanError(f"{cluster_file} declares no model: there is no service to measure")
+    result = asyncio.run(bench_cluster(cluster, words=prompt_words, repeat=repeat,
+                                       max_tokens=max_tokens, timeout=timeout))
+    document = json.dumps(bench_json(result), indent=2, sort_keys=True)
+    if out is not None:
+        try:
+            out.write_text(document + "\n")
+        except OSError as exc:
+            raise PlanError(f"{out}: cannot save the results: {exc.strerror or exc}") from None
+    click.echo(document if as_json else bench_text(result), nl=as_json)
 
 
 def _roll(cluster_file: Path, node: str, drain: bool, as_json: bool, ssh: Any) -> ExitCode:
