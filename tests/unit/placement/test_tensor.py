@@ -1,15 +1,11 @@
 """The tensor split on the DeepSeek-R1-4bit-shaped checkpoint: exact bytes, refusals, the choice.
 
-The independent computation here reads the safetensors headers itself (8-byte length, JSON)
-and applies mlx-lm's deepseek_v3 ``shard()`` as written in its source, tensor by tensor: the
-all-to-sharded and sharded-to-all projections and MLA's per-head ``kv_b_proj`` hold 1/N on
-each rank, everything else is whole. orch's number must equal it to the byte.
+orch's bytes per rank must equal, to the byte, `tests.fixtures.tensor_bytes`'s independent
+computation from the same headers.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -19,40 +15,12 @@ from orchestrator.placement import GB, NodeSpec, PlacementPolicy, place_model
 from orchestrator.placement.estimate import tensor_decode_estimate
 from orchestrator.placement.policy import LINKS, Link
 from orchestrator.placement.shard import tensor_split
+from tests.fixtures.tensor_bytes import independent_rank_bytes
 from tests.unit.placement.conftest import GIB, LAB
 from tests.unit.placement.helpers import synthetic_meta
 
 GUIDE = ["studio-1", "studio-2", "mbp-m4"]
 STUDIOS = tuple(NodeSpec(f"studio-{i}", 192 * GIB, "M2 Ultra") for i in range(1, 5))
-SPLIT_MODULES = {"q_b_proj", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-DTYPE_BYTES = {"U32": 4, "F32": 4, "BF16": 2}
-
-
-def headers(model: Path) -> dict[str, dict[str, object]]:
-    """Every tensor's header entry, read with nothing but struct and json."""
-    out: dict[str, dict[str, object]] = {}
-    for path in sorted(model.glob("model-*.safetensors")):
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            doc = json.loads(f.read(length))
-        out.update({k: v for k, v in doc.items() if k != "__metadata__"})
-    return out
-
-
-def independent_rank_bytes(model: Path, ranks: int) -> int:
-    total = 0
-    for name, entry in headers(model).items():
-        shape = entry["shape"]
-        assert isinstance(shape, list)
-        size = DTYPE_BYTES[str(entry["dtype"])]
-        for dim in shape:
-            size *= dim
-        module = name.split(".")[-2]
-        in_a_layer = name.startswith("model.layers.")
-        total += size // ranks if in_a_layer and module in SPLIT_MODULES else size
-    return total
-
-
 @pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_rank_bytes_are_exact_against_the_headers(deepseek_dir: Path, deepseek_meta: ModelMeta,
                                                   ranks: int) -> None:
