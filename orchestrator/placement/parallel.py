@@ -28,10 +28,15 @@ def place_model(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: Placemen
     """Place ``meta`` both ways and pick one as ``parallelism`` asks; pure, like `place`."""
     pipeline = place(meta, inventory, policy, requested)
     tensor = place_tensor(meta, inventory, policy, requested)
-    if parallelism == "pipeline":
-        return _pick(pipeline, tensor, "placement.parallelism is pipeline")
-    if parallelism == "tensor":
-        return _pick(tensor, pipeline, "placement.parallelism is tensor")
+    if parallelism != "auto":
+        chosen, other = (tensor, pipeline) if parallelism == "tensor" else (pipeline, tensor)
+        if other.fits and not chosen.fits:
+            chosen = replace(chosen, suggestions=(
+                *chosen.suggestions, f"placement.parallelism: {other.parallelism} (or auto): "
+                                     f"the {other.parallelism} split fits"))
+            return _pick(chosen, other, f"placement.parallelism is {parallelism}; the "
+                                        f"{other.parallelism} split would fit")
+        return _pick(chosen, other, f"placement.parallelism is {parallelism}")
     if not tensor.fits:
         why = "; ".join(tensor.problems) or "tensor does not fit"
         return _pick(pipeline, tensor, why)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import PlacementError
 from orchestrator.model.meta import ModelMeta
-from orchestrator.placement import GB, NodeSpec, PlacementPolicy, place_model
+from orchestrator.placement import GB, NodeSpec, PlacementPolicy, place_model, require_fit
 from orchestrator.placement.estimate import tensor_decode_estimate
 from orchestrator.placement.policy import LINKS, Link
 from orchestrator.placement.shard import tensor_split
@@ -103,3 +104,17 @@ def test_link_settings_override_the_defaults() -> None:
     assert policy.link == Link("thunderbolt", 0.0001, LINKS["thunderbolt"].bandwidth_bytes_s)
     assert policy.hop_latency_s == 0.0001
     assert PlacementPolicy.from_settings().link == LINKS["ethernet"]
+
+
+def test_an_explicit_split_that_does_not_fit_points_at_the_one_that_would(
+        deepseek_meta: ModelMeta) -> None:
+    placement = place_model(deepseek_meta, LAB, PlacementPolicy(), GUIDE, "tensor")
+    assert placement.parallelism == "tensor" and not placement.fits
+    assert placement.reason == "placement.parallelism is tensor; the pipeline split would fit"
+    with pytest.raises(PlacementError) as refused:
+        require_fit(placement)
+    assert "mbp-m4 needs 160.2 GB of 128.8 GB" in str(refused.value)
+    assert ("placement.parallelism: pipeline (or auto): the pipeline split fits"
+            in str(refused.value))
+    pipeline = place_model(deepseek_meta, LAB, PlacementPolicy(), GUIDE, "pipeline")
+    assert pipeline.fits and pipeline.reason == "placement.parallelism is pipeline"
