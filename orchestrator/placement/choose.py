@@ -119,7 +119,7 @@ class Placement:
 def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolicy,
           requested: Sequence[str] | None = None) -> Placement:
     """The pipeline split of ``meta`` on ``inventory`` (in inventory order); ``requested`` = a
-    fixed ring order. `parallel.place` chooses between this and the tensor split.
+    fixed ring order. `parallel.place_model` chooses between this and the tensor split.
 
     Pure: never touches a host. Returns a `Placement` whether or not it fits (`fits`, and
     `problems` / `suggestions` when not); `require_fit` turns a refusal into a `PlacementError`.
