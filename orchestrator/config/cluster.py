@@ -46,6 +46,10 @@ class PlacementSpec:
     reserve_gb: float | None = None
     overhead: float | None = None
     kv_cache_gb: float | None = None
+    parallelism: Literal["auto", "tensor", "pipeline"] = "auto"
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = None
+    link_latency_ms: float | None = None
+    link_bandwidth_gb_s: float | None = None
 
 
 @dataclass(frozen=True)

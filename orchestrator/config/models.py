@@ -99,6 +99,18 @@ class PlacementSection(_Strict):
     overhead: float | None = Field(
         None, ge=0, le=2, description="the guide's O: runtime overhead as a share of weights")
     kv_cache_gb: float | None = Field(None, ge=0, description="KV cache budget per node")
+    parallelism: Literal["auto", "tensor", "pipeline"] = Field(
+        "auto", description="how the model is split: `pipeline` (layers per rank), `tensor` "
+                            "(every layer split across all ranks) or `auto` (tensor when it "
+                            "fits and its decode estimate is faster)")
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = Field(
+        None, description="the network between the Macs, for the decode estimates: `ethernet` "
+                          "(default), `thunderbolt` (IP over a Thunderbolt bridge) or `rdma` "
+                          "(jaccl over Thunderbolt 5)")
+    link_latency_ms: float | None = Field(
+        None, gt=0, description="one message's latency over the link (default: by `link`)")
+    link_bandwidth_gb_s: float | None = Field(
+        None, gt=0, description="GB/s one Mac sends over the link (default: by `link`)")
 
 
 class RuntimeSection(_Strict):
