@@ -47,6 +47,7 @@ class PlacementSpec:
     reserve_gb: float | None = None
     overhead: float | None = None
     kv_cache_gb: float | None = None
+    parallelism: Literal["auto", "tensor", "pipeline"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -279,7 +279,7 @@ def _placement(section: models.PlacementSection, source: SourceMap, hosts: dict[
             seen.add(node)
     return PlacementSpec(nodes=nodes,
                          reserve_gb=section.reserve_gb, overhead=section.overhead,
-                         kv_cache_gb=section.kv_cache_gb)
+                         kv_cache_gb=section.kv_cache_gb, parallelism=section.parallelism)
 
 
 def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str],

@@ -102,6 +102,10 @@ class PlacementSection(_Strict):
     overhead: float | None = Field(
         None, ge=0, le=2, description="the guide's O: runtime overhead as a share of weights")
     kv_cache_gb: float | None = Field(None, ge=0, description="KV cache budget per node")
+    parallelism: Literal["auto", "tensor", "pipeline"] = Field(
+        "auto", description="how the model is split: `pipeline` (layers per rank), `tensor` "
+                            "(every layer split across all ranks) or `auto` (tensor when it "
+                            "fits and its decode estimate is faster)")
 
 
 class RuntimeSection(_Strict):

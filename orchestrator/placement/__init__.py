@@ -20,6 +20,7 @@ from orchestrator.placement.adapter import (
 from orchestrator.placement.chips import bandwidth_gbps, normalize_chip
 from orchestrator.placement.choose import (
     NodePlacement,
+    Parallelism,
     Placement,
     place,
     refusal_message,
@@ -31,6 +32,7 @@ from orchestrator.placement.estimate import (
     estimated_meta,
     guide_estimate_bytes,
 )
+from orchestrator.placement.parallel import Requested, place_model
 from orchestrator.placement.policy import (
     DEFAULT_KV_CACHE_GB,
     DEFAULT_OVERHEAD,
@@ -52,6 +54,7 @@ from orchestrator.placement.split import (
     layer_ranges,
     solve,
 )
+from orchestrator.placement.tensor import place_tensor, tensor_rank_bytes
 
 __all__ = [
     "DEFAULT_KV_CACHE_GB",
@@ -64,8 +67,10 @@ __all__ = [
     "DecodeEstimate",
     "NodePlacement",
     "NodeSpec",
+    "Parallelism",
     "Placement",
     "PlacementPolicy",
+    "Requested",
     "SplitProblem",
     "SplitResult",
     "bandwidth_gbps",
@@ -79,12 +84,15 @@ __all__ = [
     "nodes_from_cluster",
     "normalize_chip",
     "place",
+    "place_model",
+    "place_tensor",
     "plan_placement",
     "policy_from_cluster",
     "refusal_message",
     "render_table",
     "require_fit",
     "solve",
+    "tensor_rank_bytes",
     "to_json",
     "wired_limit_mb",
 ]

@@ -14,7 +14,8 @@ from orchestrator.errors import ModelError
 from orchestrator.model.hub import HubClient, Transport, load_hub_meta, urllib_transport
 from orchestrator.model.meta import ModelMeta, load_local_meta
 from orchestrator.model.token import hub_token
-from orchestrator.placement.choose import Placement, place
+from orchestrator.placement.choose import Placement
+from orchestrator.placement.parallel import place_model
 from orchestrator.placement.policy import GUIDE_OVERHEAD, NodeSpec, PlacementPolicy
 
 
@@ -40,8 +41,8 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
 
 def plan_placement(cluster: Cluster, meta: ModelMeta) -> Placement:
     """Place the cluster's model; `require_fit` on the result refuses with numbers."""
-    return place(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
-                 cluster.listed_nodes)
+    return place_model(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
+                       cluster.listed_nodes, cluster.placement.parallelism)
 
 
 def load_model_meta(spec: ModelSpec, *, environ: Mapping[str, str] | None = None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from orchestrator.errors import PlacementError
 from orchestrator.model.meta import ModelMeta, files_for_layers, requantized
@@ -41,6 +42,8 @@ from orchestrator.placement.split import (
 # Bit widths MLX's affine quantization supports, for the "fewer bits" suggestion.
 MLX_BITS = (8, 6, 5, 4, 3, 2)
 
+Parallelism = Literal["pipeline", "tensor"]
+
 
 @dataclass(frozen=True)
 class NodePlacement:
@@ -51,8 +54,8 @@ class NodePlacement:
     chip: str | None
     memory_bytes: int
     usable_bytes: int
-    layers: tuple[int, int]  # start, end (exclusive), as mlx-lm's start_idx / end_idx
-    weight_bytes: int  # its layers + the tensors every rank holds
+    layers: tuple[int, int]  # start, end (exclusive), as mlx-lm's start_idx / end_idx; tensor: all
+    weight_bytes: int  # pipeline: its layers + the tensors every rank holds; tensor: its slice
     overhead_bytes: int
     kv_cache_bytes: int
     files: tuple[str, ...]
@@ -93,6 +96,9 @@ class Placement:
     drained: tuple[str, ...] = ()  # hosts left out because they are drained
     problems: tuple[str, ...] = ()  # why it does not fit, with numbers
     suggestions: tuple[str, ...] = ()  # smallest changes that would make it fit
+    # How the model is split: "pipeline" (each rank a range of layers, `split`) or "tensor"
+    # (every rank 1/N of every sharded tensor, all layers, every weight file on disk).
+    parallelism: Parallelism = "pipeline"
 
     @property
     def required_bytes(self) -> int:
@@ -110,7 +116,8 @@ class Placement:
 
 def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolicy,
           requested: Sequence[str] | None = None) -> Placement:
-    """Place ``meta`` on ``inventory`` (in inventory order); ``requested`` = a fixed ring order.
+    """The pipeline split of ``meta`` on ``inventory`` (in inventory order); ``requested`` = a
+    fixed ring order. `parallel.place` chooses between this and the tensor split.
 
     Pure: never touches a host. Returns a `Placement` whether or not it fits (`fits`, and
     `problems` / `suggestions` when not); `require_fit` turns a refusal into a `PlacementError`.
@@ -127,7 +134,7 @@ def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolic
     drained = tuple(n.name for n in pool if n.drained)
     candidates = [n for n in pool if not n.drained]
     if requested is None:
-        candidates = _by_preference(candidates, policy)
+        candidates = by_preference(candidates, policy)
     if not candidates:
         return _nothing(meta, policy, drained, "no nodes to place on"
                         + (f": every candidate is drained ({', '.join(drained)})" if drained
@@ -183,7 +190,7 @@ def gb(n: int | float) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def _by_preference(nodes: Sequence[NodeSpec], policy: PlacementPolicy) -> list[NodeSpec]:
+def by_preference(nodes: Sequence[NodeSpec], policy: PlacementPolicy) -> list[NodeSpec]:
     order = {node.name: i for i, node in enumerate(nodes)}
     return sorted(nodes, key=lambda n: (-policy.usable(n.memory_bytes),
                                         -(bandwidth_gbps(n.chip, n.memory_bytes) or 0.0),

@@ -62,6 +62,7 @@ def to_json(placement: Placement) -> dict[str, Any]:
     decode = placement.decode
     return {
         "fits": placement.fits,
+        "parallelism": placement.parallelism,
         "required_bytes": placement.required_bytes,
         "available_bytes": placement.available_bytes,
         "even_split_fits": placement.even_split_fits,
