@@ -138,6 +138,8 @@ def worker_config(cluster: Cluster, placement: Placement, *, home: str, model_di
     }
     if settings.server_args:
         config["server_args"] = list(settings.server_args)
+    if placement.parallelism == "tensor":  # mlx_lm.server without --pipeline; split = [L]*N
+        config["parallelism"] = "tensor"
     if cluster.runtime.backend != "ring":  # absent when default: an upgrade restarts nothing
         config["backend"] = cluster.runtime.backend
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
