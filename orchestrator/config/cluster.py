@@ -48,6 +48,9 @@ class PlacementSpec:
     overhead: float | None = None
     kv_cache_gb: float | None = None
     parallelism: Literal["auto", "tensor", "pipeline"] = "auto"
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = None
+    link_latency_ms: float | None = None
+    link_bandwidth_gb_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -279,7 +279,9 @@ def _placement(section: models.PlacementSection, source: SourceMap, hosts: dict[
             seen.add(node)
     return PlacementSpec(nodes=nodes,
                          reserve_gb=section.reserve_gb, overhead=section.overhead,
-                         kv_cache_gb=section.kv_cache_gb, parallelism=section.parallelism)
+                         kv_cache_gb=section.kv_cache_gb, parallelism=section.parallelism,
+                         link=section.link, link_latency_ms=section.link_latency_ms,
+                         link_bandwidth_gb_s=section.link_bandwidth_gb_s)
 
 
 def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str],

@@ -106,6 +106,14 @@ class PlacementSection(_Strict):
         "auto", description="how the model is split: `pipeline` (layers per rank), `tensor` "
                             "(every layer split across all ranks) or `auto` (tensor when it "
                             "fits and its decode estimate is faster)")
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = Field(
+        None, description="the network between the Macs, for the decode estimates: `ethernet` "
+                          "(default), `thunderbolt` (IP over a Thunderbolt bridge) or `rdma` "
+                          "(jaccl over Thunderbolt 5)")
+    link_latency_ms: float | None = Field(
+        None, gt=0, description="one message's latency over the link (default: by `link`)")
+    link_bandwidth_gb_s: float | None = Field(
+        None, gt=0, description="GB/s one Mac sends over the link (default: by `link`)")
 
 
 class RuntimeSection(_Strict):

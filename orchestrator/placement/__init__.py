@@ -1,14 +1,16 @@
-"""Placement: will the model fit, on which Macs, how many layers each — before touching a host.
+"""Placement: will the model fit, on which Macs, how split — before touching a host.
 
 Data flows one way: `load_model_meta` measures the model through `orchestrator.model` (config,
-index, safetensors headers; local or Hub, never the weights), `plan_placement` chooses nodes
-and an exact memory-weighted layer split, and `render_table` / `to_json` show the result.
-`require_fit` turns a placement that does not fit into a `PlacementError` carrying the numbers.
+index, safetensors headers; local or Hub, never the weights), `plan_placement` computes the
+pipeline split (nodes and an exact memory-weighted layer split) and the tensor split (exact
+bytes per rank), picks one by ``placement.parallelism``, and `render_table` / `to_json` show
+both. `require_fit` turns a placement that does not fit into a `PlacementError` with numbers.
 
-Modules: `policy` (the memory model and its calibrated defaults), `chips` (bandwidth
-table), `split` (the exact solver), `choose` (node choice, refusals), `estimate` (the guide's
-formula and the decode-speed bound), `render` (views), `adapter` (cluster file → inputs),
-`intent` (placement and the manifest together: what the cluster asks for).
+Modules: `policy` (the memory model, its calibrated defaults, the link), `chips` (bandwidth
+table), `split` (the exact solver), `choose` (pipeline node choice, refusals), `shard`
+(mlx-lm's ``shard()`` rule over the headers), `tensor` (the tensor split), `parallel` (which
+split), `estimate` (the guide's formula and both decode-speed bounds), `render` (views),
+`adapter` (cluster file → inputs), `intent` (placement and the manifest together).
 """
 
 from orchestrator.placement.adapter import (

@@ -36,7 +36,9 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
     if overhead is None and meta is not None and meta.estimated:
         overhead = GUIDE_OVERHEAD
     return PlacementPolicy.from_settings(reserve_gb=spec.reserve_gb, overhead=overhead,
-                                         kv_cache_gb=spec.kv_cache_gb)
+                                         kv_cache_gb=spec.kv_cache_gb, link=spec.link,
+                                         link_latency_ms=spec.link_latency_ms,
+                                         link_bandwidth_gb_s=spec.link_bandwidth_gb_s)
 
 
 def plan_placement(cluster: Cluster, meta: ModelMeta) -> Placement:

@@ -99,6 +99,8 @@ class Placement:
     # How the model is split: "pipeline" (each rank a range of layers, `split`) or "tensor"
     # (every rank 1/N of every sharded tensor, all layers, every weight file on disk).
     parallelism: Parallelism = "pipeline"
+    alternative: Placement | None = None  # the other split, as computed, for the views
+    reason: str | None = None  # why this split and not the alternative
 
     @property
     def required_bytes(self) -> int:
@@ -117,35 +119,23 @@ class Placement:
 def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolicy,
           requested: Sequence[str] | None = None) -> Placement:
     """The pipeline split of ``meta`` on ``inventory`` (in inventory order); ``requested`` = a
-    fixed ring order. `parallel.place` chooses between this and the tensor split.
+    fixed ring order. `parallel.place_model` chooses between this and the tensor split.
 
     Pure: never touches a host. Returns a `Placement` whether or not it fits (`fits`, and
     `problems` / `suggestions` when not); `require_fit` turns a refusal into a `PlacementError`.
     """
-    by_name = {node.name: node for node in inventory}
-    if requested is not None:
-        unknown = [name for name in requested if name not in by_name]
-        if unknown:
-            raise PlacementError(f"placement.nodes names host(s) not in the inventory: "
-                                 f"{', '.join(unknown)}")
-        pool = [by_name[name] for name in requested]
-    else:
-        pool = list(inventory)
-    drained = tuple(n.name for n in pool if n.drained)
-    candidates = [n for n in pool if not n.drained]
-    if requested is None:
-        candidates = by_preference(candidates, policy)
+    candidates, drained = candidate_pool(inventory, policy, requested)
     if not candidates:
-        return _nothing(meta, policy, drained, "no nodes to place on"
-                        + (f": every candidate is drained ({', '.join(drained)})" if drained
-                           else ""))
+        return nothing(meta, policy, drained, "no nodes to place on"
+                       + (f": every candidate is drained ({', '.join(drained)})" if drained
+                          else ""))
     chosen = candidates
     if requested is None:
         chosen = next((candidates[:k] for k in range(1, len(candidates) + 1)
                        if has_split(_problem(meta, candidates[:k], policy))),
                       candidates[:meta.num_layers])
     if len(chosen) > meta.num_layers:
-        return _nothing(meta, policy, drained,
+        return nothing(meta, policy, drained,
                         f"{len(chosen)} nodes but the model has {meta.num_layers} layers; "
                         "every rank needs at least one")
     problem = _problem(meta, chosen, policy)
@@ -164,6 +154,29 @@ def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolic
     if result.fits:
         return placement
     return _refusal(placement, meta, chosen, inventory, policy)
+
+
+def candidate_pool(inventory: Sequence[NodeSpec], policy: PlacementPolicy,
+                   requested: Sequence[str] | None) -> tuple[list[NodeSpec], tuple[str, ...]]:
+    """The nodes that may serve, in the order they are tried, and the drained ones left out.
+
+    ``requested`` (``placement.nodes``) is used as written; otherwise the preference order of
+    the module doc. Unknown names are a `PlacementError`.
+    """
+    by_name = {node.name: node for node in inventory}
+    if requested is not None:
+        unknown = [name for name in requested if name not in by_name]
+        if unknown:
+            raise PlacementError(f"placement.nodes names host(s) not in the inventory: "
+                                 f"{', '.join(unknown)}")
+        pool = [by_name[name] for name in requested]
+    else:
+        pool = list(inventory)
+    drained = tuple(n.name for n in pool if n.drained)
+    candidates = [n for n in pool if not n.drained]
+    if requested is None:
+        candidates = by_preference(candidates, policy)
+    return candidates, drained
 
 
 def require_fit(placement: Placement) -> Placement:
@@ -225,10 +238,12 @@ def _node_placements(meta: ModelMeta, nodes: Sequence[NodeSpec], policy: Placeme
     return tuple(placements)
 
 
-def _nothing(meta: ModelMeta, policy: PlacementPolicy, drained: tuple[str, ...],
-             problem: str) -> Placement:
+def nothing(meta: ModelMeta, policy: PlacementPolicy, drained: tuple[str, ...],
+            problem: str, parallelism: Parallelism = "pipeline") -> Placement:
+    """A placement on no node, refused for ``problem``."""
     return Placement(meta=meta, policy=policy, nodes=(), fits=False, even_split_fits=False,
-                     even_split_bytes=(), decode=None, drained=drained, problems=(problem,))
+                     even_split_bytes=(), decode=None, drained=drained, problems=(problem,),
+                     parallelism=parallelism)
 
 
 def _refusal(placement: Placement, meta: ModelMeta, chosen: Sequence[NodeSpec],

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from orchestrator.config import load_cluster
+from orchestrator.errors import ConfigError
 from orchestrator.model.meta import ModelMeta
 from orchestrator.placement import PlacementPolicy, place_model
 from tests.fixtures.clusters import write_cluster
@@ -37,3 +40,12 @@ def test_a_tensor_placement_gives_every_rank_every_layer_and_file(
 
 def test_pipeline_placement_says_pipeline(deepseek_meta: ModelMeta) -> None:
     assert place_model(deepseek_meta, LAB, DEFAULTS, None, "pipeline").parallelism == "pipeline"
+
+
+def test_an_unknown_parallelism_or_link_is_refused_at_its_line(tmp_path: Path) -> None:
+    for key, value in (("parallelism", "fast"), ("link", "wifi")):
+        cluster = write_cluster(tmp_path / key, "c", f"model:\n  path: {tmp_path}\n"
+                                f"placement:\n  {key}: {value}\n")
+        with pytest.raises(ConfigError) as failure:
+            load_cluster(cluster)
+        assert "cluster.yml:6:" in str(failure.value) and value in str(failure.value)
