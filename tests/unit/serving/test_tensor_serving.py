@@ -4,17 +4,15 @@ tensor is one planned restart of the ring (each rank's job restarted exactly onc
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from orchestrator.config import Cluster, Runtime
 from orchestrator.placement.choose import Placement
-from orchestrator.placement.policy import NodeSpec, PlacementPolicy
-from orchestrator.placement.tensor import place_tensor
 from orchestrator.plan.ring import couple_ring
 from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.steps import LaunchdBootstrap
 from orchestrator.resources.worker import WorkerSettings, worker_config, worker_resources
 from tests.fixtures.facts import HOME
-from tests.unit.placement.helpers import synthetic_meta
 from tests.unit.serving.helpers import cluster, files, placement
 from tests.unit.serving.test_ring import host_plan_for, plan_of, running
 
@@ -22,9 +20,11 @@ LAYERS = (10**6,) * 6
 
 
 def tensor(c: Cluster) -> Placement:
-    nodes = [NodeSpec(h.name, h.memory_bytes, h.chip) for h in c.hosts.values()]
-    return place_tensor(synthetic_meta(LAYERS, 10**5), nodes, PlacementPolicy(),
-                        requested=list(c.hosts))
+    """The tensor placement's shape as serving reads it (every rank every layer and file;
+    the byte counts are placement's business and tested there)."""
+    p = placement(c, LAYERS)
+    nodes = tuple(replace(n, layers=(0, len(LAYERS))) for n in p.nodes)
+    return replace(p, nodes=nodes, parallelism="tensor")
 
 
 def config_of(p: Placement) -> dict[str, object]:
