@@ -8,15 +8,19 @@ any change, and the files and environment the plan would install.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.executor import SSHExecutor, SSHOptions, Target
+from orchestrator.facts import FactRequest
 from orchestrator.simulator.cluster import inventory_yaml
 from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
 from tests.fixtures.cli import orch
+from tests.fixtures.facts import read_facts
 from tests.fixtures.tiny_model import make_tiny_deepseek
 from tests.integration.conftest import TreeHash
 
@@ -99,12 +103,6 @@ def test_plan_refuses_with_every_reason_then_renders_the_devices_file(
 
 def test_the_agent_answers_rdma_through_ssh(macs: list[RunningHost]) -> None:
     """`orch facts` is what the planner sees; the RDMA answer is asked only for jaccl."""
-    import asyncio
-
-    from orchestrator.executor import SSHExecutor, SSHOptions, Target
-    from orchestrator.facts import FactRequest
-    from tests.fixtures.facts import read_facts
-
     async def ask() -> list[tuple[str | None, tuple[str, ...] | None]]:
         executor = SSHExecutor(SSHOptions(known_hosts=macs[0].known_hosts_file))
         conns = await executor.connect_all(

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import plistlib
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator.config import Cluster, Host, ModelSpec, PlacementSpec, Runtime
-from orchestrator.errors import ActionFailed, PlanError
+import orchestrator.simulator as simulator
+from orchestrator.agent.facts import rdma_devices
+from orchestrator.config import Cluster, Host, ModelSpec, PlacementSpec, Runtime, load_cluster
+from orchestrator.errors import ActionFailed, ConfigError, PlanError
 from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
 from orchestrator.plan.backend import backend_problems, check_backend
@@ -198,9 +202,6 @@ def test_rdma_facts_are_answered_only_when_asked_and_parsed_strictly() -> None:
 
 
 def test_the_cluster_file_declares_backend_and_devices(tmp_path: Path) -> None:
-    from orchestrator.config import load_cluster
-    from orchestrator.errors import ConfigError
-
     (tmp_path / "cluster.yml").write_text(
         "name: r1\nruntime: {backend: jaccl-ring}\nhosts:\n"
         "  a: {address: a.local, ring_ip: 10.0.0.1, memory_gb: 192,"
@@ -230,11 +231,6 @@ def test_the_cluster_file_declares_backend_and_devices(tmp_path: Path) -> None:
 
 def test_the_agent_reads_the_ibv_devices_stand_in_as_mlx_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
-    import orchestrator.simulator as simulator
-    from orchestrator.agent.facts import rdma_devices
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shutil.copy(Path(simulator.__file__).parent / "macos" / "ibv_devices", bin_dir)
@@ -245,8 +241,6 @@ def test_the_agent_reads_the_ibv_devices_stand_in_as_mlx_does(
         (tmp_path / "host.json").write_text(json.dumps({"name": "m", "rdma_devices": devices}))
         assert rdma_devices() == expected
     (tmp_path / "host.json").write_text(json.dumps({"name": "m", "rdma_devices": ["rdma_en2"]}))
-    import subprocess
-
     out = subprocess.run(["ibv_devices"], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     assert lines[:2] == ["    device          \t   node GUID",
