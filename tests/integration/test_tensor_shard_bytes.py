@@ -1,8 +1,9 @@
 """The tensor split's bytes per rank equal what real ``model.shard(group)`` leaves on each rank.
 
-Two real processes form an MLX ring (CPU, 127.0.0.71-72, free ports), each loads the sandbox's
-tiny deepseek_v3 model with mlx-lm's own loader, calls ``model.shard(group)``, evaluates, and
-reports the sum of ``nbytes`` over its parameters, plus each parameter's bytes. orch's number
+Two (then three) real processes form an MLX ring (CPU, 127.0.0.71-73, free ports), each loads
+the sandbox's tiny deepseek_v3 model (for three ranks, a 6-head variant) with mlx-lm's own
+loader, calls ``model.shard(group)``, evaluates, and reports the sum of ``nbytes`` over its
+parameters, plus each parameter's bytes. orch's number
 comes from the safetensors headers alone (`placement.shard.tensor_split`). It spawns processes
 and binds loopback addresses: run it under the network lock.
 """
@@ -20,10 +21,10 @@ import pytest
 
 from orchestrator.model.meta import load_local_meta
 from orchestrator.placement.shard import kind_of, tensor_split
-from orchestrator.simulator.tiny_model import make_tiny_deepseek
+from orchestrator.simulator.tiny_model import TENSOR_3_OVERRIDES, make_tiny_deepseek
 from orchestrator.worker.hostfile import render_hostfile
 
-IPS = ("127.0.0.71", "127.0.0.72")
+IPS = ("127.0.0.71", "127.0.0.72", "127.0.0.73")
 
 RANK_SCRIPT = """
 import json, sys
@@ -46,20 +47,15 @@ def free_port(ip: str) -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_deepseek(tmp_path_factory.mktemp("models") / "tiny", n_layers=4, n_files=3)
-
-
-def shard_on_ring(model: Path, tmp_path: Path) -> list[dict[str, object]]:
+def shard_on_ring(model: Path, tmp_path: Path, ranks: int) -> list[dict[str, object]]:
     hostfile = tmp_path / "hostfile.json"
-    hostfile.write_text(render_hostfile([(ip, free_port(ip)) for ip in IPS]))
+    hostfile.write_text(render_hostfile([(ip, free_port(ip)) for ip in IPS[:ranks]]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(model)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**env, "MLX_RANK": str(rank),
                                    "MLX_HOSTFILE": str(hostfile)})
-             for rank in range(len(IPS))]
+             for rank in range(ranks)]
     reports = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -68,16 +64,20 @@ def shard_on_ring(model: Path, tmp_path: Path) -> list[dict[str, object]]:
     return sorted(reports, key=lambda r: int(r["rank"]))  # type: ignore[call-overload]
 
 
-def test_each_ranks_bytes_equal_real_shard(tiny: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("ranks", "overrides"), [(2, None), (3, TENSOR_3_OVERRIDES)],
+                         ids=["2-ranks", "3-ranks-6-heads"])
+def test_each_ranks_bytes_equal_real_shard(tmp_path: Path, ranks: int,
+                                          overrides: dict[str, object] | None) -> None:
+    tiny = make_tiny_deepseek(tmp_path / "tiny", n_layers=4, n_files=3, overrides=overrides)
     meta = load_local_meta(tiny)
-    split = tensor_split(meta, 2)
+    split = tensor_split(meta, ranks)
     assert split.possible, split.problem
-    reports = shard_on_ring(tiny, tmp_path)
-    assert [r["size"] for r in reports] == [2, 2]
+    reports = shard_on_ring(tiny, tmp_path, ranks)
+    assert [r["size"] for r in reports] == [ranks] * ranks
     measured = [sum(r["params"].values()) for r in reports]  # type: ignore[attr-defined]
     assert measured == list(split.rank_bytes)
     # and tensor by tensor: what shard() cut is what orch calls sharded, the rest is whole
-    params: dict[str, int] = reports[0]["params"]  # type: ignore[assignment]
+    params: dict[str, int] = reports[-1]["params"]  # type: ignore[assignment]
     assert set(params) == {t.name for t in meta.tensors}
     cut = {t.name for t in meta.tensors if params[t.name] != t.nbytes}
     assert cut == {t.name for t in meta.tensors if kind_of(meta.model_type, t) != "replicated"}
