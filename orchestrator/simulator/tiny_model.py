@@ -31,21 +31,17 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(n_layers: int, vocab_size: int) -> dict[str, Any]:
-    """A deepseek_v3 config.json at toy scale (hidden 64, 4 experts of which 2 active).
-
-    Heads (6) and the MLP widths (192, 48) divide by 2, 3 and 6, so ``model.shard(group)``
-    (tensor parallelism) splits it evenly over 2 or 3 ranks, as the sandbox serves it.
-    """
+    """A deepseek_v3 config.json at toy scale (hidden 64, 4 experts of which 2 active)."""
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
         "vocab_size": vocab_size,
         "hidden_size": 64,
-        "intermediate_size": 192,
-        "moe_intermediate_size": 48,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
         "num_hidden_layers": n_layers,
-        "num_attention_heads": 6,
-        "num_key_value_heads": 6,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
         "n_shared_experts": 1,
         "n_routed_experts": 4,
         "routed_scaling_factor": 1.0,
