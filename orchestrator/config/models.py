@@ -61,6 +61,9 @@ class HostEntry(HostVars):
 
     address: str = Field(description="hostname or IP that SSH connects to")
     ring_ip: IPAddress = Field(description="IP the MLX ring uses (Thunderbolt or Ethernet)")
+    rdma: dict[HostName, str] | None = Field(
+        None, description="runtime.backend jaccl: this Mac's RDMA device (ibv_devices) that "
+                          "reaches each peer over its Thunderbolt cable, e.g. {studio-2: rdma_en3}")
 
 
 class Group(_Strict):
@@ -130,6 +133,10 @@ class RuntimeSection(_Strict):
     launchd_domain: Literal["system", "user"] = Field(
         "system", description="system: workers are LaunchDaemons (load at boot, exempt from "
                               "Local Network Privacy; need NOPASSWD sudo); user: LaunchAgents")
+    backend: Literal["ring", "jaccl", "jaccl-ring"] = Field(
+        "ring", description="MLX's distributed backend: ring (TCP over ring_ip), jaccl (RDMA "
+                            "over Thunderbolt 5, a cable between every two nodes), jaccl-ring "
+                            "(RDMA, a ring of cables); jaccl needs the hosts' `rdma` devices")
 
 
 class TemplateTask(_Strict):
