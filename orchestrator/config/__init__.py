@@ -8,6 +8,7 @@ from orchestrator.config.cluster import (
     ModelSpec,
     PlacementSpec,
     Runtime,
+    SSHSettings,
     Task,
     TemplateTask,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "ModelSpec",
     "PlacementSpec",
     "Runtime",
+    "SSHSettings",
     "Task",
     "TemplateTask",
     "json_schemas",

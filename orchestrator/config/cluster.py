@@ -25,11 +25,22 @@ class Host:
     chip: str | None = None
     drained: bool = False
     groups: tuple[str, ...] = ()
+    # The inventory's user variables (shared < group, in file order < host): host.vars.KEY.
+    vars: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
     @property
     def memory_bytes(self) -> int:
         """Apple's "192 GB" is 192 GiB: hw.memsize reports 206158430208."""
         return int(self.memory_gb * GIB)
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    """The inventory's `ssh:` block; a command-line flag wins over each (None: not set)."""
+
+    known_hosts: Path | None = None
+    connect_timeout: float | None = None
+    proxy_jump: str | None = None  # "[user@]host[:port]", OpenSSH's ProxyJump
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class Cluster:
     tasks: tuple[Task, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[Diagnostic, ...] = ()
+    ssh: SSHSettings = field(default_factory=SSHSettings)
 
     @property
     def listed_nodes(self) -> tuple[str, ...] | None:

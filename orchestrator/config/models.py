@@ -56,16 +56,38 @@ class HostVars(_Strict):
     drained: bool | None = Field(None, description="rolled out of the cluster (orch drain)")
 
 
+class SharedVars(HostVars):
+    """`vars` of the inventory or of a group: the connection keys above, typed, plus any other
+    key, which becomes a user variable templates read as ``host.vars.KEY`` (Ansible's group
+    vars). A near-miss of a connection key (``prot``) is warned about by the loader."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
 class HostEntry(HostVars):
     """One Mac as written in the inventory; missing fields may come from groups and vars."""
 
     address: str = Field(description="hostname or IP that SSH connects to")
     ring_ip: IPAddress = Field(description="IP the MLX ring uses (Thunderbolt or Ethernet)")
+    vars: dict[str, Any] = Field(default_factory=dict,
+                                 description="the host's own user variables (host.vars.KEY in "
+                                             "templates); they win over group and shared vars")
 
 
 class Group(_Strict):
     hosts: list[HostName] = Field(default_factory=list)
-    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+    vars: SharedVars = Field(default_factory=SharedVars)  # type: ignore[arg-type]
+
+
+class InventorySSH(_Strict):
+    """SSH settings that belong to the inventory, so its cluster files need no flags; the
+    command line's --known-hosts and --connect-timeout still win."""
+
+    known_hosts: str | None = Field(None, description="known_hosts file, relative to the file")
+    connect_timeout: float | None = Field(None, gt=0, description="seconds per SSH connection")
+    proxy_jump: str | None = Field(
+        None, pattern=r"^([^@\s]+@)?[^@:\s]+(:[0-9]{1,5})?$",
+        description="[user@]host[:port] to reach every host through (OpenSSH's ProxyJump)")
 
 
 class InventoryFile(_Strict):
@@ -73,7 +95,8 @@ class InventoryFile(_Strict):
 
     hosts: dict[HostName, HostEntry]
     groups: dict[HostName, Group] = Field(default_factory=dict)
-    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+    vars: SharedVars = Field(default_factory=SharedVars)  # type: ignore[arg-type]
+    ssh: InventorySSH = Field(default_factory=InventorySSH)  # type: ignore[arg-type]
 
 
 class ModelSection(_Strict):

@@ -29,7 +29,8 @@ def host_vars(cluster: Cluster, host: Host) -> dict[str, Any]:
     return {
         "cluster": cluster.name,
         "host": {"name": host.name, "address": host.address, "ring_ip": host.ring_ip,
-                 "memory_gb": host.memory_gb, "chip": host.chip, "groups": list(host.groups)},
+                 "memory_gb": host.memory_gb, "chip": host.chip, "groups": list(host.groups),
+                 "vars": dict(host.vars)},
         "hosts": {h.name: {"address": h.address, "ring_ip": h.ring_ip}
                   for h in cluster.hosts.values()},
     }

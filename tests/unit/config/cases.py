@@ -58,7 +58,8 @@ CASES = [
     Case("unknown-host-key", _c(inv_yml=INVENTORY + "    »colour: red\n"),
          "unknown key 'colour'", schema=True),
     Case("unknown-group-var", _c(inv_yml=INVENTORY + "groups:\n  g:\n    hosts: [a]\n"
-                                 "    vars:\n      »ram: 64\n"), "unknown key 'ram'", schema=True),
+                                 "    vars:\n      »memroy_gb: 64\n"),
+         "unknown key 'memroy_gb' (did you mean 'memory_gb'?)"),
     Case("port-is-string", _c(inv_yml=INVENTORY.replace(
         "    memory_gb: 64\n  b", "    memory_gb: 64\n    port: »\"22\"\n  b")),
          "expected an integer", schema=True),
