@@ -3,6 +3,7 @@
 from orchestrator.config.cluster import (
     Cluster,
     CommandTask,
+    CopyTask,
     DirectoryTask,
     Host,
     ModelSpec,
@@ -18,6 +19,7 @@ from orchestrator.config.schema import json_schemas
 __all__ = [
     "Cluster",
     "CommandTask",
+    "CopyTask",
     "DirectoryTask",
     "Host",
     "ModelSpec",

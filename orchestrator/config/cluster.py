@@ -87,6 +87,15 @@ class TemplateTask:
 
 
 @dataclass(frozen=True)
+class CopyTask:
+    """A controller file or directory (absolute) copied to `dest` on each node as it is."""
+
+    src: Path
+    dest: str
+    mode: int
+
+
+@dataclass(frozen=True)
 class DirectoryTask:
     path: str
     mode: int
@@ -97,7 +106,7 @@ class Task:
     """A user's own playbook task, resolved: the template path is absolute."""
 
     name: str
-    action: CommandTask | TemplateTask | DirectoryTask
+    action: CommandTask | TemplateTask | CopyTask | DirectoryTask
     hosts: tuple[str, ...] | None = None  # host or group names; None = every node
     vars: dict[str, Any] = field(default_factory=dict)
     origin: str = ""  # "FILE:LINE" where the task was written, for messages

@@ -17,6 +17,7 @@ from orchestrator.config import models
 from orchestrator.config.cluster import (
     Cluster,
     CommandTask,
+    CopyTask,
     DirectoryTask,
     Host,
     ModelSpec,
@@ -355,7 +356,7 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                     errors.append(task_doc.source.diag(
                         (*path, "hosts", j), f"task target {target!r} is neither a host nor a "
                         "group of the inventory", at_key=False))
-            action: CommandTask | TemplateTask | DirectoryTask
+            action: CommandTask | TemplateTask | CopyTask | DirectoryTask
             mark = task_doc.source.value(path)
             origin = f"{task_doc.source.file}:{mark.line}"
             if task.command is not None:
@@ -371,6 +372,14 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                 else:
                     errors.extend(check_template(src, origin))
                 action = TemplateTask(src, task.template.dest, int(task.template.mode, 8))
+            elif task.copy_ is not None:
+                src = (task_base / Path(task.copy_.src).expanduser()).absolute()
+                if not (src.is_file() or src.is_dir()):
+                    errors.append(task_doc.source.diag(
+                        (*path, "copy", "src"), f"copy source {task.copy_.src!r} does not "
+                        f"exist (looked for {src}); expected a file or directory relative to "
+                        f"{task_doc.source.file.name}", at_key=False))
+                action = CopyTask(src, task.copy_.dest, int(task.copy_.mode, 8))
             else:
                 assert task.directory is not None
                 action = DirectoryTask(task.directory.path, int(task.directory.mode, 8))

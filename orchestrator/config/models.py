@@ -149,13 +149,21 @@ class TemplateTask(_Strict):
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0644"
 
 
+class CopyTask(_Strict):
+    src: str = Field(description="a file or a directory on the controller, relative to the "
+                                 "file that names it")
+    dest: str = Field(description="the file (or, for a directory, the directory) on the node")
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = Field(
+        "0644", description="of every file copied")
+
+
 class DirectoryTask(_Strict):
     path: str
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0755"
 
 
 class Task(_Strict):
-    """One Ansible-style task: exactly one of `command`, `template`, `directory`."""
+    """One Ansible-style task: exactly one of `command`, `template`, `copy`, `directory`."""
 
     name: str
     hosts: list[HostName] | None = Field(None, description="hosts or groups (default: all nodes)")
@@ -163,14 +171,17 @@ class Task(_Strict):
     creates: str | None = None
     unless: list[str] | None = Field(None, min_length=1)
     template: TemplateTask | None = None
+    copy_: CopyTask | None = Field(None, alias="copy")
     directory: DirectoryTask | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Task:
-        kinds = [k for k in ("command", "template", "directory") if getattr(self, k) is not None]
+        kinds = [k for k in ("command", "template", "copy_", "directory")
+                 if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("a task needs exactly one of `command`, `template`, `directory`")
+            raise ValueError("a task needs exactly one of `command`, `template`, `copy`, "
+                             "`directory`")
         if (self.creates or self.unless) and self.command is None:
             raise ValueError("`creates` and `unless` guard a `command` task only")
         return self

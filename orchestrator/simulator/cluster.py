@@ -159,6 +159,8 @@ def _write_cluster(directory: Path, hosts: list[RunningHost], endpoint: str, com
                    api_port: int) -> Path:
     (directory / "inventory.yml").write_text(
         "# Written by `orch sandbox up`: simulated Macs on this machine.\n"
+        "ssh:  # so every orch command works on this cluster with no SSH flags\n"
+        f"  known_hosts: {json.dumps(str(hosts[0].known_hosts_file))}\n"
         + inventory_yaml(hosts))
     packages = ", ".join(json.dumps(p) for p in _pins())  # `mlx[cpu]` needs quotes in YAML
     cluster = directory / "sandbox.yml"
