@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import Runtime
 from orchestrator.simulator import processes
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, SandboxError, start_hosts
 
@@ -86,7 +87,8 @@ def up(directory: Path, nodes: int = 3) -> Sandbox:
         stop_processes(previous)
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
-        from orchestrator.simulator.tiny_model import make_tiny_deepseek
+        # Written with the standard library: the controller never needs mlx (issue #17).
+        from orchestrator.simulator.tiny_plain import make_tiny_deepseek
 
         make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7)
     hosts = start_hosts(directory / "hosts", specs(nodes))
@@ -124,14 +126,17 @@ def _start_hub(directory: Path, model_dir: Path) -> tuple[str, str, int]:
 
 
 def _pins() -> list[str]:
-    """The nodes run this controller's mlx and mlx-lm: the sandbox's nodes are this machine."""
+    """The nodes run this controller's mlx and mlx-lm when it has them (the sandbox's nodes
+    are this machine), else the versions orch pins by default: the nodes get them from the
+    wheelhouse either way, so the controller itself never needs mlx."""
     pins = []
-    for name, dist in (("mlx", "mlx"), ("mlx-lm", "mlx-lm")):
+    defaults = {name: version for name, _, version in
+                (p.partition("==") for p in Runtime().packages)}
+    for name in ("mlx", "mlx-lm"):
         try:
-            pins.append(f"{name}=={metadata.version(dist)}")
+            pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
-            raise SandboxError(f"the sandbox needs {name} on this machine: "
-                               "pip install -e '.[mlx]'") from None
+            pins.append(f"{name}=={defaults[name]}")
     if sys.platform == "linux":
         pins[0] = pins[0].replace("mlx==", "mlx[cpu]==")
     return pins
