@@ -115,6 +115,9 @@ CASES = [
     Case("template-missing", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    template:\n"
                                 "      src: »motd.j2\n      dest: /etc/motd\n"),
          "template 'motd.j2' does not exist"),
+    Case("copy-source-missing", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    copy:\n"
+                                   "      src: »files/blob.bin\n      dest: ~/blob.bin\n"),
+         "copy source 'files/blob.bin' does not exist"),
     Case("template-syntax", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
                                motd_j2="hello {{ host.name }}\n»{% if %}\n"),
          "template syntax error: Expected an expression, got 'end of statement block'; "
