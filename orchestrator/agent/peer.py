@@ -60,6 +60,9 @@ BIND_WAIT_S = 10.0  # how long `serve` waits for a previous run's server to free
 STALE_STOP_S = 86400.0  # stop requests older than this are swept by the next `serve`
 
 
+READ_TIMEOUT_S = 60.0  # a connection silent this long is cut and the fetch resumed on a new one
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -69,14 +72,20 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
 
     Header values (the Hub token, the per-run peer token) come only in this request, on
     stdin; transfer keeps them out of every message. A file the cache already vouches for is
-    not fetched again (a retried apply)."""
-    path, size, sha256, url, git_sha1, headers, timeout, retries, backoff = fields(
+    not fetched again (a retried apply). ``timeout`` bounds the whole fetch; ``read_timeout``
+    how long one connection may stay silent before it is cut and the fetch resumed on a new
+    one (a LAN peer that stops sending is given up on sooner than the Hub)."""
+    path, size, sha256, url, git_sha1, headers, timeout, retries, backoff, read_timeout = fields(
         req,
         ("path", "size", "sha256", "url"),
-        {"git_sha1": None, "headers": {}, "timeout": RUN_TIMEOUT, "retries": 8, "backoff": 0.5},
+        {"git_sha1": None, "headers": {}, "timeout": RUN_TIMEOUT, "retries": 8, "backoff": 0.5,
+         "read_timeout": READ_TIMEOUT_S},
     )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise AgentError("size must be a non-negative int")
+    if not isinstance(read_timeout, (int, float)) or isinstance(read_timeout, bool) \
+            or not read_timeout > 0:
+        raise AgentError("read_timeout must be a positive number of seconds")
     headers = string_map(headers, "headers")
     full = expand(str(path))
     cache = HashCache()
@@ -96,7 +105,7 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
     try:
         result = transfer.fetch(str(url), full, sha256=sha256, size=size, git_sha1=git_sha1,
                                 headers=headers, retries=int(retries), backoff=float(backoff),
-                                progress=progress)
+                                progress=progress, timeout=float(read_timeout))
     except transfer.TransferError as exc:  # its message names the file, never a header value
         raise AgentError(str(exc)) from None
     except ValueError as exc:

@@ -178,7 +178,13 @@ def fetch(
         os.unlink(partial.path)  # the bytes are wrong: nothing in them is worth resuming
         raise
     except OSError as exc:  # the local side: disk full, permissions, a vanished directory
+        partial.drop_if_empty()
         raise job.error(f"cannot write {partial.path}: {exc.strerror or exc}") from None
+    except BaseException:
+        # A failure that kept no byte (a 404, a refused token, a progress deadline hit at
+        # once) leaves nothing to resume: an empty partial would only be litter.
+        partial.drop_if_empty()
+        raise
     finally:
         partial.close()
     return FetchResult(
@@ -493,6 +499,13 @@ class _Partial:
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
+
+    def drop_if_empty(self) -> None:
+        """Delete the partial when it holds no byte (still under our lock, so no other
+        fetch is writing it)."""
+        if self.have == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
     def close(self) -> None:
         self.file.close()  # releases the lock

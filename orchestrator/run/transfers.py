@@ -77,6 +77,8 @@ FETCH_SLOTS = 4  # transfers at once per host
 MIN_RATE_BPS = 1 << 20  # a fetch may take size / this (plus a base) before it is cut off
 FETCH_BASE_TIMEOUT_S = 600.0
 PEER_RETRIES, PEER_BACKOFF_S = 3, 0.2  # a dead peer is given up on in seconds, not minutes
+HUB_READ_TIMEOUT_S = 60.0  # a Hub/CDN connection silent this long is cut and resumed
+PEER_READ_TIMEOUT_S = 20.0  # a LAN peer has no excuse for a long silence
 SERVE_DEADLINE_S = 86400  # a server outlives its controller by at most this (and a heartbeat)
 STOP_WAIT_S = 30.0
 POLL_INTERVAL_S = 1.0  # how often in-flight downloads' sizes are read, for progress
@@ -396,11 +398,12 @@ class TransferContext:
                 url = HubClient(hub.endpoint).resolve_url(hub.repo, hub.commit, rel)
                 headers = ({"Authorization": f"Bearer {self._hub_token}"}
                            if self._hub_token else {})
-                return await conn.agent(step.op, step.request(url, headers, timeout=timeout))
+                return await conn.agent(step.op, step.request(
+                    url, headers, timeout=timeout, read_timeout=HUB_READ_TIMEOUT_S))
             request = step.request(self.peers[source.host].url(rel),
                                    {"Authorization": f"Bearer {self._peer_token}"},
                                    timeout=timeout, retries=PEER_RETRIES,
-                                   backoff=PEER_BACKOFF_S)
+                                   backoff=PEER_BACKOFF_S, read_timeout=PEER_READ_TIMEOUT_S)
             return await conn.agent(step.op, request)
         except ActionFailed as exc:  # a last guard: no token crosses this edge
             message = redact(str(exc).removeprefix(f"{exc.host}: "),
