@@ -9,7 +9,16 @@ this package as orchestrator.errors types.
 
 from __future__ import annotations
 
-from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, StepState, Target
+from .base import (
+    AgentStep,
+    CommandResult,
+    Connection,
+    LocalFile,
+    SSHOptions,
+    StepOutcome,
+    StepState,
+    Target,
+)
 from .fake import LocalConnection
 from .pool import for_each_host
 from .ssh import SSHConnection, SSHExecutor
@@ -19,6 +28,7 @@ __all__ = [
     "CommandResult",
     "Connection",
     "LocalConnection",
+    "LocalFile",
     "SSHConnection",
     "SSHExecutor",
     "SSHOptions",

@@ -59,6 +59,18 @@ class SSHOptions:
 
 
 @dataclass(frozen=True)
+class LocalFile:
+    """An agent call's stdin read from a file on the controller one chunk at a time, as the
+    channel's flow control allows: a shard of a local ``model.path`` (gigabytes) costs the
+    controller one chunk of memory, not the file. The agent is told ``size`` bytes follow; a
+    file that no longer has exactly that many fails the call (the bytes are checked against
+    their sha256 on the node anyway)."""
+
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
 class AgentStep:
     """One step of `Connection.agent_batch`: an agent op, its JSON request, and its stdin
     (the bytes ``write`` stores), which travels as raw bytes in the batch's frame."""
@@ -109,9 +121,11 @@ class Connection(Protocol):
         ...
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: bytes | LocalFile | None = None
     ) -> dict[str, Any]:
         """Run one agent op and return its JSON response; an agent error raises ActionFailed.
+
+        ``stdin`` as a `LocalFile` is streamed (session ops only, e.g. ``write``).
 
         Every op but ``serve`` and ``fetch`` goes through the connection's agent session: one
         agent process per host per run, so on a converged host a whole run costs one exec

@@ -23,7 +23,7 @@ from typing import IO, Any
 from orchestrator.errors import ActionFailed
 
 from .agentcall import ONE_SHOT_OPS, call_agent
-from .base import AgentStep, CommandResult, StepOutcome
+from .base import AgentStep, CommandResult, LocalFile, StepOutcome
 from .session import AgentSession, ChannelClosed
 
 __all__ = ["LocalConnection"]
@@ -95,10 +95,12 @@ class LocalConnection:
         return CommandResult(128 - code if code < 0 else code, out, err)
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: bytes | LocalFile | None = None
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
+        if isinstance(stdin, LocalFile):
+            raise ValueError(f"agent op {op!r} runs one-shot: its stdin cannot be streamed")
         return await call_agent(
             self.name,
             self.run,

@@ -49,7 +49,7 @@ from .agentcall import (
     stream_argv,
     upload_agent,
 )
-from .base import AgentStep, StepOutcome, StepState
+from .base import AgentStep, LocalFile, StepOutcome, StepState
 
 __all__ = ["AgentChannel", "AgentSession", "ChannelClosed", "Spawner"]
 
@@ -60,6 +60,7 @@ BODY = struct.Struct(">I")  # response frame: body length
 MAX_BODY = 256 << 20  # a larger "response" is a corrupt stream, not an answer
 CLOSE_WAIT = 5.0  # seconds a closing agent gets to exit before it is killed
 LOSS_WAIT = 2.0  # seconds to wait for the exit status of a channel that ended mid-call
+STREAM_CHUNK = 1 << 20  # bytes of a streamed `LocalFile` read (and held) at a time
 
 
 class ChannelClosed(Exception):
@@ -125,7 +126,7 @@ class AgentSession:
         self.pid: int | None = None  # the agent's pid on the host, from its hello
 
     async def call(
-        self, op: str, request: Mapping[str, Any], stdin: bytes | None
+        self, op: str, request: Mapping[str, Any], stdin: bytes | LocalFile | None
     ) -> dict[str, Any]:
         """Run one op in the session; ActionFailed with the agent's message if it fails."""
         if op in ONE_SHOT_OPS or op == "batch":
@@ -174,9 +175,10 @@ class AgentSession:
     # -- internals -------------------------------------------------------------------------
 
     async def _exchange(
-        self, op: str, request: Mapping[str, Any], payload: bytes, timeout: float
+        self, op: str, request: Mapping[str, Any], payload: bytes | LocalFile, timeout: float
     ) -> dict[str, Any]:
         header = json.dumps({"op": op, "request": dict(request)}, separators=(",", ":")).encode()
+        size = payload.size if isinstance(payload, LocalFile) else len(payload)
         self._bind_loop()
         async with self._lock:
             channel: AgentChannel | None = None
@@ -184,8 +186,10 @@ class AgentSession:
                 async with asyncio.timeout(timeout):
                     channel = self._channel or await self._open()
                     self._channel = channel
-                    await channel.write(HEADER.pack(len(header), len(payload)) + header)
-                    if payload:
+                    await channel.write(HEADER.pack(len(header), size) + header)
+                    if isinstance(payload, LocalFile):
+                        await self._stream(channel, payload)
+                    elif payload:
                         await channel.write(payload)
                     return await _read_frame(channel)
             except TimeoutError:
@@ -197,6 +201,28 @@ class AgentSession:
             except BaseException:  # cancelled mid-frame: the stream can no longer be trusted
                 self._drop(channel)
                 raise
+
+    async def _stream(self, channel: AgentChannel, source: LocalFile) -> None:
+        """Send exactly ``source.size`` bytes of the file, a chunk at a time: each write waits
+        for the channel's flow control, so at most one chunk (plus the channel's window) is
+        held. A file that changed size mid-send breaks the frame: the caller drops the
+        session (the failure is an ActionFailed, as for any failed op)."""
+        left = source.size
+        try:
+            with source.path.open("rb") as f:
+                while left:
+                    chunk = await asyncio.to_thread(f.read, min(STREAM_CHUNK, left))
+                    if not chunk:
+                        break
+                    await channel.write(chunk)
+                    left -= len(chunk)
+                longer = bool(await asyncio.to_thread(f.read, 1))
+        except OSError as exc:
+            raise ActionFailed(self.host, f"cannot read {source.path}: "
+                                          f"{exc.strerror or exc}") from None
+        if left or longer:
+            raise ActionFailed(self.host, f"{source.path} changed while it was being sent "
+                                          f"(expected {source.size} bytes)")
 
     def _bind_loop(self) -> None:
         """A connection used from a new event loop (a second ``asyncio.run``, as tests do with

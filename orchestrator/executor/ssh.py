@@ -23,7 +23,15 @@ import structlog
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 
 from .agentcall import ONE_SHOT_OPS, call_agent
-from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, Target
+from .base import (
+    AgentStep,
+    CommandResult,
+    Connection,
+    LocalFile,
+    SSHOptions,
+    StepOutcome,
+    Target,
+)
 from .hostkeys import HostKeyPolicy, rejection_error
 from .pool import for_each_host
 from .session import AgentSession, ChannelClosed
@@ -79,10 +87,12 @@ class SSHConnection:
         return CommandResult(_exit_status(done), _as_bytes(done.stdout), _as_bytes(done.stderr))
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: bytes | LocalFile | None = None
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
+        if isinstance(stdin, LocalFile):
+            raise ValueError(f"agent op {op!r} runs one-shot: its stdin cannot be streamed")
         return await call_agent(
             self.name,
             self.run,

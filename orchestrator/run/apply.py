@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
-from orchestrator.executor import Connection
+from orchestrator.executor import Connection, LocalFile
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
@@ -65,13 +65,17 @@ class TransferHook(Protocol):
     def host_finished(self, host: str) -> None: ...
 
 
-async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
-    """One step through the agent. File content travels as raw stdin bytes, never as argv."""
+async def run_step(conn: Connection, step: Step, *, timeout: float | None = None
+                   ) -> dict[str, Any]:
+    """One step through the agent. File content travels as raw stdin bytes, never as argv.
+    ``timeout`` (a write only): how long the controller waits for it, when a large file may
+    need longer than the connection's command timeout."""
     if isinstance(step, Fetch):  # its URL and token are only known to the transfer context
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
     if isinstance(step, Write):
-        return await conn.agent(step.op, step.request(), stdin=await _bytes(step.payload))
+        request = step.request() if timeout is None else {**step.request(), "timeout": timeout}
+        return await conn.agent(step.op, request, stdin=await _bytes(conn.name, step.payload))
     response = await conn.agent(step.op, step.request())
     if isinstance(step, Run) and not response.get("skipped") \
             and response.get("exit_status") != 0:
@@ -81,12 +85,19 @@ async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
     return response
 
 
-async def _bytes(payload: Payload) -> bytes:
-    """What a write sends: the plan's text, or a controller file read now (a wheel's bytes are
-    never in the plan, only its path and sha256, which the agent checks)."""
+async def _bytes(host: str, payload: Payload) -> bytes | LocalFile:
+    """What a write sends: the plan's text, or a controller file streamed now, a chunk at a
+    time (a wheel, or a multi-GB shard of a local model: its bytes are never in the plan, only
+    its path and sha256, which the agent checks, and never whole in memory)."""
     if isinstance(payload, Text):
         return payload.data()
-    return await asyncio.to_thread(Path(payload.path).read_bytes)
+    path = Path(payload.path)
+    try:
+        size = (await asyncio.to_thread(path.stat)).st_size
+    except OSError as exc:
+        raise ActionFailed(host, f"cannot read the controller's {path}: "
+                                 f"{exc.strerror or exc}") from None
+    return LocalFile(path, size)
 
 
 def _interim_record(host_plan: HostPlan) -> dict[str, Any]:

@@ -22,9 +22,10 @@ starts peer servers with ``async with ctx.serving(conns)`` and hands it to
   included). `FromHub`: the pinned commit's resolve URL with the Hub token as
   ``Authorization`` (read at apply time, sent only in the agent's stdin). `FromPeer`:
   ``http://ring_ip:port/<file>`` with the peer token. `FromController`: the controller's copy,
-  sent through the agent's ``write`` op — the whole file is held in the controller's memory
-  while it is sent, fine for config/tokenizer files and small local models, not for 5 GB
-  shards from a local ``model.path`` (a controller-side HTTP server would lift that).
+  streamed through the agent's ``write`` op a chunk at a time (`LocalFile`), so a 5 GB shard
+  of a local ``model.path`` costs the controller and the agent one chunk of memory each; it
+  is not resumable (a cut copy starts over), and it is the one copy per file that crosses
+  the controller's link — every other copy comes from a peer.
 * **Accounting.** Every fetch is recorded with its source, bytes (from the Hub, over the LAN,
   from the controller, kept from an earlier partial, fetched twice), and wall-clock start and
   end (so "no bytes moved during an outage" can be checked). `summary` is what apply reports.
@@ -390,7 +391,7 @@ class TransferContext:
         try:
             if isinstance(source, FromController):
                 write = step.from_controller(str(self.manifest.controller_copies[rel]))
-                answer = await run_step(conn, write)
+                answer = await run_step(conn, write, timeout=timeout)
                 return {"bytes_downloaded": step.size if answer.get("changed") else 0}
             if isinstance(source, FromHub):
                 hub = self.manifest.origin
