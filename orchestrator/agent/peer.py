@@ -142,7 +142,7 @@ def sweep_stale_stops(keep: str) -> None:
 
 
 def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str], token: str,
-                     run_id: str) -> Any:
+                     run_id: str, growing: dict[str, int]) -> Any:
     """Start the peer server; if the port is held by a server an earlier run left behind (its
     controller died), ask that server to stop and wait for the port."""
     record = sync_state(f"serve-{port}.json")
@@ -150,7 +150,7 @@ def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str],
     asked = False
     while True:
         try:
-            return transfer.serve_files(bind, port, files, token)
+            return transfer.serve_files(bind, port, files, token, growing)
         except ValueError as exc:
             raise AgentError(f"cannot serve: {exc}") from None
         except OSError as exc:
@@ -174,13 +174,19 @@ def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str],
 def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     """Serve verified files to peers (transfer.serve_files) until told to stop.
 
+    ``growing`` (``{url_path: size}``): the served files this node is itself fetching in
+    this run, relayed from their partials while they arrive (see transfer.serve_files).
     Stops when ``serve_stop`` names this run, when ``timeout`` seconds have passed, or when
     the controller is gone (the heartbeat, a blank line on stdout every few seconds, fails).
     The token comes only in this request, on stdin, never in argv (which ``ps`` shows).
     Answers what was served."""
-    files, bind, port, token, run_id, timeout = fields(
-        req, ("files", "bind", "port", "token", "run_id"), {"timeout": 86400})
+    files, bind, port, token, run_id, timeout, growing = fields(
+        req, ("files", "bind", "port", "token", "run_id"), {"timeout": 86400, "growing": {}})
     files = string_map(files, "files")
+    if not isinstance(growing, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for n in growing.values()) or not set(growing) <= set(files):
+        raise AgentError("growing must map served URL paths to sizes")
     if not all(u.startswith("/") for u in files):
         raise AgentError("file URL paths must start with '/'")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
@@ -195,7 +201,7 @@ def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     sweep_stale_stops(stop)
     started = time.monotonic()
     server = bind_peer_server(transfer, bind, port, {u: expand(p) for u, p in files.items()},
-                              token, run_id)
+                              token, run_id, growing)
     record = sync_state(f"serve-{server.server_address[1]}.json")
     dump_json_atomic(record, {"run_id": run_id, "pid": os.getpid()})
     reason = None
@@ -227,6 +233,7 @@ def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     with server.lock:
         return {"reason": reason, "port": server.server_address[1],
                 "requests": server.requests, "refused": server.refused,
+                "relayed": server.relayed,
                 "bytes_served": dict(sorted(server.bytes_served.items())),
                 "seconds": round(time.monotonic() - started, 3)}
 
