@@ -71,8 +71,11 @@ def stdin_chunks(stream: IO[bytes]) -> Iterator[bytes]:
 
 
 def op_write(req: Request, stdin: IO[bytes]) -> Response:
-    """Write stdin's bytes to path atomically, verified against the expected sha256."""
-    path, mode, expected = fields(req, ("path", "mode", "sha256"), {})
+    """Write stdin's bytes to path atomically, verified against the expected sha256.
+
+    Read and hashed a chunk at a time, whatever the size. ``timeout`` is the controller's:
+    how long it waits for a large file (ignored here)."""
+    path, mode, expected, _timeout = fields(req, ("path", "mode", "sha256"), {"timeout": None})
     full = expand(str(path))
     mode = check_mode(mode)
     digest, tmp = write_temp(full, stdin_chunks(stdin), mode)

@@ -60,6 +60,9 @@ BIND_WAIT_S = 10.0  # how long `serve` waits for a previous run's server to free
 STALE_STOP_S = 86400.0  # stop requests older than this are swept by the next `serve`
 
 
+READ_TIMEOUT_S = 60.0  # a connection silent this long is cut and the fetch resumed on a new one
+
+
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
@@ -69,14 +72,20 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
 
     Header values (the Hub token, the per-run peer token) come only in this request, on
     stdin; transfer keeps them out of every message. A file the cache already vouches for is
-    not fetched again (a retried apply)."""
-    path, size, sha256, url, git_sha1, headers, timeout, retries, backoff = fields(
+    not fetched again (a retried apply). ``timeout`` bounds the whole fetch; ``read_timeout``
+    how long one connection may stay silent before it is cut and the fetch resumed on a new
+    one (a LAN peer that stops sending is given up on sooner than the Hub)."""
+    path, size, sha256, url, git_sha1, headers, timeout, retries, backoff, read_timeout = fields(
         req,
         ("path", "size", "sha256", "url"),
-        {"git_sha1": None, "headers": {}, "timeout": RUN_TIMEOUT, "retries": 8, "backoff": 0.5},
+        {"git_sha1": None, "headers": {}, "timeout": RUN_TIMEOUT, "retries": 8, "backoff": 0.5,
+         "read_timeout": READ_TIMEOUT_S},
     )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise AgentError("size must be a non-negative int")
+    if not isinstance(read_timeout, (int, float)) or isinstance(read_timeout, bool) \
+            or not read_timeout > 0:
+        raise AgentError("read_timeout must be a positive number of seconds")
     headers = string_map(headers, "headers")
     full = expand(str(path))
     cache = HashCache()
@@ -96,7 +105,7 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
     try:
         result = transfer.fetch(str(url), full, sha256=sha256, size=size, git_sha1=git_sha1,
                                 headers=headers, retries=int(retries), backoff=float(backoff),
-                                progress=progress)
+                                progress=progress, timeout=float(read_timeout))
     except transfer.TransferError as exc:  # its message names the file, never a header value
         raise AgentError(str(exc)) from None
     except ValueError as exc:
@@ -133,7 +142,7 @@ def sweep_stale_stops(keep: str) -> None:
 
 
 def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str], token: str,
-                     run_id: str) -> Any:
+                     run_id: str, growing: dict[str, int]) -> Any:
     """Start the peer server; if the port is held by a server an earlier run left behind (its
     controller died), ask that server to stop and wait for the port."""
     record = sync_state(f"serve-{port}.json")
@@ -141,7 +150,7 @@ def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str],
     asked = False
     while True:
         try:
-            return transfer.serve_files(bind, port, files, token)
+            return transfer.serve_files(bind, port, files, token, growing)
         except ValueError as exc:
             raise AgentError(f"cannot serve: {exc}") from None
         except OSError as exc:
@@ -165,13 +174,19 @@ def bind_peer_server(transfer: Any, bind: str, port: int, files: dict[str, str],
 def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     """Serve verified files to peers (transfer.serve_files) until told to stop.
 
+    ``growing`` (``{url_path: size}``): the served files this node is itself fetching in
+    this run, relayed from their partials while they arrive (see transfer.serve_files).
     Stops when ``serve_stop`` names this run, when ``timeout`` seconds have passed, or when
     the controller is gone (the heartbeat, a blank line on stdout every few seconds, fails).
     The token comes only in this request, on stdin, never in argv (which ``ps`` shows).
     Answers what was served."""
-    files, bind, port, token, run_id, timeout = fields(
-        req, ("files", "bind", "port", "token", "run_id"), {"timeout": 86400})
+    files, bind, port, token, run_id, timeout, growing = fields(
+        req, ("files", "bind", "port", "token", "run_id"), {"timeout": 86400, "growing": {}})
     files = string_map(files, "files")
+    if not isinstance(growing, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for n in growing.values()) or not set(growing) <= set(files):
+        raise AgentError("growing must map served URL paths to sizes")
     if not all(u.startswith("/") for u in files):
         raise AgentError("file URL paths must start with '/'")
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
@@ -186,7 +201,7 @@ def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     sweep_stale_stops(stop)
     started = time.monotonic()
     server = bind_peer_server(transfer, bind, port, {u: expand(p) for u, p in files.items()},
-                              token, run_id)
+                              token, run_id, growing)
     record = sync_state(f"serve-{server.server_address[1]}.json")
     dump_json_atomic(record, {"run_id": run_id, "pid": os.getpid()})
     reason = None
@@ -218,6 +233,7 @@ def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
     with server.lock:
         return {"reason": reason, "port": server.server_address[1],
                 "requests": server.requests, "refused": server.refused,
+                "relayed": server.relayed,
                 "bytes_served": dict(sorted(server.bytes_served.items())),
                 "seconds": round(time.monotonic() - started, 3)}
 

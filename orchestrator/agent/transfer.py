@@ -62,6 +62,10 @@ PARTIAL_SUFFIX = ".partial"
 MAX_REDIRECTS = 10
 RETRY_AFTER_CAP_S = 300.0  # a server asking for longer is treated as asking for this
 USER_AGENT = "orch-agent"
+RELAY_POLL_S = 0.02  # how often a relayed partial is checked for new bytes
+RELAY_STALL_S = 90.0  # a partial that has not grown for this long is given up on (> the
+# Hub read timeout, so a relaying node waits out its own source's silence first)
+RELAY_OPEN_WAIT_S = 5.0  # how long a relay waits for the fetch to create its partial
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
@@ -178,7 +182,13 @@ def fetch(
         os.unlink(partial.path)  # the bytes are wrong: nothing in them is worth resuming
         raise
     except OSError as exc:  # the local side: disk full, permissions, a vanished directory
+        partial.drop_if_empty()
         raise job.error(f"cannot write {partial.path}: {exc.strerror or exc}") from None
+    except BaseException:
+        # A failure that kept no byte (a 404, a refused token, a progress deadline hit at
+        # once) leaves nothing to resume: an empty partial would only be litter.
+        partial.drop_if_empty()
+        raise
     finally:
         partial.close()
     return FetchResult(
@@ -494,6 +504,13 @@ class _Partial:
         finally:
             os.close(dirfd)
 
+    def drop_if_empty(self) -> None:
+        """Delete the partial when it holds no byte (still under our lock, so no other
+        fetch is writing it)."""
+        if self.have == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
     def close(self) -> None:
         self.file.close()  # releases the lock
 
@@ -577,15 +594,23 @@ def _retry_after(value: str | None) -> float | None:
 # ------------------------------------------------------------------------------- peer server
 
 
-def serve_files(bind_host: str, port: int, files: Mapping[str, str], token: str) -> PeerServer:
+def serve_files(bind_host: str, port: int, files: Mapping[str, str], token: str,
+                growing: Mapping[str, int] | None = None) -> PeerServer:
     """Serve verified files to peers: the LAN leg of the sync, so a file leaves the Hub once.
 
     Only the listed ``{url_path: local_path}`` files, only to requests bearing the per-run
     ``token`` (everything else is 401, before any path is looked at, so a stranger learns
     nothing), with Range support so `fetch` resumes from a peer exactly as from the Hub. The
     server runs on a daemon thread until `PeerServer.close`.
+
+    ``growing`` (``{url_path: size}``): files this node is fetching itself. Until one is in
+    place it is relayed from its ``.partial`` as the bytes arrive (cut-through, not
+    store-and-forward: a chain of copies costs one file's transfer time, not one per hop).
+    The prefix relayed is not verified on its own (the manifest has one sha256 per file):
+    every receiver checks the whole file's sha256 before using it, as from any source, and a
+    partial that is cut back or dropped (its fetch restarted or failed) ends the response.
     """
-    server = PeerServer(bind_host, port, files, token)
+    server = PeerServer(bind_host, port, files, token, growing)
     server.start()
     return server
 
@@ -595,7 +620,8 @@ class PeerServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, bind_host: str, port: int, files: Mapping[str, str], token: str) -> None:
+    def __init__(self, bind_host: str, port: int, files: Mapping[str, str], token: str,
+                 growing: Mapping[str, int] | None = None) -> None:
         if len(token) < 16:
             raise ValueError("the peer token must be at least 16 characters")
         if not all(p.startswith("/") for p in files):
@@ -603,6 +629,8 @@ class PeerServer(ThreadingHTTPServer):
         if ":" in bind_host:
             self.address_family = socket.AF_INET6
         self.files = dict(files)
+        self.growing = {p: n for p, n in (growing or {}).items() if p in self.files}
+        self.relayed = 0  # responses served (at least partly) from a growing partial
         self._authorization = f"Bearer {token}".encode()
         self.lock = threading.Lock()
         self.requests = 0
@@ -675,15 +703,55 @@ class _PeerHandler(BaseHTTPRequestHandler):
             return
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         local = self.server.files.get(path)
-        try:
-            f = open(local, "rb") if local is not None else None  # noqa: SIM115 (closed below)
-        except OSError:
-            f = None
+        size = self.server.growing.get(path)
+        f = _open_served(local, size)
         if f is None:
             self._empty(404)
             return
         with f:
-            self._send_file(path, f, body)
+            if size is not None and os.fstat(f.fileno()).st_size < size:
+                with self.server.lock:
+                    self.server.relayed += 1
+                self._send_growing(path, f, size, body)
+            else:
+                self._send_file(path, f, body)
+
+    def _send_growing(self, path: str, f: Any, size: int, body: bool) -> None:
+        """Send ``f`` (a partial being written by this node's own fetch, or the file it was
+        renamed to: the same inode) as if it were ``size`` bytes, each byte once it exists."""
+        wanted = _parse_range(self.headers.get("Range"), size)
+        if wanted is None:
+            self._empty(416, {"Content-Range": f"bytes */{size}"})
+            return
+        start, end, ranged = wanted
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        position, idle_since = start, time.monotonic()
+        try:
+            while position <= end:
+                st = os.fstat(f.fileno())
+                if st.st_size > position:
+                    sent = self.connection.sendfile(
+                        f, offset=position, count=min(st.st_size, end + 1) - position)
+                    self.server.note_bytes(path, sent)
+                    position += sent
+                    idle_since = time.monotonic()
+                    continue
+                if st.st_nlink == 0 or st.st_size < position or \
+                        time.monotonic() - idle_since > RELAY_STALL_S:
+                    break  # dropped, restarted, or stuck upstream: the receiver resumes elsewhere
+                time.sleep(RELAY_POLL_S)
+        except OSError:
+            pass
+        if position <= end:
+            self.close_connection = True
 
     def _send_file(self, path: str, f: Any, body: bool) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -714,6 +782,23 @@ class _PeerHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+def _open_served(local: str | None, growing: int | None) -> Any:
+    """The file to serve, open: the file in place, else (for a file this node is fetching)
+    its partial, waiting a while for the fetch to create it; None: nothing to serve."""
+    if local is None:
+        return None
+    deadline = time.monotonic() + (RELAY_OPEN_WAIT_S if growing is not None else 0)
+    while True:
+        for candidate in (local, local + PARTIAL_SUFFIX) if growing is not None else (local,):
+            try:
+                return open(candidate, "rb")  # the caller closes it
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(RELAY_POLL_S)
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int, bool] | None:

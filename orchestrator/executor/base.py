@@ -79,10 +79,6 @@ class FileStream:
     def of(cls, path: Path) -> FileStream:
         return cls(path, path.stat().st_size)
 
-    def read_all(self) -> bytes:
-        """The whole file, for the few paths that cannot stream (one-shot agent calls)."""
-        return self.path.read_bytes()
-
 
 Stdin: TypeAlias = bytes | FileStream | None
 

@@ -99,12 +99,14 @@ class LocalConnection:
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
+        if isinstance(stdin, FileStream):
+            raise ValueError(f"agent op {op!r} runs one-shot: its stdin cannot be streamed")
         return await call_agent(
             self.name,
             self.run,
             op,
             request,
-            stdin=stdin.read_all() if isinstance(stdin, FileStream) else stdin,
+            stdin=stdin,
             python=self.agent_python,
             command_timeout=self.command_timeout,
             install=self.install_agent,

@@ -287,18 +287,26 @@ class AgentSession:
 
 
 async def _send_file(host: str, channel: AgentChannel, stream: FileStream) -> None:
-    """The file's bytes in chunks, each written (and flow-controlled) before the next is read,
-    so the controller holds about one chunk however large the file. A file that shrank or grew
-    since its size went into the frame header cannot be framed: the call fails (and, being
-    mid-frame, the session is dropped by the caller)."""
+    """Exactly ``stream.size`` bytes of the file, in chunks, each written (and so waiting for
+    the channel's flow control) before the next is read: the controller holds about one chunk
+    however large the file. A file that shrank or grew since its size went into the frame
+    header cannot be framed: the call fails, and, being mid-frame, the caller drops the session
+    (the agent would refuse the bytes' sha256 anyway)."""
     left = stream.size
-    with stream.path.open("rb") as f:
-        while left:
-            chunk = await asyncio.to_thread(f.read, min(FileStream.CHUNK, left))
-            if not chunk:
-                raise ActionFailed(host, f"{stream.path} shrank while it was being sent")
-            await channel.write(chunk)
-            left -= len(chunk)
+    try:
+        with stream.path.open("rb") as f:
+            while left:
+                chunk = await asyncio.to_thread(f.read, min(FileStream.CHUNK, left))
+                if not chunk:
+                    break
+                await channel.write(chunk)
+                left -= len(chunk)
+            longer = bool(await asyncio.to_thread(f.read, 1))
+    except OSError as exc:
+        raise ActionFailed(host, f"cannot read {stream.path}: {exc.strerror or exc}") from None
+    if left or longer:
+        raise ActionFailed(host, f"{stream.path} changed while it was being sent "
+                                 f"(expected {stream.size} bytes)")
         if await asyncio.to_thread(f.read, 1):
             raise ActionFailed(host, f"{stream.path} grew while it was being sent")
 

@@ -95,12 +95,14 @@ class SSHConnection:
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
+        if isinstance(stdin, FileStream):
+            raise ValueError(f"agent op {op!r} runs one-shot: its stdin cannot be streamed")
         return await call_agent(
             self.name,
             self.run,
             op,
             request,
-            stdin=stdin.read_all() if isinstance(stdin, FileStream) else stdin,
+            stdin=stdin,
             python=self._options.agent_python,
             command_timeout=self._options.command_timeout,
             install=self._options.install_agent,

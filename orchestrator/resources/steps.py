@@ -451,10 +451,13 @@ class Fetch:
     source: Source | None = None
 
     def request(self, url: str, headers: Mapping[str, str], *, timeout: int,
-                retries: int | None = None, backoff: float | None = None) -> JSON:
+                retries: int | None = None, backoff: float | None = None,
+                read_timeout: float | None = None) -> JSON:
         request: JSON = {"path": self.path, "size": self.size, "sha256": self.sha256,
                          "git_sha1": self.git_sha1, "timeout": timeout, "url": url,
                          "headers": dict(headers)}
+        if read_timeout is not None:
+            request["read_timeout"] = read_timeout
         if retries is not None:
             request["retries"] = retries
         if backoff is not None:

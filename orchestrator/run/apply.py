@@ -68,14 +68,17 @@ class TransferHook(Protocol):
     def host_finished(self, host: str) -> None: ...
 
 
-async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
-    """One step through the agent. File content travels as raw stdin bytes, never as argv."""
+async def run_step(conn: Connection, step: Step, *, timeout: float | None = None
+                   ) -> dict[str, Any]:
+    """One step through the agent. File content travels as raw stdin bytes, never as argv.
+    ``timeout`` (a write only): how long the controller waits for it, when a large file may
+    need longer than the connection's command timeout."""
     if isinstance(step, Fetch):  # its URL and token are only known to the transfer context
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
     if isinstance(step, Write):
-        stdin = await _bytes(conn.name, step.payload)
-        return await conn.agent(step.op, step.request(), stdin=stdin)
+        request = step.request() if timeout is None else {**step.request(), "timeout": timeout}
+        return await conn.agent(step.op, request, stdin=await _bytes(conn.name, step.payload))
     response = await conn.agent(step.op, step.request())
     if isinstance(step, Run) and not response.get("skipped") \
             and response.get("exit_status") != 0:

@@ -22,9 +22,10 @@ starts peer servers with ``async with ctx.serving(conns)`` and hands it to
   included). `FromHub`: the pinned commit's resolve URL with the Hub token as
   ``Authorization`` (read at apply time, sent only in the agent's stdin). `FromPeer`:
   ``http://ring_ip:port/<file>`` with the peer token. `FromController`: the controller's copy,
-  sent through the agent's ``write`` op — the whole file is held in the controller's memory
-  while it is sent, fine for config/tokenizer files and small local models, not for 5 GB
-  shards from a local ``model.path`` (a controller-side HTTP server would lift that).
+  streamed through the agent's ``write`` op a chunk at a time (`FileStream`), so a 5 GB shard
+  of a local ``model.path`` costs the controller and the agent one chunk of memory each; it
+  is not resumable (a cut copy starts over), and it is the one copy per file that crosses
+  the controller's link — every other copy comes from a peer.
 * **Accounting.** Every fetch is recorded with its source, bytes (from the Hub, over the LAN,
   from the controller, kept from an earlier partial, fetched twice), and wall-clock start and
   end (so "no bytes moved during an outage" can be checked). `summary` is what apply reports.
@@ -74,10 +75,14 @@ __all__ = ["DEFAULT_SYNC_PORT", "FetchRecord", "Peer", "TransferContext", "for_p
 log = structlog.get_logger(__name__)
 
 DEFAULT_SYNC_PORT = 47300  # until the cluster file has `runtime.sync_port`
-FETCH_SLOTS = 4  # transfers at once per host
+FETCH_SLOTS = 4  # transfers from the origin at once per host
+PEER_SLOTS_FACTOR = 2  # ... and this many times as many from peers
+RELAY = True  # peers relay files they are still receiving (False: store-and-forward)
 MIN_RATE_BPS = 1 << 20  # a fetch may take size / this (plus a base) before it is cut off
 FETCH_BASE_TIMEOUT_S = 600.0
 PEER_RETRIES, PEER_BACKOFF_S = 3, 0.2  # a dead peer is given up on in seconds, not minutes
+HUB_READ_TIMEOUT_S = 60.0  # a Hub/CDN connection silent this long is cut and resumed
+PEER_READ_TIMEOUT_S = 20.0  # a LAN peer has no excuse for a long silence
 SERVE_DEADLINE_S = 86400  # a server outlives its controller by at most this (and a heartbeat)
 STOP_WAIT_S = 30.0
 POLL_INTERVAL_S = 1.0  # how often in-flight downloads' sizes are read, for progress
@@ -136,8 +141,10 @@ class TransferContext:
         progress: Progress | None = None,
         fetch_slots: int = FETCH_SLOTS,
         poll_interval: float = POLL_INTERVAL_S,
+        relay: bool | None = None,
     ) -> None:
         self.manifest = manifest
+        self.relay = RELAY if relay is None else relay
         self.peers = dict(peers)
         self.run_id = secrets.token_hex(8)
         self._peer_token = secrets.token_urlsafe(24)
@@ -157,6 +164,8 @@ class TransferContext:
                         held.add(source.host)
                     self._holding.setdefault(fetch.file, set()).update(held)
         self._done: dict[tuple[str, str], asyncio.Event] = {}
+        self._begun: dict[tuple[str, str], asyncio.Event] = {}
+        self._via: dict[tuple[str, str], Source] = {}  # the source of each running transfer
         self._ok: dict[tuple[str, str], bool] = {}
         self._started: set[str] = set()
         self._finished: set[str] = set()
@@ -164,7 +173,7 @@ class TransferContext:
         self._serve_answers: dict[str, dict[str, Any]] = {}
         self._load: Counter[str] = Counter()  # peer transfers each host is sending now
         self._seeding: dict[str, set[str]] = {}  # file -> hosts fetching it from the origin
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[tuple[str, bool], asyncio.Semaphore] = {}
         self._records: list[FetchRecord] = []
         self._began: float | None = None
         self._ended: float | None = None
@@ -259,6 +268,10 @@ class TransferContext:
         request = {"files": self.served_files(conn.name), "bind": peer.address,
                    "port": peer.port, "token": self._peer_token, "run_id": self.run_id,
                    "timeout": SERVE_DEADLINE_S}
+        if self.relay:
+            request["growing"] = {"/" + rel: fetch.size
+                                  for (h, rel), fetch in sorted(self._fetches.items())
+                                  if h == conn.name}
         try:
             self._serve_answers[conn.name] = await conn.agent("serve", request)
         except HostError as exc:
@@ -288,6 +301,23 @@ class TransferContext:
     def _event(self, host: str, rel: str) -> asyncio.Event:
         return self._done.setdefault((host, rel), asyncio.Event())
 
+    def _begun_event(self, host: str, rel: str) -> asyncio.Event:
+        """Set when ``host``'s transfer of ``rel`` has started (or its fetch has ended)."""
+        return self._begun.setdefault((host, rel), asyncio.Event())
+
+    async def _next_change(self, host: str, rel: str) -> None:
+        """Wait until ``host``'s transfer of ``rel`` starts (when it may be relayed) or, once
+        started, ends. Never returns at once for a state already seen (that would spin)."""
+        begun = self._begun_event(host, rel)
+        await (self._event(host, rel) if begun.is_set() or not self.relay else begun).wait()
+
+    def _relaying(self, host: str, rel: str) -> bool:
+        """``host`` is receiving ``rel`` now and its server relays it as it arrives."""
+        return (self.relay and self._pending(host, rel) and self._can_serve(host)
+                and self._begun_event(host, rel).is_set()
+                # a copy from the controller is written to a temp file, not a partial
+                and not isinstance(self._via.get((host, rel)), FromController))
+
     def _pending(self, host: str, rel: str) -> bool:
         """``host`` is applying now and has not finished fetching ``rel``."""
         return ((host, rel) in self._fetches and host in self._started
@@ -314,14 +344,24 @@ class TransferContext:
                 if want in holders:
                     return FromPeer(want)
                 if self._pending(want, rel):
-                    await self._event(want, rel).wait()
+                    if self._relaying(want, rel):  # cut-through: take it as it arrives there
+                        return FromPeer(want)
+                    await self._next_change(want, rel)
                     continue
             if holders:
                 return FromPeer(min(holders, key=lambda h: (
                     self._load[h], h not in order, order.index(h) if h in order else 0, h)))
             seeders = sorted(h for h in self._seeding.get(rel, ()) if h != host)
             if seeders:
-                await self._event(seeders[0], rel).wait()
+                relay = next((h for h in seeders if FromPeer(h) not in tried
+                              and self._relaying(h, rel)), None)
+                if relay is not None:
+                    return FromPeer(relay)
+                first = seeders[0]
+                if FromPeer(first) in tried or not self._can_serve(first):
+                    await self._event(first, rel).wait()
+                else:
+                    await self._next_change(first, rel)
                 continue
             if seed in tried:
                 return None
@@ -355,20 +395,28 @@ class TransferContext:
             if ok:
                 self._holding.setdefault(rel, set()).add(host)
             self._event(host, rel).set()
+            self._begun_event(host, rel).set()
 
-    def _slot(self, host: str) -> asyncio.Semaphore:
-        return self._slots.setdefault(host, asyncio.Semaphore(self.fetch_slots))
+    def _slot(self, host: str, source: Source) -> asyncio.Semaphore:
+        """Origin and LAN transfers are limited apart: a copy relayed from a peer's partial
+        waits on the Hub as long as that peer does, and must not keep this host's own Hub
+        downloads from starting."""
+        lan = isinstance(source, FromPeer)
+        return self._slots.setdefault((host, lan), asyncio.Semaphore(
+            self.fetch_slots * (PEER_SLOTS_FACTOR if lan else 1)))
 
     async def _transfer(self, conn: Connection, step: Fetch, source: Source) -> None:
         host, rel, size = conn.name, step.file, step.size
         name = _describe(source)[0]
         peer = source.host if isinstance(source, FromPeer) else None
-        async with self._slot(host):
+        async with self._slot(host, source):
             if peer is not None:
                 self._load[peer] += 1
             if self.progress is not None:
                 self.progress.started(host, rel, size, name)
             started, clock = time.time(), time.monotonic()
+            self._via[(host, rel)] = source
+            self._begun_event(host, rel).set()
             try:
                 answer = await self._call(conn, step, source)
             except ActionFailed as exc:
@@ -389,7 +437,7 @@ class TransferContext:
         try:
             if isinstance(source, FromController):
                 write = step.from_controller(str(self.manifest.controller_copies[rel]))
-                answer = await run_step(conn, write)
+                answer = await run_step(conn, write, timeout=timeout)
                 return {"bytes_downloaded": step.size if answer.get("changed") else 0}
             if isinstance(source, FromHub):
                 hub = self.manifest.origin
@@ -397,11 +445,16 @@ class TransferContext:
                 url = HubClient(hub.endpoint).resolve_url(hub.repo, hub.commit, rel)
                 headers = ({"Authorization": f"Bearer {self._hub_token}"}
                            if self._hub_token else {})
-                return await conn.agent(step.op, step.request(url, headers, timeout=timeout))
+                return await conn.agent(step.op, step.request(
+                    url, headers, timeout=timeout, read_timeout=HUB_READ_TIMEOUT_S))
+            # A peer relaying a file it is still receiving may wait on its own source as long
+            # as that source's read timeout: only a longer silence means the peer is gone.
             request = step.request(self.peers[source.host].url(rel),
                                    {"Authorization": f"Bearer {self._peer_token}"},
                                    timeout=timeout, retries=PEER_RETRIES,
-                                   backoff=PEER_BACKOFF_S)
+                                   backoff=PEER_BACKOFF_S,
+                                   read_timeout=(HUB_READ_TIMEOUT_S + PEER_READ_TIMEOUT_S
+                                                 if self.relay else PEER_READ_TIMEOUT_S))
             return await conn.agent(step.op, request)
         except ActionFailed as exc:  # a last guard: no token crosses this edge
             message = redact(str(exc).removeprefix(f"{exc.host}: "),

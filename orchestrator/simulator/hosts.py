@@ -105,6 +105,11 @@ class HostSpec:
     build_version: str = "23F79"
     sudo_nopasswd: bool = True  # False: `sudo -n` fails like a Mac without a NOPASSWD rule
     rdma_devices: tuple[str, ...] | None = None  # ibv_devices; None: no tool (macOS < 26.2)
+    # An existing network namespace to run the host in (``ip netns``; needs root): its
+    # daemons start under ``ip netns exec``, so its links can be shaped with ``tc`` like a
+    # real LAN's (bench/sync_bound.py). ``address`` is then one of that namespace's, not
+    # loopback, and sshd listens on port 22 unless ``ssh_port`` says otherwise.
+    netns: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,9 @@ class RunningHost:
     @property
     def known_hosts_line(self) -> str:
         """This host's line for a known_hosts file (non-default port form)."""
-        return f"[{self.address}]:{self.port} {self.host_key}"
+        # OpenSSH writes (and looks up) port 22 as the bare address, any other as [addr]:port.
+        where = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{where} {self.host_key}"
 
     @property
     def launch_agents_dir(self) -> Path:
@@ -212,16 +219,17 @@ class RunningHost:
             "ORCH_HOST_ROOT": str(self.root),
             "LANG": "C.UTF-8",
         }
+        netns = ["ip", "netns", "exec", self.spec.netns] if self.spec.netns else []
         log = (self.root / "log" / "launchd.log").open("ab")
         with log:
             self._launchd = subprocess.Popen(
-                [str(self._shared.python3), "-I", "-S", str(self._shared.libexec_dir / "launchd"),
-                 str(self.root)],
+                [*netns, str(self._shared.python3), "-I", "-S",
+                 str(self._shared.libexec_dir / "launchd"), str(self.root)],
                 cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
             )  # fmt: skip
         self._sshd = subprocess.Popen(
-            [str(self._shared.sshd), "-D", "-f", str(self.root / "etc" / "sshd_config"),
+            [*netns, str(self._shared.sshd), "-D", "-f", str(self.root / "etc" / "sshd_config"),
              "-E", str(self.root / "log" / "sshd.log")],
             # Never the caller's stdout: `orch sandbox up | tail` must end when orch does.
             cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -344,8 +352,10 @@ def _check_specs(specs: Sequence[HostSpec]) -> None:
             raise SandboxError(f"host name {spec.name!r}: use letters, digits, '-' and '_'")
         if spec.name in _SHARED_NAMES:
             raise SandboxError(f"host name {spec.name!r} is reserved for the sandbox's files")
-        if not spec.address.startswith("127."):
+        if spec.netns is None and not spec.address.startswith("127."):
             raise SandboxError(f"{spec.name}: address {spec.address} is not a loopback address")
+        if spec.netns is not None and not spec.netns.replace("-", "").isalnum():
+            raise SandboxError(f"{spec.name}: netns {spec.netns!r}: use letters, digits, '-'")
     fixed = [(s.address, s.ssh_port) for s in specs if s.ssh_port]
     if len(set(fixed)) != len(fixed):
         raise SandboxError(f"two hosts share an address and port: {fixed}")
@@ -417,6 +427,7 @@ def _prepare_host(shared: _Shared, spec: HostSpec) -> RunningHost:
     host_key = " ".join(key.with_suffix(".pub").read_text().split()[:2])
     port = (
         spec.ssh_port
+        or (22 if spec.netns is not None else 0)  # its own namespace: the usual port is free
         or processes.previous_port(root, spec.address)
         or processes.free_port(spec.address)
     )

@@ -443,7 +443,7 @@ def test_a_body_stalled_past_the_read_timeout_is_retried_and_verified(
     model_dir: Path, tmp_path: Path
 ) -> None:
     """The hub sends part of the body and then nothing for 30 s; the fetch's read timeout
-    (0.5 s here; 60 s by default, and the agent's `fetch` op does not set it) gives up on the
+    (0.5 s here; 60 s by default; the `fetch` op takes it as ``read_timeout``) gives up on the
     connection and the next attempt resumes from the bytes that came."""
     faults = Faults(stall_fraction=0.5, stall_seconds=30, seed=2)
     with TestHub({REPO: model_dir}, faults=faults) as hub:

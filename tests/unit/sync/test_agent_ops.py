@@ -20,7 +20,9 @@ from orchestrator.agent import agent_source, agent_source_hash
 from orchestrator.errors import ActionFailed
 from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import call_agent
+from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hub import TestHub
+from tests.unit.test_hub import until
 
 TOKEN = "hf_agent_ops_secret_987654321"
 PEER_TOKEN = "peer-token-0123456789abcdef"
@@ -118,6 +120,43 @@ def test_fetch_failures_are_reported_without_the_token(
         "headers": {"Authorization": f"Bearer {TOKEN}"}})
     assert status == 1 and "does not match its hash" in answer["error"]
     assert TOKEN not in json.dumps(answer) and not (home / "w").exists()
+    assert not (home / "w.partial").exists()  # the refused token left no empty partial
+
+
+def test_a_404_leaves_no_partial_behind(shipped: Path, home: Path, model: Path) -> None:
+    """A failure that kept no byte leaves nothing to resume, so no empty ``.partial``."""
+    with TestHub({"org/m": model}, faults=Faults(not_found_fraction=1.0)) as missing:
+        url = missing.resolve_url("org/m", "model-00001-of-00001.safetensors")
+        status, answer = call(shipped, home, "fetch", {"path": "~/m/w", **wanted(model),
+                                                       "url": url})
+    assert status == 1 and "HTTP 404" in answer["error"]
+    assert sorted(p.name for p in (home / "m").iterdir()) == []
+
+
+def test_fetch_cuts_a_silent_connection_after_its_read_timeout(
+    shipped: Path, home: Path, model: Path
+) -> None:
+    """``read_timeout`` reaches the transfer: a body that stalls for 30 s is hung up on by
+    the agent itself (the hub sees its stalls abandoned) and resumed on a new connection."""
+    faults = Faults(stall_fraction=0.5, stall_seconds=30, seed=2)
+    retries = 0
+    with TestHub({"org/m": model}, faults=faults) as stalling:
+        url = stalling.resolve_url("org/m", "model-00001-of-00001.safetensors")
+        # The signed CDN URL varies, so which answer stalls does too: fetch (fresh copies)
+        # until one has (each fetch stalls at least once with probability >= 1/2).
+        for n in range(12):
+            answer = ok(shipped, home, "fetch", {"path": f"~/m/w{n}", **wanted(model),
+                                                 "url": url, "read_timeout": 0.5})
+            assert answer["sha256"] == wanted(model)["sha256"]
+            retries += answer["retries"]
+            if stalling.stats().faults["stall"]:
+                break
+        stalls = stalling.stats().faults["stall"]
+        assert until(lambda: stalling.stats().stalls_abandoned == stalls)
+    assert stalls >= 1 and retries == stalls
+    status, bad = call(shipped, home, "fetch", {"path": "~/m/x", **wanted(model), "url": url,
+                                                "read_timeout": 0})
+    assert status == 1 and "read_timeout must be a positive" in bad["error"]
 
 
 def free_port() -> int:
