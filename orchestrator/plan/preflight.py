@@ -52,7 +52,8 @@ def check_python(facts: Mapping[str, HostFacts | HostError], nodes: Sequence[str
 
 
 def gigabytes(size: int) -> str:
-    return f"{size / 1e9:.1f} GB"
+    """Decimal units, as Finder and `df -H` show disks (MB below a gigabyte)."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def check_disk(desired: Mapping[str, Sequence[Resource]],

@@ -123,9 +123,10 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     facts = await gather_facts(conns, {n: asked[n] for n in conns}, options.ssh.concurrency,
                                read_only=read_only)
     wheelhouse: Wheelhouse | NodePlatform | None = None
-    pythons: dict[str, Interpreter] = {}
+    # Refused before any change: a node with no Python for the venv (or none for the agent).
+    pythons: dict[str, Interpreter] = check_python(
+        facts, nodes if intent.placement is not None else (), cluster.runtime.python)
     if intent.placement is not None:
-        pythons = check_python(facts, nodes, cluster.runtime.python)  # refused: no change
         wheelhouse = await _wheelhouse(cluster, nodes, facts, pythons, download=not read_only)
     built = wheelhouse if isinstance(wheelhouse, Wheelhouse) else None
     desired = desired_state(cluster, intent, nodes, facts, built, pythons)
@@ -379,6 +380,8 @@ def _plain(value: object) -> dict[str, object]:
             return v.value
         if isinstance(v, Mapping):
             return {str(k): convert(x) for k, x in v.items()}
+        if isinstance(v, tuple | list):
+            return [convert(x) for x in v]
         return v
 
     result = convert(value)
