@@ -102,3 +102,8 @@ class HostKeyRejected(HostUnreachable):
 
 class ActionFailed(HostError):
     """A command or transfer failed on a host that was reachable."""
+
+
+class NoAgentPython(ActionFailed):
+    """The host has no Python to run orch's agent (none on PATH, or the Command Line Tools'
+    stub): a refusal to plan (exit 1), not an unreachable host."""

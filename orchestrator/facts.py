@@ -17,14 +17,17 @@ from typing import Any, NoReturn
 from orchestrator.errors import ActionFailed
 
 __all__ = [
+    "DiskFact",
     "FactRequest",
     "FileFact",
     "FileKind",
     "Guard",
     "HostFacts",
+    "Interpreter",
     "JobState",
     "LaunchdJob",
     "LaunchdRef",
+    "PythonsFact",
     "VenvFact",
     "parse_facts",
 ]
@@ -58,6 +61,40 @@ class VenvFact:
     exists: bool
     python_version: str | None
     packages: Mapping[str, str]  # PEP 503-normalized name -> version
+
+
+@dataclass(frozen=True, order=True)
+class Interpreter:
+    """A Python on the node: its absolute path and version ("3.12.4"); ``version`` is None
+    when it did not answer, and ``stub`` says it is the Command Line Tools' install stub."""
+
+    path: str
+    version: str | None
+    stub: bool = False
+
+    @property
+    def minor(self) -> tuple[int, int] | None:
+        """(major, minor), e.g. (3, 12); None without a version."""
+        if self.version is None:
+            return None
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(minor)
+
+
+@dataclass(frozen=True)
+class PythonsFact:
+    """Every interpreter found on the node, and whether the Command Line Tools are there."""
+
+    developer_tools: bool
+    found: tuple[Interpreter, ...]
+
+
+@dataclass(frozen=True)
+class DiskFact:
+    """Free bytes on the volume holding a path (``volume``: its nearest existing parent)."""
+
+    volume: str
+    free_bytes: int
 
 
 @dataclass(frozen=True)
@@ -116,9 +153,14 @@ class FactRequest:
     state_dir: str = ".orch"  # the cluster's runtime.dir, where its managed record is
     sudo: bool = False  # whether `sudo -n` runs orch's root commands without a password
     rdma: bool = False  # the RDMA devices `ibv_devices` lists (runtime.backend jaccl)
+    # the node's Pythons (discovery, plus these absolute paths); None: not asked (it runs them)
+    pythons: frozenset[str] | None = None
+    disk: frozenset[str] = frozenset()  # free space on the volume holding each path
 
     def __post_init__(self) -> None:
-        for name in ("files", "venvs", "sysctl", "trees", "texts"):
+        if self.pythons is not None:
+            object.__setattr__(self, "pythons", _frozen(self.pythons))
+        for name in ("files", "venvs", "sysctl", "trees", "texts", "disk"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         object.__setattr__(self, "launchd", frozenset(self.launchd))
         object.__setattr__(self, "guards", frozenset(self.guards))
@@ -142,6 +184,8 @@ class FactRequest:
             sudo=any(p.sudo for p in parts),
             rdma=any(p.rdma for p in parts),
             state_dir=next((p.state_dir for p in parts if p.state_dir != ".orch"), ".orch"),
+            pythons=_union_or_none(p.pythons for p in parts),
+            disk=frozenset().union(*(p.disk for p in parts)),
         )
 
     def minus(self, other: FactRequest) -> FactRequest:
@@ -152,12 +196,17 @@ class FactRequest:
                            guards=self.guards - other.guards, trees=self.trees - other.trees,
                            texts=self.texts - other.texts, managed=False,
                            cluster=self.cluster, sudo=self.sudo and not other.sudo,
-                           rdma=self.rdma and not other.rdma, state_dir=self.state_dir)
+                           rdma=self.rdma and not other.rdma, state_dir=self.state_dir,
+                           pythons=None if self.pythons is None or (
+                               other.pythons is not None and self.pythons <= other.pythons)
+                           else self.pythons,  # the same probes asked again answer the same
+                           disk=self.disk - other.disk)
 
     @property
     def empty(self) -> bool:
         return not (self.files or self.venvs or self.launchd or self.sysctl or self.guards
-                    or self.trees or self.texts or self.managed or self.sudo or self.rdma)
+                    or self.trees or self.texts or self.managed or self.sudo or self.rdma
+                    or self.pythons is not None or self.disk)
 
     def to_json(self) -> dict[str, Any]:
         """The agent's `facts` request, sorted so equal requests serialize identically
@@ -178,7 +227,16 @@ class FactRequest:
             request["sudo"] = True
         if self.rdma:
             request["rdma"] = True
+        if self.pythons is not None:
+            request["pythons"] = sorted(self.pythons)
+        if self.disk:
+            request["disk"] = sorted(self.disk)
         return request
+
+
+def _union_or_none(sets: Iterable[frozenset[str] | None]) -> frozenset[str] | None:
+    asked = [s for s in sets if s is not None]
+    return frozenset().union(*asked) if asked else None
 
 
 def _one_cluster(parts: Iterable[FactRequest]) -> str:
@@ -192,7 +250,7 @@ def _one_cluster(parts: Iterable[FactRequest]) -> str:
 class HostFacts:
     host: str
     os_system: str
-    os_version: str | None
+    macos_version: str | None  # `sw_vers -productVersion` ("15.3.1"); None where there is none
     user: str
     uid: int
     home: str
@@ -210,6 +268,8 @@ class HostFacts:
     counters: Mapping[str, int] = field(default_factory=dict)
     sudo: bool | None = None  # `sudo -n` works for orch's root commands; None: not asked
     rdma_devices: tuple[str, ...] | None = None  # what `ibv_devices` lists; None: not asked
+    pythons: PythonsFact | None = None  # None: not asked
+    disk: Mapping[str, DiskFact] = field(default_factory=dict)
 
     def merged(self, more: HostFacts) -> HostFacts:
         """These facts plus those of a second, smaller request to the same host."""
@@ -226,6 +286,8 @@ class HostFacts:
                                        for k in {*self.counters, *more.counters}}),
             sudo=self.sudo if more.sudo is None else more.sudo,
             rdma_devices=self.rdma_devices if more.rdma_devices is None else more.rdma_devices,
+            pythons=self.pythons if more.pythons is None else more.pythons,
+            disk=MappingProxyType({**self.disk, **more.disk}),
         )
 
     def file(self, path: str) -> FileFact:
@@ -324,11 +386,30 @@ def _job(r: _Reader) -> LaunchdJob:
     return LaunchdJob(job_state, r.get("pid", int, _NONE), r.get("last_exit", int, _NONE), env)
 
 
+def _interpreter(r: _Reader) -> Interpreter:
+    r.expect_keys(("path", "version", "stub"))
+    return Interpreter(r.get("path", str), r.get("version", str, _NONE), r.get("stub", bool))
+
+
+def _pythons(r: _Reader) -> PythonsFact:
+    r.expect_keys(("developer_tools", "found"))
+    found = r.get("found", list)
+    return PythonsFact(r.get("developer_tools", bool), tuple(
+        _interpreter(_Reader(r.host, f"{r.where}.found[{i}]", item))
+        for i, item in enumerate(found)))
+
+
+def _disk(r: _Reader) -> DiskFact:
+    r.expect_keys(("volume", "free_bytes"))
+    return DiskFact(r.get("volume", str), r.get("free_bytes", int))
+
+
 def _each(r: _Reader, key: str, parse: Any) -> Mapping[str, Any]:
     sub = r.child(key)
     return MappingProxyType({k: parse(sub.child(k)) for k in sub.raw})
 
 
+OPTIONAL_KEYS = ("sudo", "pythons", "disk", "rdma")  # answered only when asked: each runs something
 TOP_KEYS = (
     "agent",
     "os",
@@ -350,7 +431,6 @@ TOP_KEYS = (
 )
 
 
-OPTIONAL_KEYS = ("sudo", "rdma")  # answered only when asked: each runs a command
 
 
 def _rdma_devices(r: _Reader) -> tuple[str, ...]:
@@ -378,7 +458,7 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
     facts = HostFacts(
         host=host,
         os_system=os_r.get("system", str),
-        os_version=os_r.get("product_version", str, _NONE),
+        macos_version=os_r.get("product_version", str, _NONE),
         user=r.get("user", str),
         uid=r.get("uid", int),
         home=r.get("home", str),
@@ -397,6 +477,8 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
         counters=MappingProxyType({k: counters.get(k, int) for k in counters.raw}),
         sudo=r.get("sudo", bool) if "sudo" in r.raw else None,
         rdma_devices=_rdma_devices(r) if "rdma" in r.raw else None,
+        pythons=_pythons(r.child("pythons")) if "pythons" in r.raw else None,
+        disk=_each(r, "disk", _disk) if "disk" in r.raw else MappingProxyType({}),
     )
     if request is not None:
         _check_answers(r, facts, request)
@@ -413,6 +495,7 @@ def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
         "guards": {g.id for g in request.guards},
         "trees": set(request.trees),
         "texts": set(request.texts),
+        "disk": set(request.disk),
     }
     for name, keys in expected.items():
         got = set(getattr(facts, name))
@@ -423,3 +506,6 @@ def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
     if (facts.rdma_devices is not None) != request.rdma:
         r.fail("rdma answered" if facts.rdma_devices is not None
                else "rdma requested, not answered")
+    if (facts.pythons is not None) != (request.pythons is not None):
+        r.fail("pythons answered" if facts.pythons is not None
+               else "pythons requested, not answered")

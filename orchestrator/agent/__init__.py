@@ -50,6 +50,7 @@ NODE_MODULES = (
     "facts",
     "files",
     "hashcache",
+    "interpreters",
     "launchd",
     "lock",
     "managed",

@@ -32,6 +32,7 @@ from .common import (
     which,
 )
 from .hashcache import HashCache
+from .interpreters import disk_fact, pythons_fact
 from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
 from .managed import record_path
 
@@ -209,12 +210,12 @@ def rdma_devices() -> list[str]:
 
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     (files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only,
-     sudo, directory, rdma) = fields(
+     sudo, directory, rdma, pythons, disk) = fields(
         req,
         (),
         {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "trees": [],
          "texts": [], "managed": True, "cluster": "default", "read_only": False,
-         "sudo": False, "dir": None, "rdma": False},
+         "sudo": False, "dir": None, "rdma": False, "pythons": None, "disk": []},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
         raise AgentError("launchd and guards must be lists")
@@ -233,6 +234,10 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     answer: Response = {} if not sudo else {"sudo": sudo_works()}
     if rdma:
         answer["rdma"] = rdma_devices()
+    if pythons is not None:
+        answer["pythons"] = pythons_fact(string_list(pythons, "pythons"))
+    if disk:
+        answer["disk"] = {p: disk_fact(p) for p in string_list(disk, "disk")}
     return {
         **answer,
         "agent": {"version": own_version()},

@@ -66,7 +66,7 @@ class PlacementSpec:
 
 @dataclass(frozen=True)
 class Runtime:
-    python: str = "python3"
+    python: str = "auto"  # see config.models.RuntimeSection.python
     packages: tuple[str, ...] = ("mlx==0.32.4", "mlx-lm==0.32.2")
     api_port: int = 8080
     ring_port: int = 47100

@@ -35,6 +35,14 @@ def _pinned(value: str) -> str:
     return value.replace(" ", "")
 
 
+# The default pins, and the oldest Python they install on: mlx-lm 0.32 declares
+# Requires-Python >=3.11 (and mlx >= 0.30 publishes no cp39 wheels). `runtime.python: auto`
+# picks the newest interpreter at or above this floor; raise it with the pins.
+DEFAULT_PINS = ("mlx==0.32.4", "mlx-lm==0.32.2")
+PINS_REQUIRE_PYTHON = (3, 11)
+# `auto`, a version ("3.12"), an absolute or HOME-relative path, or a command name ("python3")
+PYTHON_CHOICE = r"^(auto|3\.\d+|/\S+|~/\S+|[A-Za-z0-9_.+-]+)$"
+
 IPAddress = Annotated[str, AfterValidator(_ip)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 HostName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -140,9 +148,11 @@ class PlacementSection(_Strict):
 
 
 class RuntimeSection(_Strict):
-    python: str = Field("python3", description="interpreter on the nodes that creates the venv")
+    python: Annotated[str, Field(pattern=PYTHON_CHOICE)] = Field(
+        "auto", description="the nodes' interpreter that creates the venv: `auto` (the newest "
+                            "one the pins accept), a version ('3.12', quoted), or a path")
     packages: list[PinnedRequirement] = Field(
-        default_factory=lambda: ["mlx==0.32.4", "mlx-lm==0.32.2"],
+        default_factory=lambda: list(DEFAULT_PINS),
         description="pinned requirements installed identically on every node")
     api_port: Port = Field(8080, description="port of rank 0's OpenAI-compatible API")
     ring_port: Port = Field(47100, description="port each rank's ring listens on")

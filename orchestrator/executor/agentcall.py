@@ -26,7 +26,7 @@ from orchestrator.agent import (
     agent_source_hash,
     agent_stream,
 )
-from orchestrator.errors import ActionFailed
+from orchestrator.errors import ActionFailed, NoAgentPython
 
 from .base import CommandResult
 
@@ -40,6 +40,7 @@ __all__ = [
     "call_agent",
     "decode_answer",
     "no_python",
+    "python_failure",
     "stream_argv",
     "upload_agent",
 ]
@@ -178,8 +179,9 @@ async def upload_agent(host: str, run: Runner, python: str) -> None:
     log.info("agent_upload", host=host, agent=agent_file_id())
     argv = [python, "-I", "-c", UPLOAD_SCRIPT, agent_source_hash(), agent_file_id()]
     result = await run(argv, stdin=agent_source())
-    if result.exit_status == 127:
-        raise ActionFailed(host, no_python(python))
+    missing = python_failure(host, python, result.exit_status, result.stderr)
+    if missing is not None:
+        raise missing
     if result.exit_status != 0:
         raise ActionFailed(
             host,
@@ -195,10 +197,31 @@ def no_python(python: str) -> str:
     )
 
 
+# What the Command Line Tools' stub (a stock Mac's /usr/bin/python3 without them) prints.
+CLT_STUB_NOTE = b"xcode-select: note: No developer tools were found"
+
+
+def python_failure(host: str, python: str, status: int | None,
+                   stderr: bytes) -> NoAgentPython | None:
+    """NoAgentPython when `python` could not run the agent at all: not found (127), or the
+    Command Line Tools' stub, which exits 1 asking for their installation."""
+    if status == 127:
+        return NoAgentPython(host, no_python(python))
+    if status == 1 and CLT_STUB_NOTE in stderr:
+        return NoAgentPython(host, (
+            f"{python!r} is the Command Line Tools stub (the Command Line Tools are not "
+            "installed), so there is no Python to run orch's agent, and the venv needs "
+            "Python >= 3.11. Fix: install the Command Line Tools (`xcode-select --install` "
+            "at the Mac) for the agent's python3, then plan again: orch names the Python the "
+            "venv still needs (`brew install python@3.12`)"))
+    return None
+
+
 def _decode(host: str, op: str, python: str, result: CommandResult) -> dict[str, Any]:
     """The agent's JSON answer, or ActionFailed saying what went wrong and where."""
-    if result.exit_status == 127:
-        raise ActionFailed(host, no_python(python))
+    missing = python_failure(host, python, result.exit_status, result.stderr)
+    if missing is not None:
+        raise missing
     try:
         answer = json.loads(result.stdout)
     except ValueError:

@@ -45,7 +45,7 @@ from .agentcall import (
     Runner,
     agent_timeout,
     decode_answer,
-    no_python,
+    python_failure,
     stream_argv,
     upload_agent,
 )
@@ -259,9 +259,10 @@ class AgentSession:
             status = await self._hello(channel)
         if status is None:
             return channel
-        if status == 127:
-            raise ActionFailed(self.host, no_python(self._python))
         tail = channel.stderr_tail()
+        missing = python_failure(self.host, self._python, status, tail.encode())
+        if missing is not None:
+            raise missing
         raise ActionFailed(
             self.host,
             f"the orch agent did not start (exit {status})" + (f": {tail}" if tail else ""),

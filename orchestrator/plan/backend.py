@@ -56,9 +56,9 @@ def backend_problems(cluster: Cluster, placement: Placement,
         fact = facts.get(name)
         if not isinstance(fact, HostFacts):
             continue
-        version = _version(fact.os_version)
+        version = _version(fact.macos_version)
         if version is None or version < MIN_MACOS:
-            shown = f"macOS {fact.os_version}" if fact.os_version else "not macOS"
+            shown = f"macOS {fact.macos_version}" if fact.macos_version else "not macOS"
             problems.append(f"{name}: {shown} — {backend} needs macOS ≥ 26.2")
         elif not fact.rdma_devices:
             problems.append(f"{name}: RDMA disabled — run `rdma_ctl enable` from Recovery")

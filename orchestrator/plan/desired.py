@@ -22,12 +22,13 @@ from orchestrator.config import (
 )
 from orchestrator.config.templates import render_template as render_user_template
 from orchestrator.errors import HostError
-from orchestrator.facts import HostFacts
+from orchestrator.facts import HostFacts, Interpreter
 from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
 from orchestrator.resources.command import Command
 from orchestrator.resources.copy import Copy
 from orchestrator.resources.files import Directory, File
+from orchestrator.resources.interpreter import choose_python
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.wheelhouse import Wheelhouse
 from orchestrator.resources.worker import WorkerSettings, model_inputs, worker_resources
@@ -87,6 +88,7 @@ def desired_state(
     nodes: Sequence[str],
     facts: Mapping[str, HostFacts | HostError] | None = None,
     wheelhouse: Wheelhouse | None = None,
+    pythons: Mapping[str, Interpreter] | None = None,
 ) -> dict[str, list[Resource]]:
     """Resources per inventory host, in apply order; `nodes` are the hosts that serve.
 
@@ -94,6 +96,8 @@ def desired_state(
     `facts`: launchd takes absolute paths); without facts yet, "~" stands in for HOME, which
     gives the same fact request. A host that no longer serves keeps its verified model files
     (a LAN source for the others) and loses everything else through the managed record.
+    `pythons`: each serving node's interpreter for the venv (`chosen_pythons`); a node not in
+    it gets its own `choose_python`.
     """
     model_files: dict[str, ModelFiles] = {}
     if intent.placement is not None and intent.manifest is not None:
@@ -113,6 +117,8 @@ def desired_state(
                 fact = (facts or {}).get(name)
                 known = fact if isinstance(fact, HostFacts) else None
                 inputs = model_inputs(model_files[name])
+                python = (pythons or {}).get(name) or (
+                    choose_python(known, cluster.runtime.python) if known else None)
                 resources += worker_resources(
                     cluster, intent.placement, node,
                     home=known.home if known else "~",
@@ -121,7 +127,8 @@ def desired_state(
                     model_dir=inputs.model_dir, files=inputs.files,
                     model_files_id=inputs.model_files_id, wheelhouse=wheelhouse,
                     settings=WorkerSettings(throttle_interval=cluster.runtime.throttle_interval,
-                                            env=dict(cluster.runtime.env)))
+                                            env=dict(cluster.runtime.env)),
+                    python=python.path if python else None)
             # A cluster that serves no model installs no Python environment (issue #14): its
             # hosts get their tasks only, and nothing another cluster's workers use.
             resources.extend(task_resource(t, cluster, host) for t in cluster.tasks

@@ -1,4 +1,8 @@
-"""Preflight: refuse a plan that needs root on a Mac where ``sudo -n`` would prompt.
+"""Preflight: refusals before any change, each from facts the plan's one call brings.
+
+* a node with no Python the venv can use (`check_python`), or none to run the agent at all;
+* a node whose model directory's volume lacks the bytes its placement needs (`check_disk`);
+* a plan that needs root on a Mac where ``sudo -n`` would prompt (`check_sudo`).
 
 orch never runs as root; what must be root's (LaunchDaemons, the GPU wired limit) goes through
 ``sudo -n``, which fails instead of prompting. Without a NOPASSWD rule an apply would stop
@@ -11,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orchestrator.errors import HostError, PlanError
-from orchestrator.facts import HostFacts
+from orchestrator.errors import HostError, NoAgentPython, PlanError
+from orchestrator.facts import HostFacts, Interpreter
 from orchestrator.plan.core import Plan
 from orchestrator.resources.base import Resource
+from orchestrator.resources.interpreter import chosen_pythons
+from orchestrator.resources.model_files import ModelFiles
 from orchestrator.resources.steps import (
     InstallSystem,
     LaunchdBootout,
@@ -25,7 +31,49 @@ from orchestrator.resources.steps import (
     Step,
 )
 
-__all__ = ["check_sudo", "needs_root", "sudoers_line"]
+__all__ = ["check_disk", "check_python", "check_sudo", "needs_root", "sudoers_line"]
+
+REFUSED = "nothing was changed: "
+
+
+def check_python(facts: Mapping[str, HostFacts | HostError], nodes: Sequence[str],
+                 wanted: str) -> dict[str, Interpreter]:
+    """Each serving node's interpreter for the venv; PlanError (exit 1) naming every node
+    that has none the pins accept, or no Python to run orch's agent at all."""
+    refused = [str(f) for _, f in sorted(facts.items()) if isinstance(f, NoAgentPython)]
+    try:
+        chosen = chosen_pythons(facts, nodes, wanted)
+    except PlanError as exc:
+        refused.append(str(exc).removeprefix(REFUSED))
+        chosen = {}
+    if refused:
+        raise PlanError(REFUSED + "\n".join(refused))
+    return chosen
+
+
+def gigabytes(size: int) -> str:
+    """Decimal units, as Finder and `df -H` show disks (MB below a gigabyte)."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def check_disk(desired: Mapping[str, Sequence[Resource]],
+               facts: Mapping[str, HostFacts | HostError]) -> None:
+    """PlanError naming every node whose model directory's volume has less free space than
+    the model files it still needs (its placement's files, minus those verified there)."""
+    refused: list[str] = []
+    for host in sorted(desired):
+        fact = facts.get(host)
+        if not isinstance(fact, HostFacts):
+            continue
+        for resource in desired[host]:
+            if not isinstance(resource, ModelFiles) or resource.directory not in fact.disk:
+                continue
+            need, disk = resource.bytes_to_fetch(fact), fact.disk[resource.directory]
+            if need > disk.free_bytes:
+                refused.append(f"{host}: needs {gigabytes(need)} free for the model files, "
+                               f"has {gigabytes(disk.free_bytes)} on {disk.volume}")
+    if refused:
+        raise PlanError(REFUSED + "\n".join(refused))
 
 DAEMONS = "/Library/LaunchDaemons/com.orch.*"
 

@@ -84,7 +84,12 @@ class ModelFiles:
 
     def facts_needed(self) -> FactRequest:
         files = {self.path(rel) for rel, e in self.manifest.files.items() if e.sha256}
-        return FactRequest(files=frozenset(files), guards=frozenset({self.stray_guard}))
+        return FactRequest(files=frozenset(files), guards=frozenset({self.stray_guard}),
+                           disk=frozenset({self.directory}))
+
+    def bytes_to_fetch(self, facts: HostFacts) -> int:
+        """Bytes of the needed files this host does not hold verified: the disk it needs."""
+        return sum(self.manifest.files[rel].size for rel in self.needed - self.verified(facts))
 
     def verified(self, facts: HostFacts) -> frozenset[str]:
         """The revision's files this host holds verified (needed or not): what it can serve."""

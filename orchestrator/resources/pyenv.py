@@ -32,13 +32,18 @@ class PythonEnv:
     python: str
     packages: tuple[str, ...]
     pip_args: tuple[str, ...] = ()  # e.g. ("--find-links", wheelhouse, "--no-index")
+    # runtime.python as configured; `python` is what it resolved to on this node. The facts
+    # ask for the node's interpreters (and this path, if it is one) from the configured value,
+    # so a request made before the choice equals the one made after it.
+    choice: str = "auto"
 
     @property
     def id(self) -> str:
         return f"python_env:{self.path}"
 
     def facts_needed(self) -> FactRequest:
-        return FactRequest(venvs=frozenset({self.path}))
+        probe = frozenset({self.choice}) if self.choice.startswith(("/", "~/")) else frozenset()
+        return FactRequest(venvs=frozenset({self.path}), pythons=probe)
 
     def diff(self, facts: HostFacts) -> Change | None:
         venv = facts.venvs[self.path]

@@ -42,12 +42,12 @@ from __future__ import annotations
 import hashlib
 import platform as platform_module
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import PlanError
-from orchestrator.facts import FactRequest, HostFacts
+from orchestrator.facts import FactRequest, HostFacts, Interpreter
 from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.pyenv import normalize
 from orchestrator.resources.steps import ControllerFile, Remove, Step, Write
@@ -98,16 +98,21 @@ class NodePlatform:
         return f"linux-glibc{self.glibc}-{self.machine}-py{self.python}"
 
 
-def platform_of(facts: HostFacts) -> NodePlatform:
-    """A node's platform from its facts.
+def platform_of(facts: HostFacts, python_exe: Interpreter | None = None) -> NodePlatform:
+    """A node's platform from its facts and the interpreter chosen for its venv.
 
+    The Python version is the venv's interpreter's (`orchestrator.resources.interpreter`),
+    not the agent's: on a stock Mac the agent runs under the system's 3.9 while the venv is
+    made by a newer Python, and wheels for the wrong one do not install. Without a chosen
+    interpreter, the agent's own version stands in (facts not asked for interpreters).
     Facts carry the OS, its version and the Python version, not the CPU or libc: a Mac that
     runs MLX is Apple silicon (arm64); a Linux node is one of orch's simulated Macs, which
     run on this machine, so its machine and glibc are the controller's own.
     """
-    python = ".".join(facts.python_version.split(".")[:2])
+    version = python_exe.version if python_exe and python_exe.version else facts.python_version
+    python = ".".join(version.split(".")[:2])
     if facts.os_system == "Darwin":
-        return NodePlatform("Darwin", "arm64", python, facts.os_version or None)
+        return NodePlatform("Darwin", "arm64", python, facts.macos_version or None)
     if facts.os_system == "Linux":
         libc, version = platform_module.libc_ver()
         return NodePlatform("Linux", platform_module.machine(), python,
@@ -115,14 +120,15 @@ def platform_of(facts: HostFacts) -> NodePlatform:
     raise PlanError(f"{facts.host}: cannot serve MLX on {facts.os_system}")
 
 
-def cluster_platform(facts: Iterable[HostFacts]) -> NodePlatform:
+def cluster_platform(facts: Iterable[HostFacts],
+                     pythons: Mapping[str, Interpreter] | None = None) -> NodePlatform:
     """The one platform every node can install from: the oldest macOS among them.
 
     One wheelhouse for the whole cluster is what makes the nodes identical (a wheel built for
     macOS 14 installs on 15; mlx publishes per-macOS builds). Nodes that differ in OS,
     architecture or Python version cannot share one, and that is an error, not drift to fix.
     """
-    platforms = [(f.host, platform_of(f)) for f in facts]
+    platforms = [(f.host, platform_of(f, (pythons or {}).get(f.host))) for f in facts]
     if not platforms:
         raise PlanError("no nodes to build a wheelhouse for")
     kinds = {(p.system, p.machine, p.python, p.glibc) for _, p in platforms}

@@ -110,16 +110,23 @@ class WorkerSettings:
 PIP_ARGS = ("--no-compile",)
 
 
-def python_env(cluster: Cluster, system: str, wheelhouse: Wheelhouse | None) -> PythonEnv:
-    """The node's venv. With a wheelhouse: offline from it, every package pinned (a lock);
-    without: the cluster's pins from the package index (each node downloads)."""
+def python_env(cluster: Cluster, system: str, wheelhouse: Wheelhouse | None,
+               python: str | None = None) -> PythonEnv:
+    """The node's venv, made by `python` (the node's chosen interpreter, see
+    `orchestrator.resources.interpreter`; None: runtime.python as written). With a
+    wheelhouse: offline from it, every package pinned (a lock); without: the cluster's pins
+    from the package index (each node downloads)."""
     layout = WorkerLayout.of(cluster)
+    choice = cluster.runtime.python
+    python = python or (choice if choice.startswith(("/", "~/")) else "python3")
     if wheelhouse is None:
-        return PythonEnv(layout.venv, cluster.runtime.python,
-                         node_requirements(cluster.runtime.packages, system), pip_args=PIP_ARGS)
+        return PythonEnv(layout.venv, python,
+                         node_requirements(cluster.runtime.packages, system), pip_args=PIP_ARGS,
+                         choice=choice)
     find_links = layout.wheelhouse(wheelhouse.key).removeprefix("~/")  # pip runs from HOME
-    return PythonEnv(layout.venv, cluster.runtime.python, wheelhouse.pins,
-                     pip_args=(*PIP_ARGS, "--no-index", "--find-links", find_links))
+    return PythonEnv(layout.venv, python, wheelhouse.pins,
+                     pip_args=(*PIP_ARGS, "--no-index", "--find-links", find_links),
+                     choice=choice)
 
 
 def worker_config(cluster: Cluster, placement: Placement, *, home: str, model_dir: str,
@@ -159,6 +166,7 @@ def worker_resources(
     inputs_digest: str = "",
     wheelhouse: Wheelhouse | None = None,
     settings: WorkerSettings | None = None,
+    python: str | None = None,
 ) -> list[Resource]:
     """One serving node's resources, in apply order.
 
@@ -169,7 +177,7 @@ def worker_resources(
     ``model_files_id`` come from the shard sync; ``files`` must include config, tokenizer and
     ``model.safetensors.index.json``, not only weights. ``inputs_digest`` is anything else the
     worker depends on (it is already implied by ``files``' hashes; passing them again is
-    harmless).
+    harmless). ``python`` is the interpreter that creates the venv (the node's chosen one).
     """
     settings = settings or WorkerSettings()
     layout = WorkerLayout.of(cluster)
@@ -177,7 +185,7 @@ def worker_resources(
     resources: list[Resource] = []
     if wheelhouse is not None:
         resources.append(wheelhouse.files(layout.wheelhouse(wheelhouse.key)))
-    env_resource = python_env(cluster, system, wheelhouse)
+    env_resource = python_env(cluster, system, wheelhouse, python)
     resources.append(env_resource)
     sysctl = wired_limit(node, layout.root)
     if sysctl is not None:

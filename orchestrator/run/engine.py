@@ -18,14 +18,14 @@ import structlog
 from orchestrator.config import Cluster
 from orchestrator.errors import HostError, HostUnreachable, PlanError
 from orchestrator.executor import Connection, SSHExecutor, SSHOptions, Target, for_each_host
-from orchestrator.facts import FactRequest, HostFacts, parse_facts
+from orchestrator.facts import FactRequest, HostFacts, Interpreter, parse_facts
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.plan.backend import check_backend
 from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state, serving_nodes
-from orchestrator.plan.preflight import check_sudo
+from orchestrator.plan.preflight import check_disk, check_python, check_sudo
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
 from orchestrator.resources.steps import ControllerFile, Text, Write
@@ -127,28 +127,34 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     facts = await gather_facts(conns, {n: asked[n] for n in conns}, options.ssh.concurrency,
                                read_only=read_only)
     wheelhouse: Wheelhouse | NodePlatform | None = None
+    # Refused before any change: a node with no Python for the venv (or none for the agent).
+    pythons: dict[str, Interpreter] = check_python(
+        facts, nodes if intent.placement is not None else (), cluster.runtime.python)
     if intent.placement is not None:
-        wheelhouse = await _wheelhouse(cluster, nodes, facts, download=not read_only)
+        wheelhouse = await _wheelhouse(cluster, nodes, facts, pythons, download=not read_only)
     built = wheelhouse if isinstance(wheelhouse, Wheelhouse) else None
-    desired = desired_state(cluster, intent, nodes, facts, built)
+    desired = desired_state(cluster, intent, nodes, facts, built, pythons)
     facts = await _complete_facts(conns, asked, host_requests(cluster, intent, desired), facts,
                                   options, read_only=read_only)
     pending = wheelhouse if isinstance(wheelhouse, NodePlatform) else None
     result = plan_cluster(cluster, intent, desired, facts, pending_wheelhouse=pending)
-    check_sudo(result, desired, facts, cluster.runtime.dir)  # before any change, or never
+    check_disk(desired, facts)  # before any change, or never
+    check_sudo(result, desired, facts, cluster.runtime.dir)
     check_backend(cluster, intent.placement, facts)
     return Prepared(intent, desired, result)
 
 
 async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
-                      facts: Mapping[str, HostFacts | HostError], *,
+                      facts: Mapping[str, HostFacts | HostError],
+                      pythons: Mapping[str, Interpreter], *,
                       download: bool) -> Wheelhouse | NodePlatform | None:
-    """Packages for the nodes' platform, from this controller's cache; downloaded once when
-    `download`, else the platform it would be downloaded for (None: no node answered)."""
+    """Packages for the nodes' platform (the Python version of each node's chosen
+    interpreter), from this controller's cache; downloaded once when `download`, else the
+    platform it would be downloaded for (None: no node answered)."""
     known = [f for n in nodes if isinstance(f := facts.get(n), HostFacts)]
     if not known:
         return None
-    platform = cluster_platform(known)
+    platform = cluster_platform(known, pythons)
     if download:
         return await ensure_wheelhouse(cluster.runtime.packages, platform)
     return cached_wheelhouse(cluster.runtime.packages, platform) or platform
@@ -391,6 +397,8 @@ def _plain(value: object) -> dict[str, object]:
             return v.value
         if isinstance(v, Mapping):
             return {str(k): convert(x) for k, x in v.items()}
+        if isinstance(v, tuple | list):
+            return [convert(x) for x in v]
         return v
 
     result = convert(value)

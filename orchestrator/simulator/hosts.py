@@ -49,6 +49,7 @@ from orchestrator.simulator import processes
 from orchestrator.simulator.processes import SandboxError
 
 __all__ = [
+    "CLT_STUB",
     "GIB",
     "HostSpec",
     "RunningHost",
@@ -61,7 +62,21 @@ __all__ = [
 ]
 
 MACOS_DIR = Path(__file__).parent / "macos"
-COMMANDS = ("ibv_devices", "launchctl", "sudo", "sw_vers", "sysctl", "system_profiler")
+COMMANDS = ("ibv_devices", "launchctl", "sudo", "sw_vers", "sysctl", "system_profiler",
+            "xcode-select")
+CLT_STUB = "clt-stub"  # HostSpec.python3: /usr/bin/python3 of a Mac without Command Line Tools
+# What that stub prints (on stderr) and its exit status: ../shared/macos/python_stock_macos.txt
+_CLT_STUB_SCRIPT = """#!/bin/sh
+# TEST STAND-IN: /usr/bin/python3 on a Mac without the Command Line Tools (orch simulator).
+cat >&2 <<'EOF'
+xcode-select: note: No developer tools were found, requesting install.
+If developer tools are located at a non-default location on disk, use `sudo xcode-select \
+--switch path/to/Xcode.app` to specify the Xcode that you wish to use for command line \
+developer tools, and cancel the installation dialog.
+See `man xcode-select` for more details.
+EOF
+exit 1
+"""
 SERVICES = ("launchd", "orch-login")
 _SHARED_NAMES = frozenset({"bin", "libexec", "python"})
 _SFTP_SERVERS = (
@@ -110,6 +125,14 @@ class HostSpec:
     # real LAN's (bench/sync_bound.py). ``address`` is then one of that namespace's, not
     # loopback, and sshd listens on port 22 unless ``ssh_port`` says otherwise.
     netns: str | None = None
+    # What `python3` on the session's PATH is, as /usr/bin/python3 on a Mac: None, the
+    # sandbox's interpreter (the default); CLT_STUB, the Command Line Tools' stub; or a path
+    # to a real interpreter linked there (a Python 3.9 makes a stock Mac's /usr/bin/python3).
+    python3: str | None = None
+    developer_tools: bool = True  # `xcode-select -p` succeeds (Command Line Tools installed)
+    # More interpreters: (where on the Mac, the real interpreter linked there), e.g.
+    # ("/opt/homebrew/bin/python3.11", "/usr/bin/python3.11"); "~/" paths are in HOME.
+    pythons: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -379,16 +402,23 @@ def _prepare_shared(base: Path, python: Path | None) -> _Shared:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     base.mkdir(parents=True, exist_ok=True)
     bin_dir, libexec_dir, python_dir = base / "bin", base / "libexec", base / "python"
+    interpreter = python or _base_python()
+    # The stand-ins run on the sandbox's interpreter, whatever `python3` a host has on PATH
+    # (a Python 3.9, or the Command Line Tools' stub, which runs nothing).
+    shebang = f"#!{interpreter}\n" if not any(c.isspace() for c in str(interpreter)) else None
     for directory, names in ((bin_dir, COMMANDS), (libexec_dir, SERVICES)):
         directory.mkdir(exist_ok=True)
         for name in names:
             target = directory / name
-            shutil.copyfile(MACOS_DIR / name, target)
+            text = (MACOS_DIR / name).read_text(encoding="utf-8")
+            if shebang and text.startswith("#!/usr/bin/env python3\n"):
+                text = shebang + text.split("\n", 1)[1]
+            target.write_text(text, encoding="utf-8")
             target.chmod(0o755)
     python_dir.mkdir(exist_ok=True)
     python3 = python_dir / "python3"
     python3.unlink(missing_ok=True)
-    python3.symlink_to(python or _base_python())
+    python3.symlink_to(interpreter)
     identity = base / "client_key"
     if not identity.exists():
         _keygen(identity, "orch-sandbox-client")
@@ -454,12 +484,42 @@ def _prepare_host(shared: _Shared, spec: HostSpec) -> RunningHost:
         "sftp_server": str(shared.sftp_server),
         "sudo_nopasswd": spec.sudo_nopasswd,
     }
+    identity["developer_tools"] = spec.developer_tools
+    identity["path"] = f"{shared.bin_dir}:{_install_pythons(host, spec)}:{_SYSTEM_PATH}"
     (root / "host.json").write_text(json.dumps(identity, indent=2) + "\n")
     (root / "etc" / "authorized_keys").write_text(
         shared.identity_file.with_suffix(".pub").read_text()
     )
     (root / "etc" / "sshd_config").write_text(_sshd_config(shared, host))
     return host
+
+
+def _link(path: Path, target: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    path.symlink_to(target)
+
+
+def _install_pythons(host: RunningHost, spec: HostSpec) -> Path:
+    """The host's interpreters (see `HostSpec.python3` and `.pythons`); returns the
+    directory of its `python3`, for PATH. Absolute Mac paths live under the host root,
+    where the agent looks for them on a simulated Mac (the agent's `expand`)."""
+    for mac_path, real in spec.pythons:
+        where = (host.home / mac_path[2:] if mac_path.startswith("~/")
+                 else host.root / mac_path.lstrip("/"))
+        _link(where, real)
+    if spec.python3 is None:
+        return host.python3.parent
+    usr_bin = host.root / "usr" / "bin"
+    stock = usr_bin / "python3"
+    if spec.python3 == CLT_STUB:
+        stock.unlink(missing_ok=True)
+        stock.parent.mkdir(parents=True, exist_ok=True)
+        stock.write_text(_CLT_STUB_SCRIPT)
+        stock.chmod(0o755)
+    else:
+        _link(stock, spec.python3)
+    return usr_bin
 
 
 def _sshd_config(shared: _Shared, host: RunningHost) -> str:

@@ -75,7 +75,7 @@ def test_facts_per_host_from_the_standins(test_hosts: list[RunningHost]) -> None
         assert isinstance(facts, HostFacts), facts
         assert facts.memory_bytes == host.spec.memory_bytes
         assert facts.chip == host.spec.chip
-        assert facts.os_version == "14.5"
+        assert facts.macos_version == "14.5"
         assert facts.home == str(host.home)
         assert facts.sysctl["iogpu.wired_limit_mb"] == "0"
         assert facts.sysctl["no.such.oid"] is None

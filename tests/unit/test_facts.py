@@ -80,7 +80,8 @@ def raw_facts() -> dict[str, Any]:
 def test_parse_complete_answer() -> None:
     facts = parse_facts("mac1", raw_facts())
     assert facts.host == "mac1"
-    assert (facts.os_system, facts.os_version, facts.chip) == ("Darwin", "14.5", "Apple M2 Ultra")
+    assert (facts.os_system, facts.macos_version, facts.chip) == (
+        "Darwin", "14.5", "Apple M2 Ultra")
     assert facts.memory_bytes == 192 * 1024**3
     assert facts.file("~/a") == FileFact(FileKind.FILE, 3, 0o644, SHA)
     assert facts.file("~/m").kind is FileKind.MISSING

@@ -180,7 +180,7 @@ def previous_record(cluster: str) -> dict[str, Any]:
 
 def test_a_record_written_by_the_previous_orch_is_read_and_rewritten() -> None:
     kept = File("~/kept", "x\n")
-    facts = HostFacts(host="n", os_system="Darwin", os_version="14.5", user="u", uid=501,
+    facts = HostFacts(host="n", os_system="Darwin", macos_version="14.5", user="u", uid=501,
                       home="/Users/u", python_version="3.9.6", memory_bytes=1 << 37,
                       chip="Apple M2 Ultra",
                       files={"~/kept": FileFact(FileKind.FILE, len(kept.content), kept.mode,

@@ -121,7 +121,7 @@ def test_ring_backend_renders_what_it_did_before() -> None:
 
 
 def rdma_facts(host: str, version: str | None, devices: tuple[str, ...]) -> HostFacts:
-    return host_facts(host, os_version=version, rdma_devices=devices)
+    return host_facts(host, macos_version=version, rdma_devices=devices)
 
 
 def lab_facts(**override: tuple[str | None, tuple[str, ...]]) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def test_platform_of_facts_and_one_platform_for_the_cluster() -> None:
     linux = replace(facts("w1"), os_system="Linux")
     node = platform_of(linux)
     assert (node.system, node.machine, node.python) == ("Linux", platform.machine(), "3.11")
-    newer = replace(facts("mac2"), os_version="15.1")
+    newer = replace(facts("mac2"), macos_version="15.1")
     assert cluster_platform([newer, mac]).os_version == "14.5"  # the oldest macOS installs
     with pytest.raises(PlanError, match="share OS, CPU and Python"):
         cluster_platform([mac, replace(facts("mac2"), python_version="3.12.1")])
