@@ -5,6 +5,12 @@ caller asks to fail fast). Before touching a host, its managed record is widened
 everything the plan may create, so an interrupted run never leaves something orch put there
 that a later run would not know to clean up. The record is narrowed to the declared set only
 after every change succeeded.
+
+A host's steps travel as one agent ``batch`` (`Connection.agent_batch`): the widened record,
+every change's steps, the narrowed record, run in order by the agent, which stops at the first
+failure and answers each step's outcome; ten changes cost one round trip, not ten. Only the
+changes the model sync applies (fetches that stream for minutes) leave the batch: the steps
+before such a change go as one batch, the change runs, and the next batch starts after it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
-from orchestrator.executor import Connection
+from orchestrator.executor import AgentStep, Connection, StepState
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
@@ -70,15 +76,18 @@ async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
     if isinstance(step, Fetch):  # its URL and token are only known to the transfer context
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
+    agent_step = await _agent_step(step)
+    return await conn.agent(agent_step.op, agent_step.request, stdin=agent_step.stdin or None)
+
+
+async def _agent_step(step: Step) -> AgentStep:
+    """A plan step as the agent runs it; a `Run` fails on a non-zero exit when it says so."""
+    assert not isinstance(step, Fetch), "a fetch runs through the model sync, never a batch"
     if isinstance(step, Write):
-        return await conn.agent(step.op, step.request(), stdin=await _bytes(step.payload))
-    response = await conn.agent(step.op, step.request())
-    if isinstance(step, Run) and not response.get("skipped") \
-            and response.get("exit_status") != 0:
-        raise ActionFailed(conn.name, f"`{' '.join(step.argv)}` exited "
-                           f"{response.get('exit_status')}: "
-                           f"{str(response.get('stderr', '')).strip()[-2000:]}")
-    return response
+        return AgentStep(step.op, step.request(), await _bytes(step.payload))
+    if isinstance(step, Run):
+        return AgentStep(step.op, step.agent_request())
+    return AgentStep(step.op, step.request())
 
 
 async def _bytes(payload: Payload) -> bytes:
@@ -119,30 +128,84 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
     if not host_plan.changes:
         return HostOutcome(host_plan.host, HostStatus.OK)
     applied: list[str] = []
-    current: Change | None = None
+    batch = _Batch(conn, applied)
     try:
         cluster = str(host_plan.record["cluster"])
-        await conn.agent("managed_write", {"record": _interim_record(host_plan),
-                                           "cluster": cluster, "dir": state_dir})
-        for current in host_plan.changes:
-            log.info("change_started", host=conn.name, resource=current.resource,
-                     action=current.action.value)
-            if transfers is not None and transfers.handles(current):
-                await transfers.apply_change(conn, current)
-            else:
-                for step in current.steps:
-                    await run_step(conn, step)
-            applied.append(current.resource)
-        await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster,
-                                           "dir": state_dir})
+        await batch.add(None, AgentStep("managed_write", {
+            "record": _interim_record(host_plan), "cluster": cluster, "dir": state_dir}))
+        for change in host_plan.changes:
+            if transfers is not None and transfers.handles(change):
+                await batch.flush()
+                batch.current = change
+                log.info("change_started", host=conn.name, resource=change.resource,
+                         action=change.action.value)
+                await transfers.apply_change(conn, change)
+                applied.append(change.resource)
+                continue
+            if any(isinstance(step, Fetch) for step in change.steps):
+                await batch.flush()
+                batch.current = change
+                raise ActionFailed(conn.name, "a fetch step needs the model sync: "
+                                              "apply_plan(..., transfers=...)")
+            for step in change.steps:
+                await batch.add(change, await _agent_step(step))
+            await batch.add(change, None)  # the change is whole once its steps are done
+        await batch.add(None, AgentStep("managed_write", {
+            "record": dict(host_plan.record), "cluster": cluster, "dir": state_dir}))
+        await batch.flush()
     except HostUnreachable:
         raise
     except HostError as exc:
+        current = batch.current
         where = f" while applying {current.resource}" if current else ""
         log.warning("host_failed", host=conn.name, error=str(exc))
         return HostOutcome(host_plan.host, HostStatus.FAILED, tuple(applied),
                            f"{_why(conn.name, exc)}{where}")
     return HostOutcome(host_plan.host, HostStatus.CHANGED, tuple(applied))
+
+
+class _Batch:
+    """The steps of one host gathered for one ``batch`` request, each tagged with its change.
+
+    A change counts as applied when its end marker (`add(change, None)`) is reached; `current`
+    is the change whose step failed, for the report. Progress is logged per change as the
+    answers come back: the batch is one round trip, so there is nothing to show before it.
+    """
+
+    def __init__(self, conn: Connection, applied: list[str]) -> None:
+        self.conn = conn
+        self.applied = applied
+        self.current: Change | None = None
+        self._steps: list[AgentStep] = []
+        self._owners: list[Change | None] = []
+        self._ends: dict[int, list[Change]] = {}  # step count at which changes are complete
+
+    async def add(self, change: Change | None, step: AgentStep | None) -> None:
+        if step is None:
+            assert change is not None
+            self._ends.setdefault(len(self._steps), []).append(change)
+            return
+        self._steps.append(step)
+        self._owners.append(change)
+
+    async def flush(self) -> None:
+        """Send what was gathered; raise ActionFailed at the first failed step."""
+        steps, owners, ends = self._steps, self._owners, self._ends
+        self._steps, self._owners, self._ends = [], [], {}
+        if not steps and not ends:
+            return
+        outcomes = await self.conn.agent_batch(steps) if steps else []
+        for done, outcome in enumerate([*outcomes, None]):
+            for change in ends.get(done, []):
+                log.info("change_applied", host=self.conn.name, resource=change.resource,
+                         action=change.action.value)
+                self.applied.append(change.resource)
+            if outcome is None:
+                break
+            if outcome.state is not StepState.OK:
+                self.current = owners[done]
+                raise ActionFailed(self.conn.name, f"agent {outcome.step.op} failed: "
+                                                   f"{outcome.error}")
 
 
 def _why(host: str, error: HostError) -> str:
