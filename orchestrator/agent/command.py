@@ -22,8 +22,24 @@ from .common import (
 )
 
 
-def op_run(req: Request, _stdin: IO[bytes]) -> Response:
-    """Run argv (never through a shell) unless `creates` exists or `unless` succeeds."""
+def op_run(req: Request, stdin: IO[bytes]) -> Response:
+    """Run argv (never through a shell) unless `creates` exists or `unless` succeeds.
+
+    A non-zero exit is an answer (`exit_status`), unless `check` is set: then it is the op's
+    error, which is what stops a ``batch`` at a failed command, as a failed write stops it.
+    """
+    check = req.get("check", False)
+    if not isinstance(check, bool):
+        raise AgentError("check must be true or false")
+    answer = _run({k: v for k, v in req.items() if k != "check"}, stdin)
+    status = answer["exit_status"]
+    if check and not answer["skipped"] and status != 0:
+        stderr = str(answer["stderr"]).strip()[-2000:]
+        raise AgentError("`{}` exited {}: {}".format(" ".join(req["argv"]), status, stderr))
+    return answer
+
+
+def _run(req: Request, _stdin: IO[bytes]) -> Response:
     argv, creates, unless, cwd, env, timeout = fields(
         req,
         ("argv",),

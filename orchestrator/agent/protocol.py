@@ -23,7 +23,10 @@ Why fds 0 and 1 are moved aside: the frames own the channel's stdin and stdout, 
 becomes /dev/null and fd 1 goes to stderr for the rest of the session.
 
 ``batch`` runs a list of steps in order and stops at the first failure; it is an op like any
-other, so it works one-shot and in a session alike.
+other, so it works one-shot and in a session alike. In a session it also stops between steps
+when the controller has gone (its end of the channel closed: a killed run), so a batch cut
+short leaves the host as a run killed between two single calls would, not finished behind
+the user's back.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import struct
 import sys
 import traceback
@@ -46,6 +50,26 @@ BODY = struct.Struct(">I")  # a response frame: body length
 MAX_HEADER = 64 << 20  # a request header larger than this is a broken stream, not a request
 NOT_IN_SESSION = ("serve",)  # runs for a whole apply and heartbeats on stdout: its own channel
 NOT_IN_BATCH = ("batch", "serve")
+
+
+def _always() -> bool:
+    return True
+
+
+# Whether the controller still waits for the answer; the session replaces it (a one-shot call's
+# stdin is only its payload, closed on purpose, so there is nothing to watch).
+controller_waits: Callable[[], bool] = _always
+
+
+def _watching(stream: io.BufferedReader[io.FileIO]) -> Callable[[], bool]:
+    """During a request the controller sends nothing (it waits for the answer), so a request
+    stream that turns readable and yields end-of-file means the controller is gone."""
+
+    def waits() -> bool:
+        ready, _, _ = select.select([stream.fileno()], [], [], 0)
+        return not ready or bool(stream.peek(1))
+
+    return waits
 
 
 class ProtocolError(Exception):
@@ -125,14 +149,22 @@ def run_batch(ops: dict[str, Op], req: Request, stdin: IO[bytes]) -> Response:
             raise AgentError(f"step {i}: the request must be a JSON object")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise AgentError(f"step {i}: stdin must be a byte count")
+    # Every payload is read before the first step runs: the frame is then wholly consumed, so
+    # anything readable on the stream while the steps run can only be the controller leaving.
+    blobs = []
+    for i, step in enumerate(steps):
+        blob = read_exact(stdin, step.get("stdin", 0))
+        if len(blob) < step.get("stdin", 0):
+            raise AgentError(f"step {i}: stdin ended before its {step['stdin']} bytes")
+        blobs.append(blob)
     answers: list[Response] = []
     for i, step in enumerate(steps):
-        reader = payload(stdin, step.get("stdin", 0))
-        result = answer(ops, step["op"], step["request"], reader)
-        drain(reader)
+        if i and not controller_waits():
+            answers.append({"error": "the controller went away; the batch stopped here"})
+            return {"steps": answers, "failed": i}
+        result = answer(ops, step["op"], step["request"], io.BytesIO(blobs[i]))
         answers.append(result)
         if "error" in result:
-            drain(stdin)  # the payloads of the steps that will not run
             return {"steps": answers, "failed": i}
     return {"steps": answers, "failed": None}
 
@@ -155,7 +187,9 @@ def write_frame(out: IO[bytes], value: Response) -> None:
 
 def serve_session(ops: dict[str, Op]) -> int:
     """Answer framed requests on fd 0 with framed responses on fd 1 until fd 0 ends."""
-    inp = os.fdopen(os.dup(0), "rb", buffering=CHUNK)
+    global controller_waits
+    inp = io.BufferedReader(io.FileIO(os.dup(0), "rb"), CHUNK)
+    controller_waits = _watching(inp)
     out = os.fdopen(os.dup(1), "wb")
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -17,8 +17,8 @@ class Host:
 
     name: str
     address: str
-    ring_ip: str
-    memory_gb: float
+    ring_ip: str | None  # None only in a cluster that serves no model (load checks it)
+    memory_gb: float | None  # likewise: only placement reads it
     port: int = 22
     user: str | None = None
     identity_file: Path | None = None
@@ -32,7 +32,14 @@ class Host:
     @property
     def memory_bytes(self) -> int:
         """Apple's "192 GB" is 192 GiB: hw.memsize reports 206158430208."""
+        assert self.memory_gb is not None, f"{self.name}: memory_gb is required to serve a model"
         return int(self.memory_gb * GIB)
+
+    @property
+    def ring_address(self) -> str:
+        """The ring IP, which `load_cluster` requires of every host when a model is served."""
+        assert self.ring_ip is not None, f"{self.name}: ring_ip is required to serve a model"
+        return self.ring_ip
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,12 @@ def load_cluster(path: Path) -> Cluster:
     groups: dict[str, tuple[str, ...]] = {}
     ssh = SSHSettings()
     inventory_file: Path | None = None
+    serves_model = spec.model is not None
     if spec.inventory is not None:
         candidate = (base / spec.inventory).absolute()
         if candidate.is_file():
             inventory_file = candidate
-            loaded = _collect(errors, lambda: _load_inventory(candidate))
+            loaded = _collect(errors, lambda: _load_inventory(candidate, serves_model))
             if loaded is not None:
                 hosts, groups, ssh = loaded
         else:
@@ -68,7 +69,8 @@ def load_cluster(path: Path) -> Cluster:
                 f"(looked for {candidate}); expected a path relative to this file", at_key=False))
     else:
         inline = models.InventoryFile(hosts=spec.hosts or {})
-        hosts, groups = _resolve_hosts(inline, doc.source, ("hosts",), base, errors)
+        hosts, groups = _resolve_hosts(inline, doc.source, ("hosts",), base, errors,
+                                       serves_model)
 
     model = (None if spec.model is None
              else _model(spec.model, doc.source, base, errors, warnings))
@@ -107,7 +109,8 @@ def _check_referenced_files(doc: Document, base: Path, errors: list[Diagnostic])
     data = doc.data
     inventory = data.get("inventory")
     if isinstance(inventory, str) and (base / inventory).is_file():
-        _collect(errors, lambda: _load_inventory((base / inventory).absolute()))
+        _collect(errors, lambda: _load_inventory((base / inventory).absolute(),
+                                                 data.get("model") is not None))
     playbooks = data.get("playbooks")
     for name in playbooks if isinstance(playbooks, list) else []:
         if isinstance(name, str) and (base / name).is_file():
@@ -124,13 +127,15 @@ def _collect(errors: list[Diagnostic], fn: Callable[[], T]) -> T | None:
         return None
 
 
-def _load_inventory(path: Path) -> tuple[dict[str, Host], dict[str, tuple[str, ...]], SSHSettings]:
+def _load_inventory(path: Path, serves_model: bool,
+                    ) -> tuple[dict[str, Host], dict[str, tuple[str, ...]], SSHSettings]:
     doc = load_document(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.source.diag((), "expected a mapping with a `hosts` key")])
     inventory = validate(models.InventoryFile, doc)
     errors: list[Diagnostic] = []
-    hosts, groups = _resolve_hosts(inventory, doc.source, ("hosts",), path.parent, errors)
+    hosts, groups = _resolve_hosts(inventory, doc.source, ("hosts",), path.parent, errors,
+                                   serves_model)
     ssh = _ssh(inventory.ssh, doc.source, path.parent, errors)
     if errors:
         raise ConfigError(errors)
@@ -181,9 +186,15 @@ def _resolve_hosts(
     hosts_path: DataPath,
     base: Path,
     errors: list[Diagnostic],
+    serves_model: bool,
 ) -> tuple[dict[str, Host], dict[str, tuple[str, ...]]]:
     """Apply precedence (host > group, in file order > vars), then check uniqueness; user
-    variables follow the same precedence, key by key."""
+    variables follow the same precedence, key by key.
+
+    `ring_ip` and `memory_gb` describe a rank of the ring and the RAM placement splits layers
+    by: a cluster that serves a model needs both on every host, one that only runs tasks
+    needs neither.
+    """
     shared_vars = _user_vars(inventory.vars, source, ("vars",), errors)
     group_vars = {g: _user_vars(group.vars, source, ("groups", g, "vars"), errors)
                   for g, group in inventory.groups.items()}
@@ -216,9 +227,15 @@ def _resolve_hosts(
             user_vars.update(group_vars[group_name])
         user_vars.update(entry.vars)
         path = (*hosts_path, name)
-        if "memory_gb" not in merged:
+        if serves_model and "memory_gb" not in merged:
             errors.append(source.diag(path, f"host {name!r} has no `memory_gb`; expected it on "
-                                      "the host, one of its groups or in `vars`"))
+                                      "the host, one of its groups or in `vars` (placement "
+                                      "needs it to serve the model)"))
+            continue
+        if serves_model and entry.ring_ip is None:
+            errors.append(source.diag(path, f"host {name!r} has no `ring_ip`; expected the IP "
+                                      "its rank of the MLX ring listens on (needed to serve "
+                                      "the model)"))
             continue
         identity = merged.get("identity_file")
         identity_path = None
@@ -229,12 +246,13 @@ def _resolve_hosts(
                                           f"identity file {identity!r} does not exist "
                                           f"(looked for {identity_path})", at_key=False))
         ring_ip = entry.ring_ip
-        if ring_ip in ring_ips:
+        if ring_ip is not None and ring_ip in ring_ips:
             errors.append(source.diag((*path, "ring_ip"),
                                       f"ring_ip {ring_ip} is already used by host "
                                       f"{ring_ips[ring_ip]!r}; each rank needs its own IP",
                                       at_key=False))
-        ring_ips.setdefault(ring_ip, name)
+        if ring_ip is not None:
+            ring_ips.setdefault(ring_ip, name)
         port = int(merged.get("port", 22))  # type: ignore[call-overload]
         endpoint = (entry.address, port)
         if endpoint in endpoints:
@@ -257,7 +275,8 @@ def _resolve_hosts(
             name=name,
             address=entry.address,
             ring_ip=ring_ip,
-            memory_gb=float(merged["memory_gb"]),  # type: ignore[arg-type]
+            memory_gb=(None if "memory_gb" not in merged
+                       else float(merged["memory_gb"])),  # type: ignore[arg-type]
             port=port,
             user=merged.get("user"),  # type: ignore[arg-type]
             identity_file=identity_path,

@@ -59,7 +59,8 @@ class HostVars(_Strict):
     port: Port | None = Field(None, description="SSH port (default 22)")
     user: str | None = Field(None, description="SSH user (default: ~/.ssh/config, then local user)")
     identity_file: str | None = Field(None, description="SSH private key, relative to the file")
-    memory_gb: float | None = Field(None, gt=0, description="RAM in GiB as Apple sells it (192)")
+    memory_gb: float | None = Field(
+        None, gt=0, description="RAM in GiB as Apple sells it (192); needed when a model is served")
     chip: str | None = Field(None, description='Apple chip, e.g. "M2 Ultra", "M4 Max"')
     drained: bool | None = Field(None, description="rolled out of the cluster (orch drain)")
 
@@ -76,7 +77,9 @@ class HostEntry(HostVars):
     """One Mac as written in the inventory; missing fields may come from groups and vars."""
 
     address: str = Field(description="hostname or IP that SSH connects to")
-    ring_ip: IPAddress = Field(description="IP the MLX ring uses (Thunderbolt or Ethernet)")
+    ring_ip: IPAddress | None = Field(
+        None, description="IP the MLX ring uses (Thunderbolt or Ethernet); needed when a model "
+                          "is served")
     rdma: dict[HostName, str] | None = Field(
         None, description="runtime.backend jaccl: this Mac's RDMA device (ibv_devices) that "
                           "reaches each peer over its Thunderbolt cable, e.g. {studio-2: rdma_en3}")

@@ -148,7 +148,7 @@ def ring_endpoints(cluster: Cluster, placement: Placement) -> list[Endpoint]:
     One port per rank (as mlx's own launcher does) keeps two ranks that share an IP apart.
     """
     port = cluster.runtime.ring_port
-    return [(cluster.hosts[n.name].ring_ip, port + n.rank) for n in placement.nodes]
+    return [(cluster.hosts[n.name].ring_address, port + n.rank) for n in placement.nodes]
 
 
 def api_bind_host(cluster: Cluster, placement: Placement) -> str:

@@ -178,8 +178,11 @@ class Run(_Plain):
     creates: str | None = None
     unless: tuple[str, ...] | None = None
     cwd: str | None = None
+    check: bool = True  # a non-zero exit fails the step (and stops the host's batch)
 
     def request(self) -> JSON:
+        """The plan's and the record's JSON: `check` appears only when it is off, so plans and
+        records written before the flag existed read back unchanged."""
         request: JSON = {"argv": list(self.argv)}
         if self.creates is not None:
             request["creates"] = self.creates
@@ -187,13 +190,23 @@ class Run(_Plain):
             request["unless"] = list(self.unless)
         if self.cwd is not None:
             request["cwd"] = self.cwd
+        if not self.check:
+            request["check"] = False
         return request
+
+    def agent_request(self) -> JSON:
+        """What the agent gets: `check` always explicit (the bare op's default is off, for the
+        callers that read a command's exit status as an answer)."""
+        return {**self.request(), "check": self.check}
 
     @classmethod
     def from_request(cls, raw: Mapping[str, Any]) -> Run:
-        _only(raw, {"argv", "creates", "unless", "cwd"}, cls.op)
+        _only(raw, {"argv", "creates", "unless", "cwd", "check"}, cls.op)
+        check = raw.get("check", True)
+        if not isinstance(check, bool):
+            raise ValueError(f"{cls.op}: check must be true or false")
         return cls(_strs(raw, "argv", cls.op), _opt_str(raw, "creates", cls.op),
-                   _opt_strs(raw, "unless", cls.op), _opt_str(raw, "cwd", cls.op))
+                   _opt_strs(raw, "unless", cls.op), _opt_str(raw, "cwd", cls.op), check)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ caller asks to fail fast). Before touching a host, its managed record is widened
 everything the plan may create, so an interrupted run never leaves something orch put there
 that a later run would not know to clean up. The record is narrowed to the declared set only
 after every change succeeded.
+
+A host's steps travel as one agent ``batch`` (`Connection.agent_batch`): the widened record,
+every change's steps, the narrowed record, run in order by the agent, which stops at the first
+failure and answers each step's outcome; ten changes cost one round trip, not ten. Only the
+changes the model sync applies (fetches that stream for minutes) leave the batch: the steps
+before such a change go as one batch, the change runs, and the next batch starts after it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
-from orchestrator.executor import Connection, FileStream
+from orchestrator.executor import AgentStep, Connection, FileStream, StepState
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
@@ -76,16 +82,21 @@ async def run_step(conn: Connection, step: Step, *, timeout: float | None = None
     if isinstance(step, Fetch):  # its URL and token are only known to the transfer context
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
+    op, request, stdin = await _agent_call(conn.name, step)
+    if timeout is not None and isinstance(step, Write):
+        request = {**request, "timeout": timeout}
+    return await conn.agent(op, request, stdin=stdin or None)
+
+
+async def _agent_call(host: str, step: Step) -> tuple[str, Mapping[str, Any], bytes | FileStream]:
+    """A plan step as the agent runs it: op, request, stdin. A `Run` fails on a non-zero exit
+    when it says so (``check``)."""
+    assert not isinstance(step, Fetch), "a fetch runs through the model sync, never a batch"
     if isinstance(step, Write):
-        request = step.request() if timeout is None else {**step.request(), "timeout": timeout}
-        return await conn.agent(step.op, request, stdin=await _bytes(conn.name, step.payload))
-    response = await conn.agent(step.op, step.request())
-    if isinstance(step, Run) and not response.get("skipped") \
-            and response.get("exit_status") != 0:
-        raise ActionFailed(conn.name, f"`{' '.join(step.argv)}` exited "
-                           f"{response.get('exit_status')}: "
-                           f"{str(response.get('stderr', '')).strip()[-2000:]}")
-    return response
+        return step.op, step.request(), await _bytes(host, step.payload)
+    if isinstance(step, Run):
+        return step.op, step.agent_request(), b""
+    return step.op, step.request(), b""
 
 
 async def _bytes(host: str, payload: Payload) -> bytes | FileStream:
@@ -130,30 +141,92 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
     if not host_plan.changes:
         return HostOutcome(host_plan.host, HostStatus.OK)
     applied: list[str] = []
-    current: Change | None = None
+    batch = _Batch(conn, applied)
     try:
         cluster = str(host_plan.record["cluster"])
-        await conn.agent("managed_write", {"record": _interim_record(host_plan),
-                                           "cluster": cluster, "dir": state_dir})
-        for current in host_plan.changes:
-            log.info("change_started", host=conn.name, resource=current.resource,
-                     action=current.action.value)
-            if transfers is not None and transfers.handles(current):
-                await transfers.apply_change(conn, current)
-            else:
-                for step in current.steps:
-                    await run_step(conn, step)
-            applied.append(current.resource)
-        await conn.agent("managed_write", {"record": dict(host_plan.record), "cluster": cluster,
-                                           "dir": state_dir})
+        await batch.add(None, AgentStep("managed_write", {
+            "record": _interim_record(host_plan), "cluster": cluster, "dir": state_dir}))
+        for change in host_plan.changes:
+            if transfers is not None and transfers.handles(change):
+                await batch.flush()
+                batch.current = change
+                log.info("change_started", host=conn.name, resource=change.resource,
+                         action=change.action.value)
+                await transfers.apply_change(conn, change)
+                applied.append(change.resource)
+                continue
+            if any(isinstance(step, Fetch) for step in change.steps):
+                await batch.flush()
+                batch.current = change
+                raise ActionFailed(conn.name, "a fetch step needs the model sync: "
+                                              "apply_plan(..., transfers=...)")
+            for step in change.steps:
+                op, request, stdin = await _agent_call(conn.name, step)
+                if isinstance(stdin, FileStream):
+                    # A controller file (a wheel, a `copy:`) streams in its own call: a batch
+                    # frame holds its payloads whole, and this one may be gigabytes.
+                    await batch.flush()
+                    batch.current = change
+                    await conn.agent(op, request, stdin=stdin)
+                else:
+                    await batch.add(change, AgentStep(op, request, stdin))
+            await batch.add(change, None)  # the change is whole once its steps are done
+        await batch.add(None, AgentStep("managed_write", {
+            "record": dict(host_plan.record), "cluster": cluster, "dir": state_dir}))
+        await batch.flush()
     except HostUnreachable:
         raise
     except HostError as exc:
+        current = batch.current
         where = f" while applying {current.resource}" if current else ""
         log.warning("host_failed", host=conn.name, error=str(exc))
         return HostOutcome(host_plan.host, HostStatus.FAILED, tuple(applied),
                            f"{_why(conn.name, exc)}{where}")
     return HostOutcome(host_plan.host, HostStatus.CHANGED, tuple(applied))
+
+
+class _Batch:
+    """The steps of one host gathered for one ``batch`` request, each tagged with its change.
+
+    A change counts as applied when its end marker (`add(change, None)`) is reached; `current`
+    is the change whose step failed, for the report. Progress is logged per change as the
+    answers come back: the batch is one round trip, so there is nothing to show before it.
+    """
+
+    def __init__(self, conn: Connection, applied: list[str]) -> None:
+        self.conn = conn
+        self.applied = applied
+        self.current: Change | None = None
+        self._steps: list[AgentStep] = []
+        self._owners: list[Change | None] = []
+        self._ends: dict[int, list[Change]] = {}  # step count at which changes are complete
+
+    async def add(self, change: Change | None, step: AgentStep | None) -> None:
+        if step is None:
+            assert change is not None
+            self._ends.setdefault(len(self._steps), []).append(change)
+            return
+        self._steps.append(step)
+        self._owners.append(change)
+
+    async def flush(self) -> None:
+        """Send what was gathered; raise ActionFailed at the first failed step."""
+        steps, owners, ends = self._steps, self._owners, self._ends
+        self._steps, self._owners, self._ends = [], [], {}
+        if not steps and not ends:
+            return
+        outcomes = await self.conn.agent_batch(steps) if steps else []
+        for done, outcome in enumerate([*outcomes, None]):
+            for change in ends.get(done, []):
+                log.info("change_applied", host=self.conn.name, resource=change.resource,
+                         action=change.action.value)
+                self.applied.append(change.resource)
+            if outcome is None:
+                break
+            if outcome.state is not StepState.OK:
+                self.current = owners[done]
+                raise ActionFailed(self.conn.name, f"agent {outcome.step.op} failed: "
+                                                   f"{outcome.error}")
 
 
 def _why(host: str, error: HostError) -> str:

@@ -538,7 +538,7 @@ def for_plan(cluster: Cluster, plan: Plan, desired: Mapping[str, Sequence[Resour
     if model is None:
         return None
     sync_port = port or cluster.runtime.sync_port
-    peers = {name: Peer(host.ring_ip, int(sync_port)) for name, host in cluster.hosts.items()}
+    peers = {name: Peer(host.ring_address, int(sync_port)) for name, host in cluster.hosts.items()}
     token = hub_token() if isinstance(model.manifest.origin, HubOrigin) else None
     show = sys.stderr.isatty() if tty is None else tty
     return TransferContext(plan, model.manifest, peers, hub_token=token,

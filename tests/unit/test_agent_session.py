@@ -236,6 +236,34 @@ def test_batch_all_ok_one_request(home: Path) -> None:
     assert (home / "f7").read_bytes() != b""
 
 
+def test_a_checked_command_failing_stops_the_batch_an_unchecked_one_does_not(
+        home: Path) -> None:
+    """`check` makes a non-zero exit the step's failure, as apply's command steps need; without
+    it the exit status is an answer, as status and verify read it."""
+    async def scenario() -> None:
+        conn = LocalConnection(home)
+        try:
+            steps = [
+                AgentStep("run", {"argv": ["sh", "-c", "exit 3"]}),
+                AgentStep("run", {"argv": ["sh", "-c", "echo oops >&2; exit 4"], "check": True}),
+                AgentStep("mkdir", {"path": "~/after", "mode": 0o755}),
+            ]
+            outcomes = await conn.agent_batch(steps)
+            assert [o.state for o in outcomes] == [
+                StepState.OK, StepState.FAILED, StepState.NOT_RUN]
+            assert outcomes[0].response is not None
+            assert outcomes[0].response["exit_status"] == 3
+            assert outcomes[1].error == "`sh -c echo oops >&2; exit 4` exited 4: oops"
+            skipped = await conn.agent(
+                "run", {"argv": ["false"], "creates": "~", "check": True})
+            assert skipped["skipped"] is True  # a guarded-out command never fails
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+    assert not (home / "after").exists()
+
+
 def test_malformed_batch_runs_nothing(home: Path) -> None:
     async def scenario() -> None:
         conn = LocalConnection(home)
@@ -325,6 +353,34 @@ def test_raw_session_frames(home: Path) -> None:
     assert answers[4]["stdout"] == "ok\n"
     assert len(answers) == 5
     assert b"stray" in proc.stderr  # fd 1 of the agent is its stderr during a session
+
+
+def test_a_batch_stops_between_steps_once_the_controller_is_gone(home: Path) -> None:
+    """A killed run: the controller's end closes while a step runs. The agent finishes that
+    step (as a single call would) but starts no other, so the node is left as a run killed
+    between two calls leaves it, not converged behind the user's back."""
+    batch = {"steps": [
+        {"op": "run", "request": {"argv": ["sh", "-c", "touch started; "
+                                           "until [ -e closed ]; do sleep 0.05; done"],
+                                  "check": True}},
+        {"op": "write", "request": {"path": "~/late", "mode": 0o600, "sha256": sha(b"x")},
+         "stdin": 1},
+    ]}
+    proc = subprocess.Popen([sys.executable, str(AGENT_FILE), "session"], cwd=home,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "HOME": str(home)})
+    assert proc.stdin is not None
+    proc.stdin.write(frame("batch", batch, b"x"))
+    proc.stdin.close()  # gone while the first step runs: it ends only once this is done
+    (home / "closed").touch()
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert (home / "started").exists()
+    assert not (home / "late").exists()
+    _hello, answer = responses(out)
+    assert answer["failed"] == 1, answer
+    assert "controller went away" in answer["steps"][1]["error"]
 
 
 def test_raw_session_truncated_frame_exits_1(home: Path) -> None:

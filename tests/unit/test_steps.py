@@ -207,3 +207,15 @@ def test_a_saved_plan_round_trips_and_a_format_1_plan_is_refused() -> None:
     assert Plan.from_json(raw) == plan
     with pytest.raises(ValueError, match="plan format 1"):
         Plan.from_json({**raw, "format": 1})
+
+
+def test_a_run_step_says_check_only_when_it_is_off() -> None:
+    """Plans and records written before `check` existed read back unchanged; the agent always
+    gets it explicit."""
+    checked, unchecked = Run(("a",)), Run(("a",), check=False)
+    assert checked.to_json() == {"op": "run", "argv": ["a"]}
+    assert unchecked.to_json() == {"op": "run", "argv": ["a"], "check": False}
+    assert Run.from_request({"argv": ["a"]}) == checked
+    assert Run.from_request({"argv": ["a"], "check": False}) == unchecked
+    assert checked.agent_request() == {"argv": ["a"], "check": True}
+    assert unchecked.agent_request() == {"argv": ["a"], "check": False}

@@ -87,6 +87,29 @@ hosts:
     assert (b.user, b.port, b.memory_gb) == ("everyone", 2200, 16.0)
 
 
+def test_a_cluster_without_a_model_needs_no_ring_ip_nor_memory(tmp_path: Path) -> None:
+    """Only a served model needs a ring rank and RAM to place layers by; tasks need neither."""
+    inventory = "hosts:\n  a: {address: 10.0.0.1}\n  b: {address: 10.0.0.2, ring_ip: 10.1.0.2}\n"
+    tasks_only = CLUSTER.split("model:")[0] + "tasks:\n  - {name: d, directory: {path: /x}}\n"
+    write_case(tmp_path, {"cluster.yml": tasks_only, "inv.yml": inventory})
+    cluster = load_cluster(tmp_path / "cluster.yml")
+    a, b = cluster.hosts["a"], cluster.hosts["b"]
+    assert (a.ring_ip, a.memory_gb, b.ring_ip, b.memory_gb) == (None, None, "10.1.0.2", None)
+    code, output = run_validate(tmp_path / "cluster.yml")
+    assert code == 0, output
+
+
+def test_serving_a_model_requires_ring_ip_and_memory_on_every_host(tmp_path: Path) -> None:
+    """The same inventory with `model:` is refused, each host named at its line."""
+    inventory = "hosts:\n  a: {address: 10.0.0.1}\n  b: {address: 10.0.0.2, memory_gb: 8}\n"
+    write_case(tmp_path, {"cluster.yml": CLUSTER, "inv.yml": inventory})
+    code, output = run_validate(tmp_path / "cluster.yml")
+    assert code == 1
+    inv = tmp_path / "inv.yml"
+    assert f"{inv}:2:3: host 'a' has no `memory_gb`" in output, output
+    assert f"{inv}:3:3: host 'b' has no `ring_ip`" in output, output
+
+
 def test_cli_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
     write_case(tmp_path, {"cluster.yml": CLUSTER + "bogus: 1\n", "inv.yml": INVENTORY})
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate",

@@ -7,7 +7,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
-from orchestrator.executor import CommandResult, Connection
+from orchestrator.executor import (
+    AgentStep,
+    CommandResult,
+    Connection,
+    StepOutcome,
+    StepState,
+)
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.steps import Run
@@ -19,6 +25,7 @@ class Recorder:
 
     def __init__(self, name: str, log: list[tuple[str, str]], fail: bool = False) -> None:
         self.name, self.log, self.fail, self.round_trips = name, log, fail, 0
+        self.batches = 0
 
     async def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
                   timeout: float | None = None) -> CommandResult:
@@ -31,6 +38,19 @@ class Recorder:
         if op == "run" and self.fail:
             return {"skipped": False, "exit_status": 3, "stdout": "", "stderr": "boom"}
         return {"skipped": False, "exit_status": 0, "stdout": "", "stderr": ""}
+
+    async def agent_batch(self, steps: Sequence[AgentStep]) -> list[StepOutcome]:
+        """As the agent does: in order, a checked `run` exiting non-zero fails and ends it."""
+        self.batches += 1
+        await asyncio.sleep(0.01)
+        outcomes: list[StepOutcome] = []
+        for step in steps:
+            self.log.append((self.name, step.op))
+            if step.op == "run" and self.fail and step.request.get("check"):
+                outcomes.append(StepOutcome(step, StepState.FAILED, error="`x` exited 3: boom"))
+                break
+            outcomes.append(StepOutcome(step, StepState.OK, {"skipped": False}))
+        return outcomes + [StepOutcome(s, StepState.NOT_RUN) for s in steps[len(outcomes):]]
 
     async def close(self) -> None:
         return None
@@ -81,3 +101,33 @@ def test_failure_message_names_the_command_and_its_stderr() -> None:
     assert outcome.error is not None
     assert "`x` exited 3: boom" in outcome.error and "command:x" in outcome.error
     assert isinstance(ActionFailed("a", "x"), HostError)
+
+
+def test_a_hosts_steps_go_in_one_batch_between_the_widened_and_the_final_record() -> None:
+    """Three changes, one request: the record widened first, every step in order, the record
+    narrowed last; nothing through single agent calls."""
+    log: list[tuple[str, str]] = []
+    changes = tuple(Change(f"command:{i}", Action.CREATE, (FieldChange("guard", None, "x"),),
+                           (Run((f"c{i}",)), Run((f"d{i}",), check=False))) for i in range(3))
+    plan = Plan("c", "c.yml", (HostPlan("a", changes, {"format": 1, "cluster": "c",
+                                                        "resources": []}),))
+    conn = Recorder("a", log)
+    report = asyncio.run(apply_plan(plan, {"a": conn}))
+    assert report.outcomes[0].status is HostStatus.CHANGED
+    assert report.outcomes[0].applied == ("command:0", "command:1", "command:2")
+    assert conn.batches == 1
+    assert [op for _, op in log] == ["managed_write", *["run"] * 6, "managed_write"]
+
+
+def test_a_failed_step_ends_the_batch_and_only_whole_changes_count_as_applied() -> None:
+    log: list[tuple[str, str]] = []
+    changes = (Change("command:ok", Action.CREATE, (), (Run(("ok",), check=False),)),
+               Change("command:x", Action.CREATE, (), (Run(("ok",), check=False), Run(("x",)))),
+               Change("command:never", Action.CREATE, (), (Run(("never",)),)))
+    plan = Plan("c", "c.yml", (HostPlan("a", changes, {"format": 1, "cluster": "c",
+                                                        "resources": []}),))
+    report = asyncio.run(apply_plan(plan, {"a": Recorder("a", log, fail=True)}))
+    [outcome] = report.outcomes
+    assert outcome.status is HostStatus.FAILED and outcome.applied == ("command:ok",)
+    assert outcome.error is not None and "while applying command:x" in outcome.error
+    assert [op for _, op in log] == ["managed_write", "run", "run", "run"]
