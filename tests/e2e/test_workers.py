@@ -249,7 +249,7 @@ class Lab:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def starts(self) -> dict[str, int]:
-        return {name: self.log(name).count("forming a ring of") for name in self.hosts}
+        return {name: self.log(name).count("forming a ring group of") for name in self.hosts}
 
     def status_file(self, name: str) -> dict[str, object]:
         status = parse_status((self.hosts[name].home
