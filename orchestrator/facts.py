@@ -115,6 +115,7 @@ class FactRequest:
     cluster: str = "default"  # whose managed record to read (one per cluster on a host)
     state_dir: str = ".orch"  # the cluster's runtime.dir, where its managed record is
     sudo: bool = False  # whether `sudo -n` runs orch's root commands without a password
+    rdma: bool = False  # the RDMA devices `ibv_devices` lists (runtime.backend jaccl)
 
     def __post_init__(self) -> None:
         for name in ("files", "venvs", "sysctl", "trees", "texts"):
@@ -139,6 +140,7 @@ class FactRequest:
             managed=any(p.managed for p in parts),
             cluster=_one_cluster(parts),
             sudo=any(p.sudo for p in parts),
+            rdma=any(p.rdma for p in parts),
             state_dir=next((p.state_dir for p in parts if p.state_dir != ".orch"), ".orch"),
         )
 
@@ -150,12 +152,12 @@ class FactRequest:
                            guards=self.guards - other.guards, trees=self.trees - other.trees,
                            texts=self.texts - other.texts, managed=False,
                            cluster=self.cluster, sudo=self.sudo and not other.sudo,
-                           state_dir=self.state_dir)
+                           rdma=self.rdma and not other.rdma, state_dir=self.state_dir)
 
     @property
     def empty(self) -> bool:
         return not (self.files or self.venvs or self.launchd or self.sysctl or self.guards
-                    or self.trees or self.texts or self.managed or self.sudo)
+                    or self.trees or self.texts or self.managed or self.sudo or self.rdma)
 
     def to_json(self) -> dict[str, Any]:
         """The agent's `facts` request, sorted so equal requests serialize identically
@@ -174,6 +176,8 @@ class FactRequest:
         }
         if self.sudo:
             request["sudo"] = True
+        if self.rdma:
+            request["rdma"] = True
         return request
 
 
@@ -205,6 +209,7 @@ class HostFacts:
     managed: Mapping[str, Any] = field(default_factory=dict)
     counters: Mapping[str, int] = field(default_factory=dict)
     sudo: bool | None = None  # `sudo -n` works for orch's root commands; None: not asked
+    rdma_devices: tuple[str, ...] | None = None  # what `ibv_devices` lists; None: not asked
 
     def merged(self, more: HostFacts) -> HostFacts:
         """These facts plus those of a second, smaller request to the same host."""
@@ -220,6 +225,7 @@ class HostFacts:
             counters=MappingProxyType({k: self.counters.get(k, 0) + more.counters.get(k, 0)
                                        for k in {*self.counters, *more.counters}}),
             sudo=self.sudo if more.sudo is None else more.sudo,
+            rdma_devices=self.rdma_devices if more.rdma_devices is None else more.rdma_devices,
         )
 
     def file(self, path: str) -> FileFact:
@@ -344,6 +350,16 @@ TOP_KEYS = (
 )
 
 
+OPTIONAL_KEYS = ("sudo", "rdma")  # answered only when asked: each runs a command
+
+
+def _rdma_devices(r: _Reader) -> tuple[str, ...]:
+    devices = r.get("rdma", list)
+    if not all(isinstance(d, str) and d for d in devices):
+        r.fail(f"rdma should be a list of device names, got {devices!r:.80}")
+    return tuple(devices)
+
+
 def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None = None) -> HostFacts:
     """Parse the agent's `facts` answer; ActionFailed(host) on any unknown, missing or bad key.
 
@@ -351,7 +367,7 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
     were answered.
     """
     r = _Reader(host, "facts", raw)
-    r.expect_keys((*TOP_KEYS, "sudo") if "sudo" in r.raw else TOP_KEYS)
+    r.expect_keys((*TOP_KEYS, *(k for k in OPTIONAL_KEYS if k in r.raw)))
     r.child("agent").expect_keys(("version",))
     os_r = r.child("os")
     os_r.expect_keys(("system", "product_version"))
@@ -380,6 +396,7 @@ def parse_facts(host: str, raw: Mapping[str, Any], request: FactRequest | None =
         managed=MappingProxyType(dict(r.get("managed", Mapping))),
         counters=MappingProxyType({k: counters.get(k, int) for k in counters.raw}),
         sudo=r.get("sudo", bool) if "sudo" in r.raw else None,
+        rdma_devices=_rdma_devices(r) if "rdma" in r.raw else None,
     )
     if request is not None:
         _check_answers(r, facts, request)
@@ -403,3 +420,6 @@ def _check_answers(r: _Reader, facts: HostFacts, request: FactRequest) -> None:
             r.fail(f"{name} answered {sorted(got)}, requested {sorted(keys)}")
     if (facts.sudo is not None) != request.sudo:
         r.fail("sudo answered" if facts.sudo is not None else "sudo requested, not answered")
+    if (facts.rdma_devices is not None) != request.rdma:
+        r.fail("rdma answered" if facts.rdma_devices is not None
+               else "rdma requested, not answered")

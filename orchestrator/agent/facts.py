@@ -196,14 +196,25 @@ def sudo_works() -> bool:
     return run_status(probe, None, None, 30) == 0
 
 
+def rdma_devices() -> list[str]:
+    """The RDMA devices ``ibv_devices`` lists (``rdma_en2``, ...): none when RDMA is disabled
+    (``rdma_ctl enable`` from Recovery was never run) or the tool is absent (macOS < 26.2).
+
+    Read as ``mlx.distributed_config``'s ``check_rdma`` reads it: every whitespace-separated
+    word of the output that starts with ``rdma_`` (the header and the GUID column do not).
+    """
+    out = capture(["ibv_devices"]) or ""
+    return [word for word in out.split() if word.startswith("rdma_")]
+
+
 def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     (files, venvs, launchd, sysctls, guards, trees, texts, managed, cluster, read_only,
-     sudo, directory) = fields(
+     sudo, directory, rdma) = fields(
         req,
         (),
         {"files": [], "venvs": [], "launchd": [], "sysctl": [], "guards": [], "trees": [],
          "texts": [], "managed": True, "cluster": "default", "read_only": False,
-         "sudo": False, "dir": None},
+         "sudo": False, "dir": None, "rdma": False},
     )
     if not isinstance(launchd, list) or not isinstance(guards, list):
         raise AgentError("launchd and guards must be lists")
@@ -220,6 +231,8 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
             where = record_path(cluster, directory)
             raise AgentError(f"{where} is not valid JSON: {exc}") from None
     answer: Response = {} if not sudo else {"sudo": sudo_works()}
+    if rdma:
+        answer["rdma"] = rdma_devices()
     return {
         **answer,
         "agent": {"version": own_version()},

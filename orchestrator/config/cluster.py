@@ -25,6 +25,7 @@ class Host:
     chip: str | None = None
     drained: bool = False
     groups: tuple[str, ...] = ()
+    rdma: tuple[tuple[str, str], ...] = ()  # (peer host, this Mac's RDMA device to it), sorted
 
     @property
     def memory_bytes(self) -> int:
@@ -46,6 +47,10 @@ class PlacementSpec:
     reserve_gb: float | None = None
     overhead: float | None = None
     kv_cache_gb: float | None = None
+    parallelism: Literal["auto", "tensor", "pipeline"] = "auto"
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = None
+    link_latency_ms: float | None = None
+    link_bandwidth_gb_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Runtime:
     throttle_interval: int = 10
     dir: str = ".orch"
     launchd_domain: Literal["system", "user"] = "system"  # where the workers run (README)
+    backend: Literal["ring", "jaccl", "jaccl-ring"] = "ring"  # MLX's distributed backend
 
 
 @dataclass(frozen=True)

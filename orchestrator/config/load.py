@@ -89,6 +89,7 @@ def load_cluster(path: Path) -> Cluster:
             throttle_interval=spec.runtime.throttle_interval,
             dir=spec.runtime.dir,
             launchd_domain=spec.runtime.launchd_domain,
+            backend=spec.runtime.backend,
         ),
         tasks=tasks,
         groups=groups,
@@ -189,6 +190,12 @@ def _resolve_hosts(
                                       f"{endpoints[endpoint]!r}; expected one entry per Mac",
                                       at_key=False))
         endpoints.setdefault(endpoint, name)
+        others = {h: h for h in inventory.hosts if h != name}
+        for peer in entry.rdma or {}:
+            if peer not in others:
+                errors.append(source.diag((*path, "rdma", peer),
+                                          f"rdma peer {peer!r} is not another host in this "
+                                          f"inventory; expected one of: {_names(others)}"))
         if _looks_like_bad_ip(entry.address):
             errors.append(source.diag((*path, "address"),
                                       f"address {entry.address!r} is not a valid IP address; "
@@ -204,6 +211,7 @@ def _resolve_hosts(
             chip=merged.get("chip"),  # type: ignore[arg-type]
             drained=bool(merged.get("drained", False)),
             groups=tuple(membership.get(name, [])),
+            rdma=tuple(sorted((entry.rdma or {}).items())),
         )
     groups = {g: tuple(group.hosts) for g, group in inventory.groups.items()}
     return hosts, groups
@@ -271,7 +279,9 @@ def _placement(section: models.PlacementSection, source: SourceMap, hosts: dict[
             seen.add(node)
     return PlacementSpec(nodes=nodes,
                          reserve_gb=section.reserve_gb, overhead=section.overhead,
-                         kv_cache_gb=section.kv_cache_gb)
+                         kv_cache_gb=section.kv_cache_gb, parallelism=section.parallelism,
+                         link=section.link, link_latency_ms=section.link_latency_ms,
+                         link_bandwidth_gb_s=section.link_bandwidth_gb_s)
 
 
 def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str],

@@ -61,6 +61,9 @@ class HostEntry(HostVars):
 
     address: str = Field(description="hostname or IP that SSH connects to")
     ring_ip: IPAddress = Field(description="IP the MLX ring uses (Thunderbolt or Ethernet)")
+    rdma: dict[HostName, str] | None = Field(
+        None, description="runtime.backend jaccl: this Mac's RDMA device (ibv_devices) that "
+                          "reaches each peer over its Thunderbolt cable, e.g. {studio-2: rdma_en3}")
 
 
 class Group(_Strict):
@@ -99,6 +102,18 @@ class PlacementSection(_Strict):
     overhead: float | None = Field(
         None, ge=0, le=2, description="the guide's O: runtime overhead as a share of weights")
     kv_cache_gb: float | None = Field(None, ge=0, description="KV cache budget per node")
+    parallelism: Literal["auto", "tensor", "pipeline"] = Field(
+        "auto", description="how the model is split: `pipeline` (layers per rank), `tensor` "
+                            "(every layer split across all ranks) or `auto` (tensor when it "
+                            "fits and its decode estimate is faster)")
+    link: Literal["ethernet", "thunderbolt", "rdma"] | None = Field(
+        None, description="the network between the Macs, for the decode estimates: `ethernet` "
+                          "(default), `thunderbolt` (IP over a Thunderbolt bridge) or `rdma` "
+                          "(jaccl over Thunderbolt 5)")
+    link_latency_ms: float | None = Field(
+        None, gt=0, description="one message's latency over the link (default: by `link`)")
+    link_bandwidth_gb_s: float | None = Field(
+        None, gt=0, description="GB/s one Mac sends over the link (default: by `link`)")
 
 
 class RuntimeSection(_Strict):
@@ -118,6 +133,10 @@ class RuntimeSection(_Strict):
     launchd_domain: Literal["system", "user"] = Field(
         "system", description="system: workers are LaunchDaemons (load at boot, exempt from "
                               "Local Network Privacy; need NOPASSWD sudo); user: LaunchAgents")
+    backend: Literal["ring", "jaccl", "jaccl-ring"] = Field(
+        "ring", description="MLX's distributed backend: ring (TCP over ring_ip), jaccl (RDMA "
+                            "over Thunderbolt 5, a cable between every two nodes), jaccl-ring "
+                            "(RDMA, a ring of cables); jaccl needs the hosts' `rdma` devices")
 
 
 class TemplateTask(_Strict):

@@ -51,6 +51,18 @@ class Footprint:
 
 
 @dataclass(frozen=True)
+class LoadedTensor:
+    """One tensor a rank loads (MTP layers past ``num_layers`` are left out): for the tensor
+    split, which shards each tensor by its name and shape (`placement.shard`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    nbytes: int
+    active: int  # bytes one decoded token reads (routed experts: the top-k share)
+    layer: int | None  # None: the tensors every pipeline rank holds
+
+
+@dataclass(frozen=True)
 class ModelFile:
     """One weight file and what a rank needs it for."""
 
@@ -77,6 +89,10 @@ class ModelMeta:
     group_size: int | None = None
     kv_bytes_per_token_layer: int | None = None  # one token's KV cache in one layer
     estimated: bool = False  # built from a parameter count (the guide's formula), not headers
+    tensors: tuple[LoadedTensor, ...] = ()  # every loaded tensor, in file then header order
+    num_heads: int | None = None  # attention heads (config.json), which the tensor split divides
+    num_kv_heads: int | None = None
+    hidden_size: int | None = None  # one token's activation width: what an all-reduce sends
 
     @property
     def total_bytes(self) -> int:
@@ -135,6 +151,7 @@ def build_meta(
     shared = Footprint()
     unused = 0
     parameters = 0
+    loaded: list[LoadedTensor] = []
     for file in file_names:
         by_name = tensors_by_file[file]
         for t in by_name.values():
@@ -155,6 +172,8 @@ def build_meta(
             if layer is None and "embed_tokens" in t.name and _has_head(weight_map):
                 active = 0  # an embedding lookup reads one row per token, not the table
             part = Footprint(t.nbytes, active, t.nbytes if packed else 0)
+            if layer is None or layer < num_layers:
+                loaded.append(LoadedTensor(t.name, t.shape, t.nbytes, active, layer))
             if layer is None:
                 shared += part
             elif layer < num_layers:
@@ -193,6 +212,10 @@ def build_meta(
         bits=bits,
         group_size=group_size,
         kv_bytes_per_token_layer=_kv_bytes_per_token_layer(config),
+        tensors=tuple(loaded),
+        num_heads=_get_int(config, "num_attention_heads"),
+        num_kv_heads=_get_int(config, "num_key_value_heads"),
+        hidden_size=_get_int(config, "hidden_size"),
     )
 
 
@@ -213,7 +236,7 @@ def requantized(meta: ModelMeta, bits: int) -> ModelMeta:
 
     return replace(meta, source=f"{meta.source} re-quantized to {bits}-bit (estimate)",
                    layers=tuple(scale(fp) for fp in meta.layers), shared=scale(meta.shared),
-                   bits=bits)
+                   bits=bits, tensors=())  # no headers: no exact tensor split
 
 
 def load_local_meta(root: Path) -> ModelMeta:

@@ -1,14 +1,16 @@
-"""Placement: will the model fit, on which Macs, how many layers each — before touching a host.
+"""Placement: will the model fit, on which Macs, how split — before touching a host.
 
 Data flows one way: `load_model_meta` measures the model through `orchestrator.model` (config,
-index, safetensors headers; local or Hub, never the weights), `plan_placement` chooses nodes
-and an exact memory-weighted layer split, and `render_table` / `to_json` show the result.
-`require_fit` turns a placement that does not fit into a `PlacementError` carrying the numbers.
+index, safetensors headers; local or Hub, never the weights), `plan_placement` computes the
+pipeline split (nodes and an exact memory-weighted layer split) and the tensor split (exact
+bytes per rank), picks one by ``placement.parallelism``, and `render_table` / `to_json` show
+both. `require_fit` turns a placement that does not fit into a `PlacementError` with numbers.
 
-Modules: `policy` (the memory model and its calibrated defaults), `chips` (bandwidth
-table), `split` (the exact solver), `choose` (node choice, refusals), `estimate` (the guide's
-formula and the decode-speed bound), `render` (views), `adapter` (cluster file → inputs),
-`intent` (placement and the manifest together: what the cluster asks for).
+Modules: `policy` (the memory model, its calibrated defaults, the link), `chips` (bandwidth
+table), `split` (the exact solver), `choose` (pipeline node choice, refusals), `shard`
+(mlx-lm's ``shard()`` rule over the headers), `tensor` (the tensor split), `parallel` (which
+split), `estimate` (the guide's formula and both decode-speed bounds), `render` (views),
+`adapter` (cluster file → inputs), `intent` (placement and the manifest together).
 """
 
 from orchestrator.placement.adapter import (
@@ -20,6 +22,7 @@ from orchestrator.placement.adapter import (
 from orchestrator.placement.chips import bandwidth_gbps, normalize_chip
 from orchestrator.placement.choose import (
     NodePlacement,
+    Parallelism,
     Placement,
     place,
     refusal_message,
@@ -31,6 +34,7 @@ from orchestrator.placement.estimate import (
     estimated_meta,
     guide_estimate_bytes,
 )
+from orchestrator.placement.parallel import Requested, place_model
 from orchestrator.placement.policy import (
     DEFAULT_KV_CACHE_GB,
     DEFAULT_OVERHEAD,
@@ -52,6 +56,7 @@ from orchestrator.placement.split import (
     layer_ranges,
     solve,
 )
+from orchestrator.placement.tensor import place_tensor, tensor_rank_bytes
 
 __all__ = [
     "DEFAULT_KV_CACHE_GB",
@@ -64,8 +69,10 @@ __all__ = [
     "DecodeEstimate",
     "NodePlacement",
     "NodeSpec",
+    "Parallelism",
     "Placement",
     "PlacementPolicy",
+    "Requested",
     "SplitProblem",
     "SplitResult",
     "bandwidth_gbps",
@@ -79,12 +86,15 @@ __all__ = [
     "nodes_from_cluster",
     "normalize_chip",
     "place",
+    "place_model",
+    "place_tensor",
     "plan_placement",
     "policy_from_cluster",
     "refusal_message",
     "render_table",
     "require_fit",
     "solve",
+    "tensor_rank_bytes",
     "to_json",
     "wired_limit_mb",
 ]

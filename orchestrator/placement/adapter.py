@@ -14,7 +14,8 @@ from orchestrator.errors import ModelError
 from orchestrator.model.hub import HubClient, Transport, load_hub_meta, urllib_transport
 from orchestrator.model.meta import ModelMeta, load_local_meta
 from orchestrator.model.token import hub_token
-from orchestrator.placement.choose import Placement, place
+from orchestrator.placement.choose import Placement
+from orchestrator.placement.parallel import place_model
 from orchestrator.placement.policy import GUIDE_OVERHEAD, NodeSpec, PlacementPolicy
 
 
@@ -35,13 +36,15 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
     if overhead is None and meta is not None and meta.estimated:
         overhead = GUIDE_OVERHEAD
     return PlacementPolicy.from_settings(reserve_gb=spec.reserve_gb, overhead=overhead,
-                                         kv_cache_gb=spec.kv_cache_gb)
+                                         kv_cache_gb=spec.kv_cache_gb, link=spec.link,
+                                         link_latency_ms=spec.link_latency_ms,
+                                         link_bandwidth_gb_s=spec.link_bandwidth_gb_s)
 
 
 def plan_placement(cluster: Cluster, meta: ModelMeta) -> Placement:
     """Place the cluster's model; `require_fit` on the result refuses with numbers."""
-    return place(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
-                 cluster.listed_nodes)
+    return place_model(meta, nodes_from_cluster(cluster), policy_from_cluster(cluster, meta),
+                       cluster.listed_nodes, cluster.placement.parallelism)
 
 
 def load_model_meta(spec: ModelSpec, *, environ: Mapping[str, str] | None = None,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from orchestrator.errors import PlacementError
 from orchestrator.model.meta import ModelMeta, files_for_layers, requantized
@@ -41,6 +42,8 @@ from orchestrator.placement.split import (
 # Bit widths MLX's affine quantization supports, for the "fewer bits" suggestion.
 MLX_BITS = (8, 6, 5, 4, 3, 2)
 
+Parallelism = Literal["pipeline", "tensor"]
+
 
 @dataclass(frozen=True)
 class NodePlacement:
@@ -51,8 +54,8 @@ class NodePlacement:
     chip: str | None
     memory_bytes: int
     usable_bytes: int
-    layers: tuple[int, int]  # start, end (exclusive), as mlx-lm's start_idx / end_idx
-    weight_bytes: int  # its layers + the tensors every rank holds
+    layers: tuple[int, int]  # start, end (exclusive), as mlx-lm's start_idx / end_idx; tensor: all
+    weight_bytes: int  # pipeline: its layers + the tensors every rank holds; tensor: its slice
     overhead_bytes: int
     kv_cache_bytes: int
     files: tuple[str, ...]
@@ -93,6 +96,11 @@ class Placement:
     drained: tuple[str, ...] = ()  # hosts left out because they are drained
     problems: tuple[str, ...] = ()  # why it does not fit, with numbers
     suggestions: tuple[str, ...] = ()  # smallest changes that would make it fit
+    # How the model is split: "pipeline" (each rank a range of layers, `split`) or "tensor"
+    # (every rank 1/N of every sharded tensor, all layers, every weight file on disk).
+    parallelism: Parallelism = "pipeline"
+    alternative: Placement | None = None  # the other split, as computed, for the views
+    reason: str | None = None  # why this split and not the alternative
 
     @property
     def required_bytes(self) -> int:
@@ -110,35 +118,24 @@ class Placement:
 
 def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolicy,
           requested: Sequence[str] | None = None) -> Placement:
-    """Place ``meta`` on ``inventory`` (in inventory order); ``requested`` = a fixed ring order.
+    """The pipeline split of ``meta`` on ``inventory`` (in inventory order); ``requested`` = a
+    fixed ring order. `parallel.place_model` chooses between this and the tensor split.
 
     Pure: never touches a host. Returns a `Placement` whether or not it fits (`fits`, and
     `problems` / `suggestions` when not); `require_fit` turns a refusal into a `PlacementError`.
     """
-    by_name = {node.name: node for node in inventory}
-    if requested is not None:
-        unknown = [name for name in requested if name not in by_name]
-        if unknown:
-            raise PlacementError(f"placement.nodes names host(s) not in the inventory: "
-                                 f"{', '.join(unknown)}")
-        pool = [by_name[name] for name in requested]
-    else:
-        pool = list(inventory)
-    drained = tuple(n.name for n in pool if n.drained)
-    candidates = [n for n in pool if not n.drained]
-    if requested is None:
-        candidates = _by_preference(candidates, policy)
+    candidates, drained = candidate_pool(inventory, policy, requested)
     if not candidates:
-        return _nothing(meta, policy, drained, "no nodes to place on"
-                        + (f": every candidate is drained ({', '.join(drained)})" if drained
-                           else ""))
+        return nothing(meta, policy, drained, "no nodes to place on"
+                       + (f": every candidate is drained ({', '.join(drained)})" if drained
+                          else ""))
     chosen = candidates
     if requested is None:
         chosen = next((candidates[:k] for k in range(1, len(candidates) + 1)
                        if has_split(_problem(meta, candidates[:k], policy))),
                       candidates[:meta.num_layers])
     if len(chosen) > meta.num_layers:
-        return _nothing(meta, policy, drained,
+        return nothing(meta, policy, drained,
                         f"{len(chosen)} nodes but the model has {meta.num_layers} layers; "
                         "every rank needs at least one")
     problem = _problem(meta, chosen, policy)
@@ -157,6 +154,29 @@ def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolic
     if result.fits:
         return placement
     return _refusal(placement, meta, chosen, inventory, policy)
+
+
+def candidate_pool(inventory: Sequence[NodeSpec], policy: PlacementPolicy,
+                   requested: Sequence[str] | None) -> tuple[list[NodeSpec], tuple[str, ...]]:
+    """The nodes that may serve, in the order they are tried, and the drained ones left out.
+
+    ``requested`` (``placement.nodes``) is used as written; otherwise the preference order of
+    the module doc. Unknown names are a `PlacementError`.
+    """
+    by_name = {node.name: node for node in inventory}
+    if requested is not None:
+        unknown = [name for name in requested if name not in by_name]
+        if unknown:
+            raise PlacementError(f"placement.nodes names host(s) not in the inventory: "
+                                 f"{', '.join(unknown)}")
+        pool = [by_name[name] for name in requested]
+    else:
+        pool = list(inventory)
+    drained = tuple(n.name for n in pool if n.drained)
+    candidates = [n for n in pool if not n.drained]
+    if requested is None:
+        candidates = by_preference(candidates, policy)
+    return candidates, drained
 
 
 def require_fit(placement: Placement) -> Placement:
@@ -183,7 +203,7 @@ def gb(n: int | float) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def _by_preference(nodes: Sequence[NodeSpec], policy: PlacementPolicy) -> list[NodeSpec]:
+def by_preference(nodes: Sequence[NodeSpec], policy: PlacementPolicy) -> list[NodeSpec]:
     order = {node.name: i for i, node in enumerate(nodes)}
     return sorted(nodes, key=lambda n: (-policy.usable(n.memory_bytes),
                                         -(bandwidth_gbps(n.chip, n.memory_bytes) or 0.0),
@@ -218,10 +238,12 @@ def _node_placements(meta: ModelMeta, nodes: Sequence[NodeSpec], policy: Placeme
     return tuple(placements)
 
 
-def _nothing(meta: ModelMeta, policy: PlacementPolicy, drained: tuple[str, ...],
-             problem: str) -> Placement:
+def nothing(meta: ModelMeta, policy: PlacementPolicy, drained: tuple[str, ...],
+            problem: str, parallelism: Parallelism = "pipeline") -> Placement:
+    """A placement on no node, refused for ``problem``."""
     return Placement(meta=meta, policy=policy, nodes=(), fits=False, even_split_fits=False,
-                     even_split_bytes=(), decode=None, drained=drained, problems=(problem,))
+                     even_split_bytes=(), decode=None, drained=drained, problems=(problem,),
+                     parallelism=parallelism)
 
 
 def _refusal(placement: Placement, meta: ModelMeta, chosen: Sequence[NodeSpec],

@@ -19,6 +19,19 @@ lm_head: each rank computes the head on the gathered state, concurrently), BW_r 
 memory bandwidth (`chips.py`), and the 2 (N − 1) hops are the activations passed down the ring
 plus the all-gather that follows. Peak bandwidth is never reached, so the estimate is an upper
 bound on tokens per second, not a promise.
+
+Decode speed for the tensor split (every rank runs every layer on its 1/N slice)::
+
+    s/token ≈ max_r A_r / BW_r  +  2 L × all_reduce(M)
+    all_reduce(M) = 2 (N − 1) × (latency + M / (N × link_bandwidth))
+
+A_r are the bytes rank r reads per token — its slice of the sharded tensors plus the whole of
+the replicated ones (`shard.tensor_split`) — read concurrently by all ranks; L layers each end
+two all-reduces (attention's ``o_proj`` and the MLP's ``down_proj`` / the MoE's sum) of one
+token's activations, M = hidden_size × 2 bytes (bf16), done as a ring all-reduce: 2 (N − 1)
+steps, each one message of M / N bytes. Latency and bandwidth are the link's
+(`policy.LINKS`: ethernet, thunderbolt, rdma), so the tensor split wins on RDMA and loses on
+TCP, where 2 L × 2 (N − 1) message latencies dominate. Also an upper bound, and an estimate.
 """
 
 from __future__ import annotations
@@ -27,10 +40,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.model.meta import Footprint, ModelMeta
-from orchestrator.placement.policy import GB, GUIDE_OVERHEAD
+from orchestrator.placement.policy import GB, GUIDE_OVERHEAD, Link
 
 DECODE_FORMULA = "s/token ≈ Σ active_bytes_r / bandwidth_r + max_r head_bytes / bandwidth_r " \
                  "+ 2 (N − 1) × hop_latency"
+TENSOR_DECODE_FORMULA = ("s/token ≈ max_r active_bytes_r / bandwidth_r + 2 layers × "
+                         "2 (N − 1) × (link_latency + activation_bytes / (N × link_bandwidth))")
+ACTIVATION_BYTES = 2  # bf16 activations, what the all-reduces carry
 
 
 def guide_estimate_bytes(num_parameters: float, bits: float,
@@ -89,3 +105,21 @@ def decode_estimate(meta: ModelMeta, ranges: Sequence[tuple[int, int]],
     return DecodeEstimate(
         seconds_per_token=sum(rank_seconds) + head_seconds + hop_seconds,
         rank_seconds=rank_seconds, head_seconds=head_seconds, hop_seconds=hop_seconds)
+
+
+def tensor_decode_estimate(num_layers: int, hidden_size: int | None,
+                           rank_active: Sequence[int],
+                           bandwidths_gbps: Sequence[float | None],
+                           link: Link) -> DecodeEstimate | None:
+    """The tensor split's estimate; None when a chip's bandwidth or the hidden size is unknown."""
+    if (not rank_active or hidden_size is None
+            or any(bw is None or bw <= 0 for bw in bandwidths_gbps)):
+        return None
+    rates = [bw * GB for bw in bandwidths_gbps if bw is not None]
+    rank_seconds = tuple(a / rate for a, rate in zip(rank_active, rates, strict=True))
+    n = len(rank_active)
+    message = hidden_size * ACTIVATION_BYTES
+    all_reduce = 2 * (n - 1) * (link.latency_s + message / (n * link.bandwidth_bytes_s))
+    comm = 2 * num_layers * all_reduce
+    return DecodeEstimate(seconds_per_token=max(rank_seconds) + comm,
+                          rank_seconds=rank_seconds, head_seconds=0.0, hop_seconds=comm)

@@ -50,6 +50,30 @@ DEFAULT_HOP_LATENCY_S = 0.0005
 
 
 @dataclass(frozen=True)
+class Link:
+    """The network between ranks, as the decode estimates see it: one message's latency and
+    the bytes per second one rank can send. Defaults are assumptions, not measurements."""
+
+    name: str
+    latency_s: float
+    bandwidth_bytes_s: float
+
+
+# `placement.link` defaults (override with link_latency_ms / link_bandwidth_gb_s):
+# * ethernet    — MLX's ring backend (TCP) over 10 GbE: 0.5 ms per message, 1.25 GB/s;
+# * thunderbolt — the ring backend over IP on a Thunderbolt bridge: 0.25 ms, 2.5 GB/s (TCP
+#   through the kernel; the cable's 40–80 Gb/s are not what a socket sees);
+# * rdma        — the jaccl backends, RDMA over Thunderbolt 5 (macOS ≥ 26.2): 0.02 ms, 8 GB/s
+#   (an order of magnitude below TCP's latency, Apple's TN3205 and MLX's docs).
+LINKS: dict[str, Link] = {
+    "ethernet": Link("ethernet", DEFAULT_HOP_LATENCY_S, 1.25 * 10**9),
+    "thunderbolt": Link("thunderbolt", 0.00025, 2.5 * 10**9),
+    "rdma": Link("rdma", 0.00002, 8 * 10**9),
+}
+DEFAULT_LINK = "ethernet"
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     """A Mac as placement sees it: a name, its RAM, its chip, whether it is rolled out."""
 
@@ -67,16 +91,25 @@ class PlacementPolicy:
     kv_cache_bytes: int = int(DEFAULT_KV_CACHE_GB * GB)
     overhead: Fraction = Fraction(str(DEFAULT_OVERHEAD))
     hop_latency_s: float = DEFAULT_HOP_LATENCY_S
+    link: Link = LINKS[DEFAULT_LINK]  # hop_latency_s is its latency when built from settings
 
     @classmethod
     def from_settings(cls, reserve_gb: float | None = None, overhead: float | None = None,
-                      kv_cache_gb: float | None = None) -> PlacementPolicy:
+                      kv_cache_gb: float | None = None, link: str | None = None,
+                      link_latency_ms: float | None = None,
+                      link_bandwidth_gb_s: float | None = None) -> PlacementPolicy:
         """Build from the cluster file's `placement:` keys; None keeps the calibrated default."""
+        base = LINKS[link or DEFAULT_LINK]
+        chosen = Link(base.name,
+                      base.latency_s if link_latency_ms is None else link_latency_ms / 1000,
+                      base.bandwidth_bytes_s if link_bandwidth_gb_s is None
+                      else link_bandwidth_gb_s * GB)
         return cls(
             reserve_bytes=None if reserve_gb is None else round(reserve_gb * GB),
             kv_cache_bytes=round((DEFAULT_KV_CACHE_GB if kv_cache_gb is None else kv_cache_gb)
                                  * GB),
             overhead=Fraction(str(DEFAULT_OVERHEAD if overhead is None else overhead)),
+            hop_latency_s=chosen.latency_s, link=chosen,
         )
 
     def reserve(self, memory_bytes: int) -> int:

@@ -16,34 +16,28 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.placement.choose import Placement, gb, refusal_message
-from orchestrator.placement.estimate import DECODE_FORMULA
+from orchestrator.placement.estimate import DECODE_FORMULA, TENSOR_DECODE_FORMULA
 from orchestrator.placement.policy import DEFAULT_RESERVE_FRACTION, GB
 
 _SHARD = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 
 
 def render_table(placement: Placement, width: int = 132) -> str:
-    """The human view: model line, one row per rank, then the verdict."""
+    """The human view: model line; the chosen split's table and verdict; the other split's;
+    then which was chosen and why."""
     meta = placement.meta
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, highlight=False)
     console.print(_model_line(placement))
-    if placement.nodes:
-        table = Table(title=None, show_edge=False, pad_edge=False)
-        for column, justify in [("rank", "right"), ("node", "left"), ("chip", "left"),
-                                ("RAM GB", "right"), ("usable GB", "right"),
-                                ("layers", "left"), ("weights GB", "right"),
-                                ("need GB", "right"), ("headroom GB", "right"),
-                                ("files", "left")]:
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
-        for node in placement.nodes:
-            start, end = node.layers
-            table.add_row(
-                str(node.rank), node.name, node.chip or "?", _num(node.memory_bytes),
-                _num(node.usable_bytes), f"{start}–{end - 1} ({node.num_layers})",
-                _num(node.weight_bytes), _num(node.bytes), _num(node.headroom_bytes),
-                _files(node.files))
-        console.print(table)
+    splits = [(placement, "chosen")]
+    if placement.alternative is not None:
+        splits.append((placement.alternative, "not chosen"))
+    for split, label in splits:
+        if placement.alternative is not None:
+            console.print(f"{split.parallelism.capitalize()} split ({label}):")
+        _table(console, split)
+        for line in _verdict(split) if split.parallelism == "pipeline" else _tensor_verdict(split):
+            console.print(line)
     console.print("GB = 10^9 bytes. need = weights + overhead "
                   f"{float(placement.policy.overhead):.0%} + KV cache "
                   f"{gb(placement.policy.kv_cache_bytes)}; usable = RAM − reserve"
@@ -51,17 +45,76 @@ def render_table(placement: Placement, width: int = 132) -> str:
                      f" (RAM/{int(1 / DEFAULT_RESERVE_FRACTION)}, 4–16 GB)")
                   + (". Sizes are ESTIMATES (parameter count only)." if meta.estimated
                      else "."))
-    for line in _verdict(placement):
-        console.print(line)
+    if placement.reason is not None:
+        console.print(f"Chosen: {placement.parallelism} — {placement.reason}.")
     return out.getvalue()
 
 
+def _table(console: Console, placement: Placement) -> None:
+    if not placement.nodes:
+        return
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    for column, justify in [("rank", "right"), ("node", "left"), ("chip", "left"),
+                            ("RAM GB", "right"), ("usable GB", "right"),
+                            ("layers", "left"), ("weights GB", "right"),
+                            ("need GB", "right"), ("headroom GB", "right"),
+                            ("files", "left")]:
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    tensor = placement.parallelism == "tensor"
+    for node in placement.nodes:
+        start, end = node.layers
+        table.add_row(
+            str(node.rank), node.name, node.chip or "?", _num(node.memory_bytes),
+            _num(node.usable_bytes),
+            f"all {node.num_layers}, 1/{len(placement.nodes)}" if tensor
+            else f"{start}–{end - 1} ({node.num_layers})",
+            _num(node.weight_bytes), _num(node.bytes), _num(node.headroom_bytes),
+            _files(node.files))
+    console.print(table)
+
+
+def _tensor_verdict(placement: Placement) -> list[str]:
+    n = len(placement.nodes)
+    if not placement.fits:
+        return ["Tensor split does not fit"
+                + (f" on {', '.join(x.name for x in placement.nodes)}" if n else "") + ":",
+                *(f"  {p}" for p in placement.problems)]
+    lines = [f"Tensor split fits on {n} node{'s' if n != 1 else ''}: each rank holds "
+             f"{gb(placement.nodes[0].weight_bytes)} of weights (its 1/{n} of the split tensors "
+             "and all replicated ones, exact from the headers) and needs every weight file "
+             f"({gb(placement.nodes[0].download_bytes)})."]
+    if placement.decode is not None:
+        link = placement.policy.link
+        lines.append(f"Decode ≤ {placement.decode.tokens_per_second:.1f} tokens/s "
+                     "(estimate: each rank's slice ÷ its chip's memory bandwidth, plus 2 "
+                     f"all-reduces per layer over the {link.name} link, "
+                     f"{link.latency_s * 1000:g} ms and {link.bandwidth_bytes_s / GB:g} GB/s; "
+                     "an upper bound).")
+    if placement.not_chosen:
+        lines.append(f"Not used by the tensor split: {', '.join(placement.not_chosen)}.")
+    return lines
+
+
 def to_json(placement: Placement) -> dict[str, Any]:
-    """The machine view: exact bytes, one object (see the issue's `orch place --json`)."""
+    """The machine view: exact bytes, one object (see the issue's `orch place --json`).
+
+    The top-level keys describe the chosen split; ``splits`` holds both, each in the same
+    shape (without ``splits``), and ``reason`` says why the chosen one was.
+    """
+    doc = _split_json(placement)
+    doc["reason"] = placement.reason
+    doc["splits"] = {p.parallelism: _split_json(p)
+                     for p in (placement, placement.alternative) if p is not None}
+    return doc
+
+
+def _split_json(placement: Placement) -> dict[str, Any]:
     meta = placement.meta
     decode = placement.decode
+    link = placement.policy.link
     return {
         "fits": placement.fits,
+        "parallelism": placement.parallelism,
         "required_bytes": placement.required_bytes,
         "available_bytes": placement.available_bytes,
         "even_split_fits": placement.even_split_fits,
@@ -91,15 +144,19 @@ def to_json(placement: Placement) -> dict[str, Any]:
             "kv_cache_bytes": placement.policy.kv_cache_bytes,
             "overhead": float(placement.policy.overhead),
             "hop_latency_s": placement.policy.hop_latency_s,
+            "link": {"name": link.name, "latency_s": link.latency_s,
+                     "bandwidth_bytes_s": link.bandwidth_bytes_s},
         },
-        "even_split": {
+        "even_split": None if placement.parallelism == "tensor" else {
             "split": _even_counts(placement),
             "bytes": list(placement.even_split_bytes),
         },
         "decode_estimate": None if decode is None else {
             "tokens_per_second": decode.tokens_per_second,
             "seconds_per_token": decode.seconds_per_token,
-            "formula": DECODE_FORMULA,
+            "formula": (DECODE_FORMULA if placement.parallelism == "pipeline"
+                        else TENSOR_DECODE_FORMULA),
+            "estimate": True,
         },
         "not_chosen": list(placement.not_chosen),
         "drained": list(placement.drained),

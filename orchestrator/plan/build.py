@@ -16,6 +16,7 @@ from orchestrator.config import Cluster
 from orchestrator.errors import HostError
 from orchestrator.facts import FactRequest, HostFacts
 from orchestrator.placement.intent import Intent
+from orchestrator.plan.backend import backend_request
 from orchestrator.plan.core import HostPlan, Plan, diff_host, fact_request
 from orchestrator.plan.ring import (
     couple_ring,
@@ -40,7 +41,7 @@ def host_requests(cluster: Cluster, intent: Intent,
     requests = {name: fact_request(resources, cluster.name, cluster.runtime.dir.strip("/"))
                 for name, resources in desired.items()}
     if intent.placement is not None:
-        observe = rank_fact_request(WorkerLayout.of(cluster))
+        observe = rank_fact_request(WorkerLayout.of(cluster)).merge(backend_request(cluster))
         for node in intent.placement.nodes:
             requests[node.name] = requests[node.name].merge(observe)
     return requests

@@ -12,6 +12,7 @@ Per node, under ``~/<runtime.dir>`` (default ``~/.orch``)::
     serve/<cluster>/mlx_worker.py the worker entry point
     serve/<cluster>/worker.json   its config (model dir, split, files with sha256, API address)
     serve/<cluster>/hostfile.json the ring hostfile (multi-node services only)
+    serve/<cluster>/ibv_devices.json  instead, for the jaccl backends: MLX_IBV_DEVICES
     serve/<cluster>/status.json   the worker's status file
     serve/<cluster>/worker.log    its stdout and stderr (launchd does not rotate it)
     serve/<cluster>/hf-cache/     HF_HUB_CACHE: mlx-lm's /v1/models needs an existing folder
@@ -94,6 +95,10 @@ class WorkerLayout:
     @property
     def hostfile(self) -> str:
         return f"{self.dir}/hostfile.json"
+
+    @property
+    def ibv_devices(self) -> str:
+        return f"{self.dir}/ibv_devices.json"
 
     @property
     def status(self) -> str:

@@ -25,6 +25,7 @@ from orchestrator.config import Cluster
 from orchestrator.placement.choose import NodePlacement, Placement
 from orchestrator.resources.base import Resource
 from orchestrator.resources.files import Directory, File
+from orchestrator.resources.jaccl import jaccl_env, render_ibv_devices
 from orchestrator.resources.launchd import LaunchdService, render_plist
 from orchestrator.resources.layout import WorkerLayout, absolute, api_bind_host, ring_endpoints
 from orchestrator.resources.pyenv import PythonEnv
@@ -137,6 +138,10 @@ def worker_config(cluster: Cluster, placement: Placement, *, home: str, model_di
     }
     if settings.server_args:
         config["server_args"] = list(settings.server_args)
+    if placement.parallelism == "tensor":  # mlx_lm.server without --pipeline; split = [L]*N
+        config["parallelism"] = "tensor"
+    if cluster.runtime.backend != "ring":  # absent when default: an upgrade restarts nothing
+        config["backend"] = cluster.runtime.backend
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -178,8 +183,14 @@ def worker_resources(
     if sysctl is not None:
         resources.append(sysctl)
     script = File(layout.script, worker_script().decode(), 0o644)
-    hostfile = File(layout.hostfile, render_hostfile(ring_endpoints(cluster, placement)),
-                    0o644) if multi else None
+    ring = cluster.runtime.backend == "ring"
+    if not multi:
+        hostfile = None
+    elif ring:
+        hostfile = File(layout.hostfile, render_hostfile(ring_endpoints(cluster, placement)),
+                        0o644)
+    else:  # jaccl / jaccl-ring: the RDMA devices file instead of the ring's hostfile
+        hostfile = File(layout.ibv_devices, render_ibv_devices(cluster, placement), 0o644)
     config = File(layout.config, worker_config(cluster, placement, home=home,
                                                model_dir=model_dir, files=files,
                                                settings=settings), 0o644)
@@ -195,8 +206,10 @@ def worker_resources(
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
     }
-    if multi:  # a one-entry hostfile makes mlx wait forever; one node runs without a ring
+    if multi and ring:  # a one-entry hostfile makes mlx wait forever; one node: no ring
         env["MLX_HOSTFILE"] = absolute(layout.hostfile, home)
+    elif multi:
+        env.update(jaccl_env(cluster, placement, absolute(layout.ibv_devices, home)))
     if layout.system:
         # A daemon's environment is launchd's minimal one: say who the worker runs as and
         # where its HOME is, rather than relying on what launchd adds for UserName.

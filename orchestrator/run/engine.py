@@ -22,6 +22,7 @@ from orchestrator.facts import FactRequest, HostFacts, parse_facts
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.backend import check_backend
 from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state, serving_nodes
 from orchestrator.plan.preflight import check_sudo
@@ -133,6 +134,7 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     pending = wheelhouse if isinstance(wheelhouse, NodePlatform) else None
     result = plan_cluster(cluster, intent, desired, facts, pending_wheelhouse=pending)
     check_sudo(result, desired, facts, cluster.runtime.dir)  # before any change, or never
+    check_backend(cluster, intent.placement, facts)
     return Prepared(intent, desired, result)
 
 

@@ -96,9 +96,10 @@ def boot(directory: Path, nodes: int = 3) -> tuple[Sandbox, list[RunningHost]]:
     directory.mkdir(parents=True, exist_ok=True)
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
-        from orchestrator.simulator.tiny_model import make_tiny_deepseek
+        from orchestrator.simulator.tiny_model import TENSOR_3_OVERRIDES, make_tiny_deepseek
 
-        make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7)
+        # 6 heads: the sandbox also serves tensor-parallel on 2 or 3 ranks (tests/e2e).
+        make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7, overrides=TENSOR_3_OVERRIDES)
     hosts = start_hosts(directory / "hosts", specs(nodes))
     endpoint, commit, hub_pid = _start_hub(directory, model_dir)
     api_port = processes.free_port(hosts[0].address)

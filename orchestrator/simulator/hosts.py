@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 MACOS_DIR = Path(__file__).parent / "macos"
-COMMANDS = ("launchctl", "sudo", "sw_vers", "sysctl", "system_profiler")
+COMMANDS = ("ibv_devices", "launchctl", "sudo", "sw_vers", "sysctl", "system_profiler")
 SERVICES = ("launchd", "orch-login")
 _SHARED_NAMES = frozenset({"bin", "libexec", "python"})
 _SFTP_SERVERS = (
@@ -104,6 +104,7 @@ class HostSpec:
     macos_version: str = "14.5"
     build_version: str = "23F79"
     sudo_nopasswd: bool = True  # False: `sudo -n` fails like a Mac without a NOPASSWD rule
+    rdma_devices: tuple[str, ...] | None = None  # ibv_devices; None: no tool (macOS < 26.2)
 
 
 @dataclass(frozen=True)
@@ -427,6 +428,7 @@ def _prepare_host(shared: _Shared, spec: HostSpec) -> RunningHost:
         "chip": spec.chip,
         "macos_version": spec.macos_version,
         "build_version": spec.build_version,
+        "rdma_devices": None if spec.rdma_devices is None else list(spec.rdma_devices),
         "machine_name": machine_name,
         "machine_model": model,
         "cpu_count": cores,

@@ -69,6 +69,12 @@ def tiny_config(n_layers: int, vocab_size: int) -> dict[str, Any]:
     }
 
 
+# Heads and MLP widths that tensor-parallel serving can split into 2 or 3 ranks (mlx's
+# shard needs every split axis divisible by N, and mlx-lm's MLA divides the heads).
+TENSOR_3_OVERRIDES: dict[str, Any] = {"num_attention_heads": 6, "num_key_value_heads": 6,
+                                      "intermediate_size": 96, "moe_intermediate_size": 48}
+
+
 def write_tokenizer(root: Path) -> int:
     """A byte-level BPE tokenizer.json + tokenizer_config.json; returns the vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -93,10 +99,13 @@ def write_tokenizer(root: Path) -> int:
     return len(vocab)
 
 
-def make_tiny_deepseek(root: Path, n_layers: int = 4, n_files: int = 3, seed: int = 0) -> Path:
+def make_tiny_deepseek(root: Path, n_layers: int = 4, n_files: int = 3, seed: int = 0,
+                       overrides: dict[str, Any] | None = None) -> Path:
     """Write a loadable tiny deepseek_v3 model into ``root`` and return ``root``.
 
     ``n_files`` weight files are cut by bytes in model order (embeddings, layers, norm, head).
+    ``overrides`` replace config keys: the default's 2 heads split into 2 tensor-parallel
+    ranks only; ``TENSOR_3_OVERRIDES`` makes every split axis divisible by 2 and 3.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -106,7 +115,7 @@ def make_tiny_deepseek(root: Path, n_layers: int = 4, n_files: int = 3, seed: in
         raise ValueError("need at least one layer and one file")
     root.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(root)
-    config = tiny_config(n_layers, vocab_size)
+    config = {**tiny_config(n_layers, vocab_size), **(overrides or {})}
     (root / "config.json").write_text(json.dumps(config, indent=2))
 
     mx.random.seed(seed)

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""orch's MLX worker: one rank of an ``mlx_lm.server --pipeline`` ring, with orch's layer split.
+"""orch's MLX worker: one rank of a distributed ``mlx_lm.server``, pipeline (with orch's layer
+split) or tensor-parallel, over MLX's ring or jaccl (RDMA) backend.
 
 orch copies this single file to each node (like a rendered config) and launchd runs it as::
 
     MLX_RANK=<r> MLX_HOSTFILE=<hostfile.json> <venv>/bin/python mlx_worker.py <worker.json>
+
+(for the jaccl backends, ``MLX_IBV_DEVICES=<devices.json> MLX_JACCL_COORDINATOR=<ip:port>``
+[``MLX_JACCL_RING=1``] instead of ``MLX_HOSTFILE``, as ``mlx.launch --backend jaccl`` sets them).
 
 Why a script of its own: the nodes have Python, mlx and mlx-lm, never orch; and mlx-lm's CLI
 cannot take an uneven layer split, which a cluster of unequal Macs needs. It imports only the
@@ -17,23 +21,31 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
         "host": "127.0.0.1", "port": 8080, "expected_world_size": 3,
         "files": {"relative/path": "<sha256>" or {"sha256": "<hex>", "size": <bytes>}},
         "status_path": "/abs/status.json",   optional; default <model_dir>/../worker-status-<r>.json
-        "server_args": ["--log-level", "INFO"]}  optional; appended to the server's command line
+        "server_args": ["--log-level", "INFO"],  optional; appended to the server's command line
+        "parallelism": "pipeline" | "tensor",   optional, default pipeline; tensor: every rank
+                                                holds 1/N of every layer, ``split`` is the
+                                                layer count per rank ([L, L, ...])
+        "backend": "ring" | "jaccl" | "jaccl-ring"}   optional, default ring
 
 2. verifies every listed file (size, then sha256) — **a missing weight file does not fail
    mlx-lm's load: those layers silently keep random weights**. A verified file gets a stamp in
    ``<model_dir>/.orch-verified/`` keyed by (size, mtime_ns, inode), so a restart re-reads no
    data. It also checks, from ``model.safetensors.index.json``, that the list covers every weight
-   file mlx-lm will read for this rank's layers (the same rule as ``mlx_lm.utils.sharded_load``);
-3. makes mlx-lm apply ``split`` (see `install_split_hook`), checks after loading that this rank
-   holds exactly its layers, and pins requests to the loaded model (see `install_load_guard`)
-   — or exits if this mlx-lm lacks what those hooks rely on;
-4. forms the ring with ``mx.distributed.init(strict=True, backend="ring")`` and checks its size
+   file mlx-lm will read for this rank's layers (the same rule as ``mlx_lm.utils.sharded_load``;
+   in tensor mode that is every weight file, which ``sharded_load`` reads on every rank);
+3. pipeline: makes mlx-lm apply ``split`` (see `install_split_hook`) and checks after loading
+   that this rank holds exactly its layers; both: pins requests to the loaded model (see
+   `install_load_guard`) — or exits if this mlx-lm lacks what those hooks rely on;
+4. forms the group with ``mx.distributed.init(strict=True, backend=...)`` (``ring``, or
+   ``jaccl`` for both RDMA backends: ``MLX_JACCL_RING`` picks the ring) and checks its size
    (the default backend silently falls back to a group of 1). A one-node service (world size
-   1) forms no ring and ignores ``MLX_HOSTFILE``;
-5. runs ``mlx_lm.server`` ``main()`` with ``--model DIR --pipeline --host H --port P`` — the same
-   command line on every rank; rank 0 serves HTTP;
-6. watches its ring connections (`watch_ring`) and exits (code 4) when a peer closes one
-   (after `RING_BREAK_GRACE`, so that orch's own ring restart stops it first).
+   1) forms no group and ignores ``MLX_HOSTFILE``;
+5. runs ``mlx_lm.server`` ``main()`` with ``--model DIR [--pipeline] --host H --port P`` — the
+   same command line on every rank (without ``--pipeline`` mlx-lm shards every layer with
+   ``model.shard(group)``: tensor parallelism); rank 0 serves HTTP;
+6. on the ring backend, watches its ring connections (`watch_ring`) and exits (code 4) when a
+   peer closes one (after `RING_BREAK_GRACE`, so that orch's own ring restart stops it first).
+   jaccl's connections are RDMA queue pairs, not sockets: a broken jaccl group is not watched.
 
 Why 6: a ring forms once. A rank that dies (its Mac rebooted, its process crashed) and is
 started again by launchd can never rejoin the old ring, and the surviving ranks neither notice
@@ -78,8 +90,10 @@ STAMP_DIR = ".orch-verified"
 INDEX = "model.safetensors.index.json"
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx_lm.utils.sharded_load's rule
 CONFIG_KEYS = {"model_dir", "split", "host", "port", "expected_world_size", "files",
-               "status_path", "server_args"}
-REQUIRED_KEYS = CONFIG_KEYS - {"status_path", "server_args"}
+               "status_path", "server_args", "parallelism", "backend"}
+REQUIRED_KEYS = CONFIG_KEYS - {"status_path", "server_args", "parallelism", "backend"}
+PARALLELISMS = ("pipeline", "tensor")
+BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
 FileSpec = tuple[int | None, str]  # (size or None, sha256)
 
@@ -167,6 +181,12 @@ def _config_problems(c: dict[str, Any]) -> list[str]:
     args = c.get("server_args", [])
     if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
         problems.append("server_args must be a list of strings")
+    if c.get("parallelism", "pipeline") not in PARALLELISMS:
+        problems.append(f"parallelism must be one of {', '.join(PARALLELISMS)}")
+    elif c.get("parallelism") == "tensor" and isinstance(split, list) and len(set(split)) > 1:
+        problems.append("tensor parallelism: split must give every rank every layer")
+    if c.get("backend", "ring") not in BACKENDS:
+        problems.append(f"backend must be one of {', '.join(BACKENDS)}")
     return problems
 
 
@@ -183,28 +203,35 @@ def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
-def rank_from_env(expected_world_size: int) -> int:
-    """MLX_RANK as an int in range; MLX_HOSTFILE must list expected_world_size ranks."""
+def rank_from_env(expected_world_size: int, backend: str = "ring") -> int:
+    """MLX_RANK as an int in range; the backend's rank list (MLX_HOSTFILE for the ring,
+    MLX_IBV_DEVICES for jaccl) must list expected_world_size ranks."""
     raw = os.environ.get("MLX_RANK", "")
     if not raw.isdigit() or int(raw) >= expected_world_size:
         raise WorkerError(EXIT_CONFIG,
                           f"MLX_RANK={raw!r} is not a rank in 0..{expected_world_size - 1}")
     if expected_world_size == 1:
         return 0
-    hostfile = os.environ.get("MLX_HOSTFILE", "")
+    variable = "MLX_HOSTFILE" if backend == "ring" else "MLX_IBV_DEVICES"
+    if backend != "ring" and ":" not in os.environ.get("MLX_JACCL_COORDINATOR", ""):
+        raise WorkerError(EXIT_CONFIG, "MLX_JACCL_COORDINATOR must be rank 0's ip:port")
+    path = os.environ.get(variable, "")
     try:
-        with open(hostfile) as f:
+        with open(path) as f:
             hosts = json.load(f)
     except (OSError, ValueError) as exc:
-        raise WorkerError(EXIT_CONFIG, f"MLX_HOSTFILE={hostfile!r} is unreadable: {exc}") from exc
+        raise WorkerError(EXIT_CONFIG, f"{variable}={path!r} is unreadable: {exc}") from exc
     if not (isinstance(hosts, list) and len(hosts) == expected_world_size):
-        raise WorkerError(EXIT_CONFIG, f"MLX_HOSTFILE {hostfile} does not list "
+        raise WorkerError(EXIT_CONFIG, f"{variable} {path} does not list "
                                        f"{expected_world_size} ranks: {hosts!r}")
     return int(raw)
 
 
-def layer_range(split: list[int], rank: int) -> tuple[int, int]:
-    """[start, end) of the layers rank holds: rank 0 the last ones (mlx-lm's convention)."""
+def layer_range(split: list[int], rank: int, parallelism: str = "pipeline") -> tuple[int, int]:
+    """[start, end) of the layers rank holds: rank 0 the last ones (mlx-lm's convention); in
+    tensor mode every rank holds (a slice of) every layer."""
+    if parallelism == "tensor":
+        return 0, split[rank]
     start = sum(split[rank + 1:])
     return start, start + split[rank]
 
@@ -288,14 +315,16 @@ def check_coverage(model_dir: str, files: dict[str, Any], start: int, end: int) 
 # ----------------------------------------------------------------------------------- mlx hooks
 
 
-def init_ring(expected_world_size: int, rank: int) -> Any:
-    """The global group, formed strictly over the ring and of the expected size and rank."""
+def init_ring(expected_world_size: int, rank: int, backend: str = "ring") -> Any:
+    """The global group, formed strictly over the backend and of the expected size and rank.
+    Both RDMA backends are MLX's ``jaccl``; ``MLX_JACCL_RING=1`` in the environment makes it
+    use a ring of cables instead of a mesh (what ``mlx.launch --backend jaccl-ring`` does)."""
     import mlx.core as mx
 
     try:
-        group = mx.distributed.init(strict=True, backend="ring")
+        group = mx.distributed.init(strict=True, backend="ring" if backend == "ring" else "jaccl")
     except RuntimeError as exc:
-        raise WorkerError(EXIT_RING, f"the ring did not form: {exc}") from exc
+        raise WorkerError(EXIT_RING, f"the {backend} group did not form: {exc}") from exc
     # mlx_lm.server calls mx.distributed.init() again; it must get this same group.
     size, got_rank = group.size(), group.rank()
     if size != expected_world_size or got_rank != rank or mx.distributed.init().size() != size:
@@ -431,8 +460,10 @@ def install_split_hook(split: list[int]) -> Callable[[], None]:
     return undo
 
 
-def install_load_guard(status: Status, start: int, end: int, distributed: bool) -> None:
-    """Check the loaded layer range and report it; pin every request to the loaded model.
+def install_load_guard(status: Status, start: int, end: int, distributed: bool,
+                       tensor: bool = False) -> None:
+    """Check the loaded layer range (pipeline) and report it; pin every request to the loaded
+    model.
 
     Relies on the names ``mlx_lm.server.ModelProvider._load`` calls — ``sharded_load`` under a
     ring, ``load`` alone — and on ``mlx_lm.server.ModelProvider.load(self, model_path,
@@ -456,7 +487,7 @@ def install_load_guard(status: Status, start: int, end: int, distributed: bool) 
     def guarded_load(*args: Any, **kwargs: Any) -> Any:
         try:
             result = original_load(*args, **kwargs)
-            if distributed:
+            if distributed and not tensor:
                 inner = result[0].model
                 held = (inner.start_idx, inner.end_idx)
                 if held != (start, end):
@@ -498,14 +529,17 @@ def main(argv: list[str]) -> None:
     try:
         config = load_config(argv[1])
         size, split, model_dir = config["expected_world_size"], config["split"], config["model_dir"]
-        rank = rank_from_env(size)
-        start, end = layer_range(split, rank)
+        parallelism = config.get("parallelism", "pipeline")
+        backend = config.get("backend", "ring")
+        rank = rank_from_env(size, backend)
+        start, end = layer_range(split, rank, parallelism)
         status_path = config.get("status_path") or os.path.join(
             os.path.dirname(model_dir.rstrip("/")), f"worker-status-{rank}.json")
         status = Status(status_path, {"rank": rank, "world_size": size, "split": split,
                                       "layers": [start, end], "num_layers": end - start,
                                       "model_dir": model_dir, "host": config["host"],
-                                      "port": config["port"], "error": None})
+                                      "port": config["port"], "error": None,
+                                      "parallelism": parallelism, "backend": backend})
         status.set(state="verifying")
         verify_files(model_dir, config["files"])
         if size > 1 or INDEX in config["files"]:
@@ -515,9 +549,10 @@ def main(argv: list[str]) -> None:
         if hub_cache:
             os.makedirs(hub_cache, exist_ok=True)  # /v1/models fails without it
         # Hooks before the ring: an mlx-lm without them fails here, not after peers joined.
-        if size > 1:
+        if size > 1 and parallelism == "pipeline":
             install_split_hook(split)
-        install_load_guard(status, start, end, distributed=size > 1)
+        install_load_guard(status, start, end, distributed=size > 1,
+                           tensor=parallelism == "tensor")
         import mlx_lm.server as server
 
         if size == 1:  # no ring: a one-entry hostfile would make mlx wait for it forever
@@ -525,14 +560,17 @@ def main(argv: list[str]) -> None:
             os.environ.pop("MLX_RANK", None)
         else:
             status.set(state="ring")
-            log(f"verified {len(config['files'])} files; forming a ring of {size}")
-            init_ring(size, rank)
-            watch_ring(status, hostfile_endpoints(os.environ["MLX_HOSTFILE"]), rank)
+            log(f"verified {len(config['files'])} files; forming a {backend} group of {size}")
+            init_ring(size, rank, backend)
+            if backend == "ring":
+                watch_ring(status, hostfile_endpoints(os.environ["MLX_HOSTFILE"]), rank)
     except WorkerError as exc:
         fail(status, exc.code, str(exc))
     status.set(state="loading")
-    log(f"group of {size} formed; loading layers {start}..{end - 1} of split {split}")
-    sys.argv = ["mlx_lm.server", "--model", model_dir, "--pipeline", "--host", config["host"],
+    log(f"group of {size} formed; loading layers {start}..{end - 1} of split {split} "
+        f"({parallelism})")
+    pipeline = ["--pipeline"] if parallelism == "pipeline" else []
+    sys.argv = ["mlx_lm.server", "--model", model_dir, *pipeline, "--host", config["host"],
                 "--port", str(config["port"]), *config.get("server_args", [])]
     server.main()  # type: ignore[no-untyped-call]
 

@@ -16,6 +16,7 @@ import pytest
 from tests.fixtures.cli import orch
 from tests.fixtures.clusters import write_cluster
 from tests.fixtures.deepseek_like import make_deepseek_like
+from tests.fixtures.tensor_bytes import independent_rank_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +95,52 @@ def test_the_installed_entry_point(tmp_path: Path, model_dir: Path) -> None:
          "--json"], capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["fits"] is True
+
+
+FOUR_STUDIOS = """\
+groups:
+  studios:
+    hosts: [studio-1, studio-2, studio-3, studio-4]
+    vars: {chip: M2 Ultra, memory_gb: 192}
+hosts:
+""" + "".join(f"  studio-{i}: {{address: studio-{i}.local, ring_ip: 10.0.0.{i}}}\n"
+              for i in range(1, 5))
+
+
+def test_the_guides_three_macs_serve_a_pipeline_and_tensor_is_refused_for_the_macbook(
+        tmp_path: Path, model_dir: Path) -> None:
+    cluster = cluster_file(tmp_path, model_dir, "[studio-1, studio-2, mbp-m4]")
+    code, out, err = place(str(cluster))
+    assert code == 0, err
+    assert "Pipeline split (chosen):" in out and "Tensor split (not chosen):" in out
+    assert "tensor does not fit: mbp-m4 needs 160.2 GB of 128.8 GB" in out
+    assert "Chosen: pipeline — tensor cannot split into 3 ranks" in out
+    code, out, _ = place(str(cluster), "--json")
+    doc = json.loads(out)
+    assert doc["parallelism"] == "pipeline" and doc["split"] == [22, 22, 17]
+    tensor = doc["splits"]["tensor"]
+    assert tensor["fits"] is False and tensor["parallelism"] == "tensor"
+    assert "tensor does not fit: mbp-m4 needs 160.2 GB of 128.8 GB" in tensor["problems"]
+    assert doc["splits"]["pipeline"]["nodes"] == doc["nodes"]
+
+
+def test_four_studios_on_rdma_choose_tensor_with_exact_bytes(tmp_path: Path,
+                                                            model_dir: Path) -> None:
+    (tmp_path / "studios.yml").write_text(FOUR_STUDIOS)
+    cluster = write_cluster(tmp_path, "studios", f"model:\n  path: {model_dir}\n"
+                            "placement:\n  link: rdma\n", inventory=Path("studios.yml"))
+    code, out, err = place(str(cluster), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["parallelism"] == "tensor" and doc["fits"] is True
+    exact = independent_rank_bytes(model_dir, 4)
+    assert [n["weight_bytes"] for n in doc["nodes"]] == [exact] * 4
+    assert all(len(n["files"]) == 88 for n in doc["nodes"])
+    pipeline = doc["splits"]["pipeline"]
+    assert pipeline["fits"] is True
+    assert (doc["decode_estimate"]["tokens_per_second"]
+            > pipeline["decode_estimate"]["tokens_per_second"])
+    assert doc["decode_estimate"]["estimate"] is True
+    assert doc["reason"].startswith("estimated ≤ ")
+    code, out, _ = place(str(cluster))
+    assert "Tensor split (chosen):" in out and "Chosen: tensor — estimated ≤ " in out

@@ -5,6 +5,7 @@ Pure: mlx-lm's own pipeline code runs in this process, with no ring and no worke
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -83,3 +84,35 @@ def test_split_hook_sets_mlx_lm_layer_ranges() -> None:
     finally:
         undo()
     assert ranges() == [(4, 6), (2, 4), (0, 2)]
+
+
+def test_config_takes_parallelism_and_backend_and_rejects_others(tmp_path: Path) -> None:
+    base = {"model_dir": "/m", "split": [4, 4], "host": "127.0.0.1", "port": 8080,
+            "expected_world_size": 2, "files": {"a.safetensors": "a" * 64}}
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({**base, "parallelism": "tensor", "backend": "jaccl-ring"}))
+    assert mlx_worker.load_config(str(path))["parallelism"] == "tensor"
+    path.write_text(json.dumps({**base, "split": [4, 3], "parallelism": "tensor",
+                                "backend": "mpi"}))
+    with pytest.raises(mlx_worker.WorkerError) as info:
+        mlx_worker.load_config(str(path))
+    assert "tensor parallelism: split must give every rank every layer" in str(info.value)
+    assert "backend must be one of ring, jaccl, jaccl-ring" in str(info.value)
+    assert mlx_worker.layer_range([4, 4], 1, "tensor") == (0, 4)
+    assert mlx_worker.layer_range([5, 3], 1) == (0, 3)
+
+
+def test_a_jaccl_rank_reads_its_ranks_from_the_devices_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = tmp_path / "ibv_devices.json"
+    devices.write_text(json.dumps([[None, "rdma_en2"], ["rdma_en2", None]]))
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    monkeypatch.setenv("MLX_RANK", "1")
+    monkeypatch.setenv("MLX_IBV_DEVICES", str(devices))
+    monkeypatch.delenv("MLX_JACCL_COORDINATOR", raising=False)
+    with pytest.raises(mlx_worker.WorkerError, match="MLX_JACCL_COORDINATOR"):
+        mlx_worker.rank_from_env(2, "jaccl")
+    monkeypatch.setenv("MLX_JACCL_COORDINATOR", "10.0.0.1:47100")
+    assert mlx_worker.rank_from_env(2, "jaccl") == 1
+    with pytest.raises(mlx_worker.WorkerError, match="does not list 3 ranks"):
+        mlx_worker.rank_from_env(3, "jaccl")
