@@ -195,11 +195,13 @@ def ssh_options(fn: F) -> F:
                      help="Record the key of a host not yet in known_hosts (like OpenSSH's "
                           "accept-new). A changed key is still refused."),
         click.option("--known-hosts", type=click.Path(dir_okay=False, path_type=Path),
-                     help="known_hosts file (default: ~/.ssh/known_hosts or ~/.ssh/config's)."),
+                     help="known_hosts file (default: the inventory's ssh.known_hosts, else "
+                          "~/.ssh/known_hosts or ~/.ssh/config's)."),
         click.option("--concurrency", type=click.IntRange(min=1), default=10, show_default=True,
                      help="Hosts worked on at once."),
-        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=10.0,
-                     show_default=True, help="Seconds to wait for each SSH connection."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), default=None,
+                     help="Seconds to wait for each SSH connection (default: the inventory's "
+                          "ssh.connect_timeout, else 10)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -207,7 +209,7 @@ def ssh_options(fn: F) -> F:
 
 
 def run_options(limit: tuple[str, ...], accept_new_host_keys: bool, known_hosts: Path | None,
-                concurrency: int, connect_timeout: float) -> RunOptions:
+                concurrency: int, connect_timeout: float | None) -> RunOptions:
     hosts = tuple(h for item in limit for h in item.split(",") if h)
     return RunOptions(
         ssh=SSHOptions(connect_timeout=connect_timeout, known_hosts=known_hosts,
@@ -399,7 +401,10 @@ def place(cluster_file: Path, as_json: bool, params: float | None, bits: float |
     if as_json:
         click.echo(json.dumps(placement.to_json(result), indent=2))
     else:
+        from orchestrator.placebars import render_bars
+
         click.echo(placement.render_table(result), nl=False)
+        click.echo(render_bars(result), nl=False)
     return ExitCode.OK if result.fits else ExitCode.ERROR
 
 

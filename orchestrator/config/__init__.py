@@ -3,11 +3,13 @@
 from orchestrator.config.cluster import (
     Cluster,
     CommandTask,
+    CopyTask,
     DirectoryTask,
     Host,
     ModelSpec,
     PlacementSpec,
     Runtime,
+    SSHSettings,
     Task,
     TemplateTask,
 )
@@ -17,11 +19,13 @@ from orchestrator.config.schema import json_schemas
 __all__ = [
     "Cluster",
     "CommandTask",
+    "CopyTask",
     "DirectoryTask",
     "Host",
     "ModelSpec",
     "PlacementSpec",
     "Runtime",
+    "SSHSettings",
     "Task",
     "TemplateTask",
     "json_schemas",

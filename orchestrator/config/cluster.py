@@ -26,11 +26,22 @@ class Host:
     drained: bool = False
     groups: tuple[str, ...] = ()
     rdma: tuple[tuple[str, str], ...] = ()  # (peer host, this Mac's RDMA device to it), sorted
+    # The inventory's user variables (shared < group, in file order < host): host.vars.KEY.
+    vars: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
 
     @property
     def memory_bytes(self) -> int:
         """Apple's "192 GB" is 192 GiB: hw.memsize reports 206158430208."""
         return int(self.memory_gb * GIB)
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    """The inventory's `ssh:` block; a command-line flag wins over each (None: not set)."""
+
+    known_hosts: Path | None = None
+    connect_timeout: float | None = None
+    proxy_jump: str | None = None  # "[user@]host[:port]", OpenSSH's ProxyJump
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,15 @@ class TemplateTask:
 
 
 @dataclass(frozen=True)
+class CopyTask:
+    """A controller file or directory (absolute) copied to `dest` on each node as it is."""
+
+    src: Path
+    dest: str
+    mode: int
+
+
+@dataclass(frozen=True)
 class DirectoryTask:
     path: str
     mode: int
@@ -92,7 +112,7 @@ class Task:
     """A user's own playbook task, resolved: the template path is absolute."""
 
     name: str
-    action: CommandTask | TemplateTask | DirectoryTask
+    action: CommandTask | TemplateTask | CopyTask | DirectoryTask
     hosts: tuple[str, ...] | None = None  # host or group names; None = every node
     vars: dict[str, Any] = field(default_factory=dict)
     origin: str = ""  # "FILE:LINE" where the task was written, for messages
@@ -110,6 +130,7 @@ class Cluster:
     tasks: tuple[Task, ...] = ()
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[Diagnostic, ...] = ()
+    ssh: SSHSettings = field(default_factory=SSHSettings)
 
     @property
     def listed_nodes(self) -> tuple[str, ...] | None:

@@ -111,13 +111,16 @@ def _fields_at(model: type[BaseModel], loc: DataPath) -> list[str]:
         if current is None:
             return []
     model_cls = _find_model(current)
-    return list(model_cls.model_fields) if model_cls else []
+    # The key as written: a field named around a BaseModel method (`copy_`) has an alias.
+    return [f.alias or name for name, f in model_cls.model_fields.items()] if model_cls else []
 
 
 def _step(annotation: Any, part: str | int) -> Any:
     model_cls = _find_model(annotation)
-    if model_cls is not None and isinstance(part, str) and part in model_cls.model_fields:
-        return model_cls.model_fields[part].annotation
+    if model_cls is not None and isinstance(part, str):
+        for name, info in model_cls.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
     for arg in _union_args(annotation):
         origin = typing.get_origin(arg)
         if origin is list and isinstance(part, int):

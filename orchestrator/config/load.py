@@ -6,21 +6,24 @@ should see every mistake in one run, each pointing at the line they wrote.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from orchestrator.config import models
 from orchestrator.config.cluster import (
     Cluster,
     CommandTask,
+    CopyTask,
     DirectoryTask,
     Host,
     ModelSpec,
     PlacementSpec,
     Runtime,
+    SSHSettings,
     Task,
     TemplateTask,
 )
@@ -50,6 +53,7 @@ def load_cluster(path: Path) -> Cluster:
     warnings: list[Diagnostic] = []
     hosts: dict[str, Host] = {}
     groups: dict[str, tuple[str, ...]] = {}
+    ssh = SSHSettings()
     inventory_file: Path | None = None
     if spec.inventory is not None:
         candidate = (base / spec.inventory).absolute()
@@ -57,7 +61,7 @@ def load_cluster(path: Path) -> Cluster:
             inventory_file = candidate
             loaded = _collect(errors, lambda: _load_inventory(candidate))
             if loaded is not None:
-                hosts, groups = loaded
+                hosts, groups, ssh = loaded
         else:
             errors.append(doc.source.diag(
                 ("inventory",), f"inventory file {spec.inventory!r} does not exist "
@@ -94,6 +98,7 @@ def load_cluster(path: Path) -> Cluster:
         tasks=tasks,
         groups=groups,
         warnings=tuple(sorted(warnings)),
+        ssh=ssh,
     )
 
 
@@ -119,16 +124,55 @@ def _collect(errors: list[Diagnostic], fn: Callable[[], T]) -> T | None:
         return None
 
 
-def _load_inventory(path: Path) -> tuple[dict[str, Host], dict[str, tuple[str, ...]]]:
+def _load_inventory(path: Path) -> tuple[dict[str, Host], dict[str, tuple[str, ...]], SSHSettings]:
     doc = load_document(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.source.diag((), "expected a mapping with a `hosts` key")])
     inventory = validate(models.InventoryFile, doc)
     errors: list[Diagnostic] = []
-    resolved = _resolve_hosts(inventory, doc.source, ("hosts",), path.parent, errors)
+    hosts, groups = _resolve_hosts(inventory, doc.source, ("hosts",), path.parent, errors)
+    ssh = _ssh(inventory.ssh, doc.source, path.parent, errors)
     if errors:
         raise ConfigError(errors)
-    return resolved
+    return hosts, groups, ssh
+
+
+def _ssh(section: models.InventorySSH, source: SourceMap, base: Path,
+         errors: list[Diagnostic]) -> SSHSettings:
+    """The inventory's SSH settings; a known_hosts file is relative to the inventory and must
+    exist (a typo would otherwise refuse every host key with a confusing message)."""
+    known_hosts = None
+    if section.known_hosts is not None:
+        known_hosts = (base / Path(section.known_hosts).expanduser()).absolute()
+        if not known_hosts.is_file():
+            errors.append(source.diag(("ssh", "known_hosts"),
+                                      f"known_hosts file {section.known_hosts!r} does not exist "
+                                      f"(looked for {known_hosts})", at_key=False))
+    return SSHSettings(known_hosts=known_hosts, connect_timeout=section.connect_timeout,
+                       proxy_jump=section.proxy_jump)
+
+
+RESERVED_VARS = {"address", "ring_ip", "vars", "name", "groups"}
+
+
+def _user_vars(shared: models.SharedVars, source: SourceMap, path: DataPath,
+               errors: list[Diagnostic]) -> dict[str, Any]:
+    """The user variables among a `vars` block's keys (those that are not connection keys).
+
+    Any other key is a variable, as in Ansible's group vars; what keeps this strict is that a
+    near-miss of a connection key (`memroy_gb`, `prot`) is an error, not a variable."""
+    extra = dict(shared.model_extra or {})
+    known = sorted(models.HostVars.model_fields)
+    for key in extra:
+        if key in RESERVED_VARS:
+            errors.append(source.diag((*path, key), f"{key!r} cannot be shared through `vars`; "
+                                      "expected it on each host"))
+        elif close := difflib.get_close_matches(key, known, n=1, cutoff=0.75):
+            # A typo of a connection key must not silently become a variable nobody reads.
+            errors.append(source.diag(
+                (*path, key), f"unknown key {key!r} (did you mean {close[0]!r}?); a user "
+                "variable (host.vars.KEY) needs a name not this close to a connection key"))
+    return {k: v for k, v in extra.items() if k not in RESERVED_VARS}
 
 
 def _resolve_hosts(
@@ -138,7 +182,11 @@ def _resolve_hosts(
     base: Path,
     errors: list[Diagnostic],
 ) -> tuple[dict[str, Host], dict[str, tuple[str, ...]]]:
-    """Apply precedence (host > group, in file order > vars), then check uniqueness."""
+    """Apply precedence (host > group, in file order > vars), then check uniqueness; user
+    variables follow the same precedence, key by key."""
+    shared_vars = _user_vars(inventory.vars, source, ("vars",), errors)
+    group_vars = {g: _user_vars(group.vars, source, ("groups", g, "vars"), errors)
+                  for g, group in inventory.groups.items()}
     membership: dict[str, list[str]] = {}
     for group_name, group in inventory.groups.items():
         if group_name in inventory.hosts:
@@ -157,11 +205,16 @@ def _resolve_hosts(
     ring_ips: dict[str, str] = {}
     endpoints: dict[tuple[str, int], str] = {}
     for name, entry in inventory.hosts.items():
-        layers = [inventory.vars] + [inventory.groups[g].vars for g in membership.get(name, [])]
-        layers.append(entry)
+        layers: list[models.HostVars] = [
+            inventory.vars, *(inventory.groups[g].vars for g in membership.get(name, [])), entry]
         merged: dict[str, object] = {}
         for layer in layers:
-            merged.update({k: v for k, v in layer.model_dump().items() if v is not None})
+            merged.update({k: v for k, v in layer.model_dump().items()
+                           if v is not None and k in models.HostVars.model_fields})
+        user_vars = dict(shared_vars)
+        for group_name in membership.get(name, []):
+            user_vars.update(group_vars[group_name])
+        user_vars.update(entry.vars)
         path = (*hosts_path, name)
         if "memory_gb" not in merged:
             errors.append(source.diag(path, f"host {name!r} has no `memory_gb`; expected it on "
@@ -212,6 +265,7 @@ def _resolve_hosts(
             drained=bool(merged.get("drained", False)),
             groups=tuple(membership.get(name, [])),
             rdma=tuple(sorted((entry.rdma or {}).items())),
+            vars=user_vars,
         )
     groups = {g: tuple(group.hosts) for g, group in inventory.groups.items()}
     return hosts, groups
@@ -312,7 +366,7 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                     errors.append(task_doc.source.diag(
                         (*path, "hosts", j), f"task target {target!r} is neither a host nor a "
                         "group of the inventory", at_key=False))
-            action: CommandTask | TemplateTask | DirectoryTask
+            action: CommandTask | TemplateTask | CopyTask | DirectoryTask
             mark = task_doc.source.value(path)
             origin = f"{task_doc.source.file}:{mark.line}"
             if task.command is not None:
@@ -328,6 +382,14 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                 else:
                     errors.extend(check_template(src, origin))
                 action = TemplateTask(src, task.template.dest, int(task.template.mode, 8))
+            elif task.copy_ is not None:
+                src = (task_base / Path(task.copy_.src).expanduser()).absolute()
+                if not (src.is_file() or src.is_dir()):
+                    errors.append(task_doc.source.diag(
+                        (*path, "copy", "src"), f"copy source {task.copy_.src!r} does not "
+                        f"exist (looked for {src}); expected a file or directory relative to "
+                        f"{task_doc.source.file.name}", at_key=False))
+                action = CopyTask(src, task.copy_.dest, int(task.copy_.mode, 8))
             else:
                 assert task.directory is not None
                 action = DirectoryTask(task.directory.path, int(task.directory.mode, 8))

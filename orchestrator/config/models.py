@@ -56,6 +56,14 @@ class HostVars(_Strict):
     drained: bool | None = Field(None, description="rolled out of the cluster (orch drain)")
 
 
+class SharedVars(HostVars):
+    """`vars` of the inventory or of a group: the connection keys above, typed, plus any other
+    key, which becomes a user variable templates read as ``host.vars.KEY`` (Ansible's group
+    vars). A near-miss of a connection key (``prot``) is warned about by the loader."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
 class HostEntry(HostVars):
     """One Mac as written in the inventory; missing fields may come from groups and vars."""
 
@@ -64,11 +72,25 @@ class HostEntry(HostVars):
     rdma: dict[HostName, str] | None = Field(
         None, description="runtime.backend jaccl: this Mac's RDMA device (ibv_devices) that "
                           "reaches each peer over its Thunderbolt cable, e.g. {studio-2: rdma_en3}")
+    vars: dict[str, Any] = Field(default_factory=dict,
+                                 description="the host's own user variables (host.vars.KEY in "
+                                             "templates); they win over group and shared vars")
 
 
 class Group(_Strict):
     hosts: list[HostName] = Field(default_factory=list)
-    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+    vars: SharedVars = Field(default_factory=SharedVars)  # type: ignore[arg-type]
+
+
+class InventorySSH(_Strict):
+    """SSH settings that belong to the inventory, so its cluster files need no flags; the
+    command line's --known-hosts and --connect-timeout still win."""
+
+    known_hosts: str | None = Field(None, description="known_hosts file, relative to the file")
+    connect_timeout: float | None = Field(None, gt=0, description="seconds per SSH connection")
+    proxy_jump: str | None = Field(
+        None, pattern=r"^([^@\s]+@)?[^@:\s]+(:[0-9]{1,5})?$",
+        description="[user@]host[:port] to reach every host through (OpenSSH's ProxyJump)")
 
 
 class InventoryFile(_Strict):
@@ -76,7 +98,8 @@ class InventoryFile(_Strict):
 
     hosts: dict[HostName, HostEntry]
     groups: dict[HostName, Group] = Field(default_factory=dict)
-    vars: HostVars = Field(default_factory=HostVars)  # type: ignore[arg-type]
+    vars: SharedVars = Field(default_factory=SharedVars)  # type: ignore[arg-type]
+    ssh: InventorySSH = Field(default_factory=InventorySSH)  # type: ignore[arg-type]
 
 
 class ModelSection(_Strict):
@@ -145,13 +168,21 @@ class TemplateTask(_Strict):
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0644"
 
 
+class CopyTask(_Strict):
+    src: str = Field(description="a file or a directory on the controller, relative to the "
+                                 "file that names it")
+    dest: str = Field(description="the file (or, for a directory, the directory) on the node")
+    mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = Field(
+        "0644", description="of every file copied")
+
+
 class DirectoryTask(_Strict):
     path: str
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0755"
 
 
 class Task(_Strict):
-    """One Ansible-style task: exactly one of `command`, `template`, `directory`."""
+    """One Ansible-style task: exactly one of `command`, `template`, `copy`, `directory`."""
 
     name: str
     hosts: list[HostName] | None = Field(None, description="hosts or groups (default: all nodes)")
@@ -159,14 +190,17 @@ class Task(_Strict):
     creates: str | None = None
     unless: list[str] | None = Field(None, min_length=1)
     template: TemplateTask | None = None
+    copy_: CopyTask | None = Field(None, alias="copy")
     directory: DirectoryTask | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Task:
-        kinds = [k for k in ("command", "template", "directory") if getattr(self, k) is not None]
+        kinds = [k for k in ("command", "template", "copy_", "directory")
+                 if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("a task needs exactly one of `command`, `template`, `directory`")
+            raise ValueError("a task needs exactly one of `command`, `template`, `copy`, "
+                             "`directory`")
         if (self.creates or self.unless) and self.command is None:
             raise ValueError("`creates` and `unless` guard a `command` task only")
         return self

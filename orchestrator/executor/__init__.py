@@ -9,7 +9,17 @@ this package as orchestrator.errors types.
 
 from __future__ import annotations
 
-from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, StepState, Target
+from .base import (
+    AgentStep,
+    CommandResult,
+    Connection,
+    FileStream,
+    SSHOptions,
+    Stdin,
+    StepOutcome,
+    StepState,
+    Target,
+)
 from .fake import LocalConnection
 from .pool import for_each_host
 from .ssh import SSHConnection, SSHExecutor
@@ -18,10 +28,12 @@ __all__ = [
     "AgentStep",
     "CommandResult",
     "Connection",
+    "FileStream",
     "LocalConnection",
     "SSHConnection",
     "SSHExecutor",
     "SSHOptions",
+    "Stdin",
     "StepOutcome",
     "StepState",
     "Target",

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class Target:
     port: int = 22
     user: str | None = None
     identity_file: Path | None = None
+    # From the inventory's `ssh:` block; SSHOptions (the command line) win when they are set.
+    known_hosts: Path | None = None
+    connect_timeout: float | None = None
+    proxy_jump: str | None = None  # "[user@]host[:port]": reached through this host first
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,11 @@ class SSHOptions:
     `known_hosts` None means ``~/.ssh/known_hosts`` (or ``UserKnownHostsFile`` from the SSH
     config); `ssh_config` None means ``~/.ssh/config`` when it exists. `accept_new_host_keys`
     records an unknown host's key (OpenSSH's ``StrictHostKeyChecking=accept-new``) but still
-    refuses a key that differs from a recorded one.
+    refuses a key that differs from a recorded one. `known_hosts` and `connect_timeout` are the
+    command line's: when set they win over the target's (the inventory's `ssh:` block).
     """
 
-    connect_timeout: float = 10
+    connect_timeout: float | None = None  # None: the target's (inventory's), else 10 s
     command_timeout: float = 600
     connect_retries: int = 2
     known_hosts: Path | None = None
@@ -56,6 +61,30 @@ class SSHOptions:
     agent_python: str = "python3"
     ssh_config: Path | None = None
     install_agent: bool = True  # False: never write the agent to hosts (read-only runs)
+
+
+@dataclass(frozen=True)
+class FileStream:
+    """A controller file as an agent op's stdin, sent in chunks of `CHUNK` bytes: a multi-GB
+    file (a `copy:` task's, a wheel) never sits whole in the controller's memory, and the agent
+    reads its payload in chunks too. `size` is fixed when the frame header is sent; a file that
+    changes size meanwhile fails the call (the agent would also refuse its sha256)."""
+
+    path: Path
+    size: int
+
+    CHUNK: ClassVar[int] = 1 << 20
+
+    @classmethod
+    def of(cls, path: Path) -> FileStream:
+        return cls(path, path.stat().st_size)
+
+    def read_all(self) -> bytes:
+        """The whole file, for the few paths that cannot stream (one-shot agent calls)."""
+        return self.path.read_bytes()
+
+
+Stdin: TypeAlias = bytes | FileStream | None
 
 
 @dataclass(frozen=True)
@@ -109,9 +138,10 @@ class Connection(Protocol):
         ...
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: Stdin = None
     ) -> dict[str, Any]:
         """Run one agent op and return its JSON response; an agent error raises ActionFailed.
+        A `FileStream` stdin is sent in chunks (see there).
 
         Every op but ``serve`` and ``fetch`` goes through the connection's agent session: one
         agent process per host per run, so on a converged host a whole run costs one exec

@@ -23,7 +23,7 @@ from typing import IO, Any
 from orchestrator.errors import ActionFailed
 
 from .agentcall import ONE_SHOT_OPS, call_agent
-from .base import AgentStep, CommandResult, StepOutcome
+from .base import AgentStep, CommandResult, FileStream, Stdin, StepOutcome
 from .session import AgentSession, ChannelClosed
 
 __all__ = ["LocalConnection"]
@@ -95,7 +95,7 @@ class LocalConnection:
         return CommandResult(128 - code if code < 0 else code, out, err)
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: Stdin = None
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
@@ -104,7 +104,7 @@ class LocalConnection:
             self.run,
             op,
             request,
-            stdin=stdin,
+            stdin=stdin.read_all() if isinstance(stdin, FileStream) else stdin,
             python=self.agent_python,
             command_timeout=self.command_timeout,
             install=self.install_agent,

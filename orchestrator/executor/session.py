@@ -49,7 +49,7 @@ from .agentcall import (
     stream_argv,
     upload_agent,
 )
-from .base import AgentStep, StepOutcome, StepState
+from .base import AgentStep, FileStream, StepOutcome, StepState
 
 __all__ = ["AgentChannel", "AgentSession", "ChannelClosed", "Spawner"]
 
@@ -125,7 +125,7 @@ class AgentSession:
         self.pid: int | None = None  # the agent's pid on the host, from its hello
 
     async def call(
-        self, op: str, request: Mapping[str, Any], stdin: bytes | None
+        self, op: str, request: Mapping[str, Any], stdin: bytes | FileStream | None
     ) -> dict[str, Any]:
         """Run one op in the session; ActionFailed with the agent's message if it fails."""
         if op in ONE_SHOT_OPS or op == "batch":
@@ -174,7 +174,7 @@ class AgentSession:
     # -- internals -------------------------------------------------------------------------
 
     async def _exchange(
-        self, op: str, request: Mapping[str, Any], payload: bytes, timeout: float
+        self, op: str, request: Mapping[str, Any], payload: bytes | FileStream, timeout: float
     ) -> dict[str, Any]:
         header = json.dumps({"op": op, "request": dict(request)}, separators=(",", ":")).encode()
         self._bind_loop()
@@ -184,8 +184,11 @@ class AgentSession:
                 async with asyncio.timeout(timeout):
                     channel = self._channel or await self._open()
                     self._channel = channel
-                    await channel.write(HEADER.pack(len(header), len(payload)) + header)
-                    if payload:
+                    size = payload.size if isinstance(payload, FileStream) else len(payload)
+                    await channel.write(HEADER.pack(len(header), size) + header)
+                    if isinstance(payload, FileStream):
+                        await _send_file(self.host, channel, payload)
+                    elif payload:
                         await channel.write(payload)
                     return await _read_frame(channel)
             except TimeoutError:
@@ -281,6 +284,23 @@ class AgentSession:
         self.pid = pid if isinstance(pid, int) else None
         log.debug("agent_session", host=self.host, pid=self.pid)
         return None
+
+
+async def _send_file(host: str, channel: AgentChannel, stream: FileStream) -> None:
+    """The file's bytes in chunks, each written (and flow-controlled) before the next is read,
+    so the controller holds about one chunk however large the file. A file that shrank or grew
+    since its size went into the frame header cannot be framed: the call fails (and, being
+    mid-frame, the session is dropped by the caller)."""
+    left = stream.size
+    with stream.path.open("rb") as f:
+        while left:
+            chunk = await asyncio.to_thread(f.read, min(FileStream.CHUNK, left))
+            if not chunk:
+                raise ActionFailed(host, f"{stream.path} shrank while it was being sent")
+            await channel.write(chunk)
+            left -= len(chunk)
+        if await asyncio.to_thread(f.read, 1):
+            raise ActionFailed(host, f"{stream.path} grew while it was being sent")
 
 
 async def _read_frame(channel: AgentChannel) -> dict[str, Any]:

@@ -23,7 +23,16 @@ import structlog
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 
 from .agentcall import ONE_SHOT_OPS, call_agent
-from .base import AgentStep, CommandResult, Connection, SSHOptions, StepOutcome, Target
+from .base import (
+    AgentStep,
+    CommandResult,
+    Connection,
+    FileStream,
+    SSHOptions,
+    Stdin,
+    StepOutcome,
+    Target,
+)
 from .hostkeys import HostKeyPolicy, rejection_error
 from .pool import for_each_host
 from .session import AgentSession, ChannelClosed
@@ -32,6 +41,7 @@ __all__ = ["SSHConnection", "SSHExecutor", "for_each_host"]
 
 log = structlog.get_logger(__name__)
 
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds, when neither the command line nor the inventory says
 RETRY_BACKOFF = 0.5  # seconds before the first retry; doubles each time
 STDERR_TAIL = 4096  # bytes of an agent session's stderr kept for error messages
 
@@ -39,10 +49,12 @@ STDERR_TAIL = 4096  # bytes of an agent session's stderr kept for error messages
 class SSHConnection:
     """A Connection over one asyncssh client connection. Create it with `SSHExecutor`."""
 
-    def __init__(self, name: str, conn: asyncssh.SSHClientConnection, options: SSHOptions) -> None:
+    def __init__(self, name: str, conn: asyncssh.SSHClientConnection, options: SSHOptions,
+                 jump: asyncssh.SSHClientConnection | None = None) -> None:
         self.name = name
         self.round_trips = 0
         self._conn = conn
+        self._jump = jump  # the ProxyJump connection this one is tunnelled through, if any
         self._options = options
         self.session = AgentSession(
             name,
@@ -79,7 +91,7 @@ class SSHConnection:
         return CommandResult(_exit_status(done), _as_bytes(done.stdout), _as_bytes(done.stderr))
 
     async def agent(
-        self, op: str, request: Mapping[str, Any], *, stdin: bytes | None = None
+        self, op: str, request: Mapping[str, Any], *, stdin: Stdin = None
     ) -> dict[str, Any]:
         if op not in ONE_SHOT_OPS:
             return await self.session.call(op, request, stdin)
@@ -88,7 +100,7 @@ class SSHConnection:
             self.run,
             op,
             request,
-            stdin=stdin,
+            stdin=stdin.read_all() if isinstance(stdin, FileStream) else stdin,
             python=self._options.agent_python,
             command_timeout=self._options.command_timeout,
             install=self._options.install_agent,
@@ -119,9 +131,11 @@ class SSHConnection:
 
     async def close(self) -> None:
         await self.session.close()
-        self._conn.close()
-        with contextlib.suppress(asyncssh.Error, OSError):
-            await self._conn.wait_closed()
+        for conn in (self._conn, self._jump):
+            if conn is not None:
+                conn.close()
+                with contextlib.suppress(asyncssh.Error, OSError):
+                    await conn.wait_closed()
 
 
 class _SSHChannel:
@@ -256,11 +270,18 @@ class SSHExecutor:
         log.info("ssh_unreachable", host=target.name, attempts=attempts, error=str(last))
         raise last
 
+    def _timeout(self, target: Target) -> float:
+        """The command line's connect timeout, else the inventory's, else the default."""
+        for value in (self.options.connect_timeout, target.connect_timeout):
+            if value is not None:
+                return value
+        return DEFAULT_CONNECT_TIMEOUT
+
     def _settings(self, target: Target) -> asyncssh.SSHClientConnectionOptions:
         """asyncssh options with ~/.ssh/config applied; explicit target values win."""
         kwargs: dict[str, Any] = {
-            "connect_timeout": self.options.connect_timeout,
-            "login_timeout": self.options.connect_timeout,
+            "connect_timeout": self._timeout(target),
+            "login_timeout": self._timeout(target),
             "keepalive_interval": 30,
         }
         if self.options.ssh_config is not None:
@@ -273,10 +294,14 @@ class SSHExecutor:
             kwargs["client_keys"] = [str(target.identity_file)]
         return asyncssh.SSHClientConnectionOptions(host=target.address, **kwargs)
 
-    def _known_hosts(self, settings: asyncssh.SSHClientConnectionOptions) -> list[Path]:
-        """The known_hosts files in force: the option, else the SSH config's, else the default."""
+    def _known_hosts(self, target: Target,
+                     settings: asyncssh.SSHClientConnectionOptions) -> list[Path]:
+        """The known_hosts files in force: the option, else the inventory's, else the SSH
+        config's, else the default."""
         if self.options.known_hosts is not None:
             return [self.options.known_hosts]
+        if target.known_hosts is not None:
+            return [target.known_hosts]
         configured = settings.known_hosts
         if configured is None:  # UserKnownHostsFile none: checking disabled by the user's config
             return []
@@ -291,42 +316,85 @@ class SSHExecutor:
             settings = self._settings(target)
         except (asyncssh.Error, OSError, ValueError) as exc:
             raise HostUnreachable(target.name, f"bad SSH settings: {exc}") from exc
-        files = self._known_hosts(settings)
+        files = self._known_hosts(target, settings)
         policy = HostKeyPolicy(files, self.options.accept_new_host_keys)
         known: Any = [str(f) for f in files if f.is_file()] or b""
-        if self.options.known_hosts is None and settings.known_hosts is None:
+        if (self.options.known_hosts is None and target.known_hosts is None
+                and settings.known_hosts is None):
             known = None
         host, port = settings.host or target.address, settings.port or 22
-        log.debug("ssh_connect", host=target.name, address=host, port=port)
+        log.debug("ssh_connect", host=target.name, address=host, port=port,
+                  proxy_jump=target.proxy_jump)
+        jump = None
+        if target.proxy_jump is not None:
+            jump = await self._connect(target, _jump_target(target), known, files)
         try:
-            conn = await asyncio.wait_for(
+            conn = await self._connect(target, target, known, files, policy=policy,
+                                       settings=settings, tunnel=jump)
+        except BaseException:
+            if jump is not None:
+                jump.close()
+            raise
+        log.debug("ssh_connected", host=target.name)
+        return SSHConnection(target.name, conn, self.options, jump)
+
+    async def _connect(self, owner: Target, target: Target, known: Any, files: list[Path], *,
+                       policy: HostKeyPolicy | None = None,
+                       settings: asyncssh.SSHClientConnectionOptions | None = None,
+                       tunnel: asyncssh.SSHClientConnection | None = None,
+                       ) -> asyncssh.SSHClientConnection:
+        """One asyncssh connection (to the host, or to its ProxyJump host, `owner` naming the
+        host either way), with asyncssh's failures mapped at this edge."""
+        if settings is None:
+            try:
+                settings = self._settings(target)
+            except (asyncssh.Error, OSError, ValueError) as exc:
+                raise HostUnreachable(owner.name, f"bad SSH settings: {exc}") from exc
+        policy = policy or HostKeyPolicy(files, self.options.accept_new_host_keys)
+        host, port = settings.host or target.address, settings.port or 22
+        via = (f" (through {owner.proxy_jump})" if tunnel is not None
+               else " (the inventory's ssh.proxy_jump)" if target is not owner else "")
+        timeout = self._timeout(owner)
+        try:
+            return await asyncio.wait_for(
                 asyncssh.connect(
                     target.address,
                     target.port if target.port != 22 else (),  # 22: let the config decide
                     options=settings,
                     known_hosts=known,
                     client_factory=lambda: policy,
+                    tunnel=tunnel if tunnel is not None else (),
                 ),
-                self.options.connect_timeout + 1,
+                timeout + 1,
             )
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise rejection_error(target.name, host, port, files, policy.rejection,
+            raise rejection_error(owner.name, host, port, files, policy.rejection,
                                   exc.reason) from exc  # fmt: skip
         except asyncssh.PermissionDenied as exc:
             who = settings.username or "the default user"
             raise HostUnreachable(
-                target.name,
-                f"authentication failed for {who}@{host}:{port} ({exc.reason}); "
+                owner.name,
+                f"authentication failed for {who}@{host}:{port}{via} ({exc.reason}); "
                 "check the inventory's user and identity_file, or your ssh-agent",
             ) from exc
         except (asyncssh.Error, OSError, TimeoutError) as exc:
             error = HostUnreachable(
-                target.name, f"cannot connect to {host}:{port}: {_describe(exc)}"
+                owner.name, f"cannot connect to {host}:{port}{via}: {_describe(exc)}"
             )
             error.__cause__ = exc
             raise _Transient(error) from exc
-        log.debug("ssh_connected", host=target.name)
-        return SSHConnection(target.name, conn, self.options)
+
+
+def _jump_target(target: Target) -> Target:
+    """The ProxyJump host as a target of its own: its user and port from `proxy_jump` (else
+    the host's user, port 22), the host's key and timeouts (OpenSSH's ProxyJump does the same)."""
+    assert target.proxy_jump is not None
+    user, _, rest = target.proxy_jump.rpartition("@")
+    address, _, port = rest.partition(":")
+    return Target(name=f"{target.name} (jump {rest})", address=address,
+                  port=int(port) if port else 22, user=user or target.user,
+                  identity_file=target.identity_file, known_hosts=target.known_hosts,
+                  connect_timeout=target.connect_timeout)
 
 
 class _Transient(Exception):

@@ -11,13 +11,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Cluster, CommandTask, DirectoryTask, Host, Task, TemplateTask
+from orchestrator.config import (
+    Cluster,
+    CommandTask,
+    CopyTask,
+    DirectoryTask,
+    Host,
+    Task,
+    TemplateTask,
+)
 from orchestrator.config.templates import render_template as render_user_template
 from orchestrator.errors import HostError
 from orchestrator.facts import HostFacts
 from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
 from orchestrator.resources.command import Command
+from orchestrator.resources.copy import Copy
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.wheelhouse import Wheelhouse
@@ -29,7 +38,8 @@ def host_vars(cluster: Cluster, host: Host) -> dict[str, Any]:
     return {
         "cluster": cluster.name,
         "host": {"name": host.name, "address": host.address, "ring_ip": host.ring_ip,
-                 "memory_gb": host.memory_gb, "chip": host.chip, "groups": list(host.groups)},
+                 "memory_gb": host.memory_gb, "chip": host.chip, "groups": list(host.groups),
+                 "vars": dict(host.vars)},
         "hosts": {h.name: {"address": h.address, "ring_ip": h.ring_ip}
                   for h in cluster.hosts.values()},
     }
@@ -54,6 +64,8 @@ def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
         variables = {**host_vars(cluster, host), **task.vars}
         return File(action.dest, render_template(action.src, variables, task.origin),
                     action.mode)
+    if isinstance(action, CopyTask):
+        return Copy.of(action.src, action.dest, action.mode)
     assert isinstance(action, DirectoryTask)
     return Directory(action.path, action.mode)
 

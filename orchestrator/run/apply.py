@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
-from orchestrator.executor import Connection
+from orchestrator.executor import Connection, FileStream
 from orchestrator.plan import HostPlan, Plan
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
@@ -74,7 +74,8 @@ async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
         raise ActionFailed(conn.name, "a fetch step needs the model sync: "
                                       "apply_plan(..., transfers=...)")
     if isinstance(step, Write):
-        return await conn.agent(step.op, step.request(), stdin=await _bytes(step.payload))
+        stdin = await _bytes(conn.name, step.payload)
+        return await conn.agent(step.op, step.request(), stdin=stdin)
     response = await conn.agent(step.op, step.request())
     if isinstance(step, Run) and not response.get("skipped") \
             and response.get("exit_status") != 0:
@@ -84,12 +85,16 @@ async def run_step(conn: Connection, step: Step) -> dict[str, Any]:
     return response
 
 
-async def _bytes(payload: Payload) -> bytes:
-    """What a write sends: the plan's text, or a controller file read now (a wheel's bytes are
-    never in the plan, only its path and sha256, which the agent checks)."""
+async def _bytes(host: str, payload: Payload) -> bytes | FileStream:
+    """What a write sends: the plan's text, or a controller file streamed in chunks now (a
+    wheel's or a `copy:` task's bytes are never in the plan, only its path and sha256, which
+    the agent checks; a multi-GB file is never held whole in memory)."""
     if isinstance(payload, Text):
         return payload.data()
-    return await asyncio.to_thread(Path(payload.path).read_bytes)
+    try:
+        return await asyncio.to_thread(FileStream.of, Path(payload.path))
+    except OSError as exc:
+        raise ActionFailed(host, f"controller file {payload.path} cannot be read: {exc}") from exc
 
 
 def _interim_record(host_plan: HostPlan) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from orchestrator.plan.desired import desired_state, serving_nodes
 from orchestrator.plan.preflight import check_sudo
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
-from orchestrator.resources.steps import Text, Write
+from orchestrator.resources.steps import ControllerFile, Text, Write
 from orchestrator.resources.wheelhouse import NodePlatform, Wheelhouse, cluster_platform
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
@@ -51,7 +51,9 @@ class RunOptions:
 def target_of(cluster: Cluster, name: str) -> Target:
     host = cluster.hosts[name]
     return Target(name=name, address=host.address, port=host.port, user=host.user,
-                  identity_file=host.identity_file)
+                  identity_file=host.identity_file, known_hosts=cluster.ssh.known_hosts,
+                  connect_timeout=cluster.ssh.connect_timeout,
+                  proxy_jump=cluster.ssh.proxy_jump)
 
 
 def selected_hosts(cluster: Cluster, limit: Sequence[str] | None) -> list[str]:
@@ -209,13 +211,13 @@ async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
             if written is not None:
                 writes[change.resource] = written
         if not writes:
-            return host_plan
+            return replace(host_plan, changes=tuple(_with_summary(c) for c in host_plan.changes))
         answer = await conn.agent("read", {"paths": sorted({p for p, _ in writes.values()})})
         contents: Mapping[str, str | None] = answer["contents"]
 
         def with_diff(change: Change) -> Change:
             if change.resource not in writes:
-                return change
+                return _with_summary(change)
             path, content = writes[change.resource]
             return replace(change, diff=unified_diff(contents.get(path), content, path))
 
@@ -227,6 +229,19 @@ async def add_diffs(result: Plan, conns: Mapping[str, Connection | HostError],
     hosts = tuple(u if isinstance(u, HostPlan) else h
                   for h, u in ((h, updated.get(h.host, h)) for h in result.hosts))
     return replace(result, hosts=hosts)
+
+
+def _with_summary(change: Change) -> Change:
+    """A copy's "diff": which files are sent from where, by sha256; binary-safe, and no file
+    is read on either side to make it."""
+    sent = [(s.path, s.payload) for s in change.steps
+            if isinstance(s, Write) and isinstance(s.payload, ControllerFile)]
+    if not change.resource.startswith("copy:") or not sent:
+        return change
+    lines = [f"{len(sent)} file(s) sent as bytes (content not shown):"]
+    lines += [f"  {path} <- {source.path} (sha256 {source.sha256[:12]})"
+              for path, source in sent]
+    return replace(change, diff="\n".join(lines) + "\n")
 
 
 def _written(change: Change) -> tuple[str, str] | None:

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import Runtime
 from orchestrator.simulator import processes
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, SandboxError, start_hosts
 
@@ -96,7 +97,9 @@ def boot(directory: Path, nodes: int = 3) -> tuple[Sandbox, list[RunningHost]]:
     directory.mkdir(parents=True, exist_ok=True)
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
-        from orchestrator.simulator.tiny_model import TENSOR_3_OVERRIDES, make_tiny_deepseek
+        # Written with the standard library: the controller never needs mlx (issue #17).
+        from orchestrator.simulator.tiny_model import TENSOR_3_OVERRIDES
+        from orchestrator.simulator.tiny_plain import make_tiny_deepseek
 
         # 6 heads: the sandbox also serves tensor-parallel on 2 or 3 ranks (tests/e2e).
         make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7, overrides=TENSOR_3_OVERRIDES)
@@ -135,14 +138,17 @@ def _start_hub(directory: Path, model_dir: Path) -> tuple[str, str, int]:
 
 
 def _pins() -> list[str]:
-    """The nodes run this controller's mlx and mlx-lm: the sandbox's nodes are this machine."""
+    """The nodes run this controller's mlx and mlx-lm when it has them (the sandbox's nodes
+    are this machine), else the versions orch pins by default: the nodes get them from the
+    wheelhouse either way, so the controller itself never needs mlx."""
     pins = []
-    for name, dist in (("mlx", "mlx"), ("mlx-lm", "mlx-lm")):
+    defaults = {name: version for name, _, version in
+                (p.partition("==") for p in Runtime().packages)}
+    for name in ("mlx", "mlx-lm"):
         try:
-            pins.append(f"{name}=={metadata.version(dist)}")
+            pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
-            raise SandboxError(f"the sandbox needs {name} on this machine: "
-                               "pip install -e '.[mlx]'") from None
+            pins.append(f"{name}=={defaults[name]}")
     if sys.platform == "linux":
         pins[0] = pins[0].replace("mlx==", "mlx[cpu]==")
     return pins
@@ -170,6 +176,8 @@ def _write_cluster(directory: Path, hosts: list[RunningHost], endpoint: str, com
                    api_port: int) -> Path:
     (directory / "inventory.yml").write_text(
         "# Written by `orch sandbox up`: simulated Macs on this machine.\n"
+        "ssh:  # so every orch command works on this cluster with no SSH flags\n"
+        f"  known_hosts: {json.dumps(str(hosts[0].known_hosts_file))}\n"
         + inventory_yaml(hosts))
     packages = ", ".join(json.dumps(p) for p in _pins())  # `mlx[cpu]` needs quotes in YAML
     cluster = directory / "sandbox.yml"

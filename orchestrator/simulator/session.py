@@ -40,5 +40,6 @@ async def apply_and_ask(sandbox: Sandbox, *, echo: Callable[[str], None]) -> Exi
          f"({len(completion.token_ids)} tokens; the sandbox model has random weights, so the "
          f"words are noise): {completion.text!r}\n   token ids: {list(completion.token_ids)}")
     echo("\nAsk it yourself:\n  " + curl_line(sandbox.api_url, "Hello!"))
-    echo(f"Plan it again:\n  orch plan {sandbox.cluster_file} --known-hosts {sandbox.known_hosts}")
+    echo(f"Plan it again (no flags: the inventory names its known_hosts):\n"
+         f"  orch plan {sandbox.cluster_file}")
     return ExitCode.OK

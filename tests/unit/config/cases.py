@@ -58,7 +58,8 @@ CASES = [
     Case("unknown-host-key", _c(inv_yml=INVENTORY + "    »colour: red\n"),
          "unknown key 'colour'", schema=True),
     Case("unknown-group-var", _c(inv_yml=INVENTORY + "groups:\n  g:\n    hosts: [a]\n"
-                                 "    vars:\n      »ram: 64\n"), "unknown key 'ram'", schema=True),
+                                 "    vars:\n      »memroy_gb: 64\n"),
+         "unknown key 'memroy_gb' (did you mean 'memory_gb'?)"),
     Case("port-is-string", _c(inv_yml=INVENTORY.replace(
         "    memory_gb: 64\n  b", "    memory_gb: 64\n    port: »\"22\"\n  b")),
          "expected an integer", schema=True),
@@ -114,6 +115,9 @@ CASES = [
     Case("template-missing", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    template:\n"
                                 "      src: »motd.j2\n      dest: /etc/motd\n"),
          "template 'motd.j2' does not exist"),
+    Case("copy-source-missing", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    copy:\n"
+                                   "      src: »files/blob.bin\n      dest: ~/blob.bin\n"),
+         "copy source 'files/blob.bin' does not exist"),
     Case("template-syntax", _c(cluster_yml=CLUSTER + TEMPLATE_TASK,
                                motd_j2="hello {{ host.name }}\n»{% if %}\n"),
          "template syntax error: Expected an expression, got 'end of statement block'; "
