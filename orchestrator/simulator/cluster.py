@@ -85,6 +85,16 @@ def up(directory: Path, nodes: int = 3) -> Sandbox:
         return previous
     if previous is not None:
         stop_processes(previous)
+    return boot(directory, nodes)[0]
+
+
+def boot(directory: Path, nodes: int = 3) -> tuple[Sandbox, list[RunningHost]]:
+    """Start the simulated Macs and the hub in ``directory`` (nothing of it running), and
+    write the cluster files. Also returns the running hosts, which a caller that reboots one
+    (`orchestrator.simulator.hosts.reboot`) needs. `down` stops them, rebooted or not: it finds
+    a host's processes by its root when the recorded pids are gone."""
+    directory = directory.absolute()
+    directory.mkdir(parents=True, exist_ok=True)
     model_dir = directory / "model"
     if not (model_dir / "config.json").exists():
         # Written with the standard library: the controller never needs mlx (issue #17).
@@ -105,7 +115,7 @@ def up(directory: Path, nodes: int = 3) -> Sandbox:
                      "root": str(h.root), "sshd_pid": h.sshd_pid, "launchd_pid": h.launchd_pid}
                     for h in hosts))
     (directory / "state.json").write_text(json.dumps(sandbox.to_json(), indent=2) + "\n")
-    return sandbox
+    return sandbox, hosts
 
 
 def _start_hub(directory: Path, model_dir: Path) -> tuple[str, str, int]:

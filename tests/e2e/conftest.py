@@ -15,7 +15,7 @@ Contract: a test may change the cluster, but leaves it converged (``orch plan
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import pytest
 
 from orchestrator.simulator import cluster as sandbox
 from orchestrator.simulator.cluster import Sandbox
+from orchestrator.simulator.hosts import RunningHost, stop_hosts
 from tests.e2e.ring import reference
 from tests.fixtures.cli import Ran, orch
 
@@ -30,7 +31,7 @@ PROMPT = "Say OK."
 MAX_TOKENS = 8
 
 _LAST_USER = pytest.StashKey[str]()
-_STOPS = pytest.StashKey[list[Path]]()
+_STOPS = pytest.StashKey[list[Callable[[], None]]]()
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Serving:
     """The shared sandbox: what `orch sandbox up` started, and the first apply's output."""
 
     sandbox: Sandbox
+    hosts: tuple[RunningHost, ...]  # the simulated Macs, for a test that reboots one
     first_apply: Ran  # `orch apply` on the bare hosts
     expected: tuple[int, ...]  # greedy tokens for PROMPT from one process holding the model
 
@@ -87,20 +89,28 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     """Stop the shared sandbox once its last user is done, not at the end of the session: the
     tests after it need the CPU (and the README test the same addresses)."""
     if item.config.stash.get(_LAST_USER, None) == item.nodeid:
-        for directory in item.config.stash.get(_STOPS, []):
-            sandbox.down(directory)
+        for stop in item.config.stash.get(_STOPS, []):
+            stop()
 
 
 @pytest.fixture(scope="session")
 def serving(tmp_path_factory: pytest.TempPathFactory,
             pytestconfig: pytest.Config) -> Iterator[Serving]:
     directory = tmp_path_factory.mktemp("serving") / "sandbox"
-    pytestconfig.stash.setdefault(_STOPS, []).append(directory)
+    hosts: list[RunningHost] = []
+
+    def stop() -> None:
+        """The hosts first, through their handles: a rebooted one has pids `down` never saw."""
+        stop_hosts(hosts)
+        sandbox.down(directory)
+
+    pytestconfig.stash.setdefault(_STOPS, []).append(stop)
     try:
-        started = sandbox.up(directory, 3)
+        started, booted = sandbox.boot(directory, 3)
+        hosts.extend(booted)
         applied = orch("apply", started.cluster_file, "--yes", known_hosts=started.known_hosts)
         assert applied.returncode == 0, applied.output
         expected, _ = reference(directory / "model", PROMPT, MAX_TOKENS)
-        yield Serving(started, applied, tuple(expected))
+        yield Serving(started, tuple(hosts), applied, tuple(expected))
     finally:
-        sandbox.down(directory)  # a no-op when it stopped after its last user
+        stop()  # a no-op when it stopped after its last user

@@ -241,7 +241,7 @@ def wired_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningHost
     """A host of its own: this test changes a sysctl and installs a LaunchDaemon."""
     hosts = start_hosts(
         tmp_path_factory.mktemp("wired"),
-        [HostSpec("wired", 64 * GIB, "Apple M4 Pro", address="127.0.0.41")],
+        [HostSpec("wired", 64 * GIB, "Apple M4 Pro", address="127.0.0.44")],
     )
     try:
         yield hosts[0]

@@ -174,7 +174,7 @@ def test_tree_hash_sees_content_and_mode_changes(
 def test_wired_limit_needs_sudo_and_survives_reboot_only_through_a_launchdaemon(
     tmp_path: Path,
 ) -> None:
-    spec = HostSpec("rebooter", 64 * GIB, "Apple M4 Pro", address="127.0.0.21")
+    spec = HostSpec("rebooter", 64 * GIB, "Apple M4 Pro", address="127.0.0.25")
     with running_hosts(tmp_path, [spec]) as [host]:
         denied = ssh(host, "sysctl -w iogpu.wired_limit_mb=50000")
         assert denied.returncode == 1
@@ -206,7 +206,7 @@ def test_wired_limit_needs_sudo_and_survives_reboot_only_through_a_launchdaemon(
 
 
 def test_sudo_without_nopasswd_fails_like_sudo(tmp_path: Path) -> None:
-    spec = HostSpec("locked", 32 * GIB, "Apple M4", address="127.0.0.22", sudo_nopasswd=False)
+    spec = HostSpec("locked", 32 * GIB, "Apple M4", address="127.0.0.26", sudo_nopasswd=False)
     with running_hosts(tmp_path, [spec]) as [host]:
         done = ssh(host, "sudo -n sysctl -w iogpu.wired_limit_mb=1000")
         assert (done.returncode, done.stderr) == (1, "sudo: a password is required\n")
@@ -353,7 +353,7 @@ def test_launchd_refuses_what_a_mac_refuses(agent: tuple[RunningHost, str]) -> N
 
 
 def test_stop_leaves_no_process_and_no_listening_port(tmp_path: Path) -> None:
-    spec = HostSpec("stopper", 16 * GIB, "Apple M4", address="127.0.0.23")
+    spec = HostSpec("stopper", 16 * GIB, "Apple M4", address="127.0.0.27")
     with running_hosts(tmp_path, [spec]) as [host]:
         plist = sleeper(host, "com.orch.stop", KeepAlive=True)
         ok(host, f"launchctl bootstrap user/$(id -u) {plist}")

@@ -20,7 +20,10 @@ from orchestrator.simulator.cluster import inventory_yaml
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
 
 
-def test_the_sandbox_cluster_file_plans_with_no_flags(tmp_path: Path) -> None:
+def test_the_sandbox_cluster_file_plans_with_no_flags(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # 127.0.0.45-47, not the sandbox's own .41-.43: the e2e tests' sandbox may be up meanwhile.
+    monkeypatch.setattr(sandbox_cluster, "ADDRESS_BASE", 45)
     directory = tmp_path / "sandbox"
     sandbox_cluster.up(directory, nodes=3)  # hosts, hub and files; no apply
     try:
