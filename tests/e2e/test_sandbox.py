@@ -261,6 +261,11 @@ def test_readme_sandbox_from_a_fresh_clone_as_a_normal_user(account: Account,
         assert code == 0, f"the README's command exited {code}:\n{tail(tmp_path / 'first.log')}"
         assert "from the 3-node ring" in output, output[-4000:]
         assert f"cluster file {sandbox_dir / 'sandbox.yml'}" in output, output[-4000:]
+        # The controller never needs mlx (issue #17): the README's install has no [mlx] extra.
+        code, found, _ = account.run(
+            ".venv/bin/python -c \"import importlib.util as u; print(u.find_spec('mlx'))\"",
+            tmp_path / "mlx.log", STEP_TIMEOUT)
+        assert code == 0 and found.strip() == "None", f"mlx is in the controller's venv: {found}"
 
         code, raw, _ = account.run(f"{orch} sandbox status --json", tmp_path / "status.log",
                                    STEP_TIMEOUT)

@@ -113,7 +113,7 @@ def test_the_agent_answers_rdma_through_ssh(macs: list[RunningHost]) -> None:
                 conn = conns[host.name]
                 assert not isinstance(conn, Exception), conn
                 facts = await read_facts(conn, FactRequest(rdma=True, managed=False))
-                got.append((facts.os_version, facts.rdma_devices))
+                got.append((facts.macos_version, facts.rdma_devices))
             return got
         finally:
             for conn in conns.values():

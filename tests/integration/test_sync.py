@@ -77,7 +77,8 @@ def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
     """This test's cluster declares only the model files; a fresh controller cache; HF_TOKEN."""
 
     def desired(cluster: Cluster, intent: Intent, nodes: Sequence[str],
-                facts: object = None, wheelhouse: object = None) -> dict[str, list[Resource]]:
+                facts: object = None, wheelhouse: object = None,
+                pythons: object = None) -> dict[str, list[Resource]]:
         assert cluster.model is not None and cluster.model.repo is not None
         client = HubClient(endpoint=cluster.model.endpoint, token=hub_token())
         manifest = hub_manifest(client, cluster.model.repo, cluster.model.revision,
