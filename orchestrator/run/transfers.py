@@ -193,6 +193,9 @@ class TransferContext:
             if h == host and not event.is_set():
                 self._ok.setdefault((h, rel), False)
                 event.set()
+        for (h, _rel), begun in self._begun.items():  # a relay waiter waits for a start
+            if h == host:
+                begun.set()
 
     async def apply_change(self, conn: Connection, change: Change) -> None:
         """Run a change's other steps in order, then its fetches concurrently."""
