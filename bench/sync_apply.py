@@ -31,7 +31,8 @@ from orchestrator.run import engine, transfers
 
 def run(cluster_file: Path, files: dict[str, list[str]], known_hosts: Path) -> int:
     def desired(cluster: Cluster, intent: Intent, nodes: Sequence[str],
-                facts: object = None, wheelhouse: object = None) -> dict[str, list[Resource]]:
+                facts: object = None, wheelhouse: object = None,
+                pythons: object = None) -> dict[str, list[Resource]]:
         assert cluster.model is not None and cluster.model.repo is not None
         client = HubClient(endpoint=cluster.model.endpoint, token=hub_token())
         manifest = hub_manifest(client, cluster.model.repo, cluster.model.revision,
