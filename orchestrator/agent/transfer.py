@@ -716,13 +716,13 @@ class _PeerHandler(BaseHTTPRequestHandler):
             else:
                 self._send_file(path, f, body)
 
-    def _send_growing(self, path: str, f: Any, size: int, body: bool) -> None:
-        """Send ``f`` (a partial being written by this node's own fetch, or the file it was
-        renamed to: the same inode) as if it were ``size`` bytes, each byte once it exists."""
+    def _answer_range(self, size: int) -> tuple[int, int] | None:
+        """The headers for the request's Range of a ``size``-byte file; the byte span to send
+        (inclusive), or None when the range was unsatisfiable (answered 416)."""
         wanted = _parse_range(self.headers.get("Range"), size)
         if wanted is None:
             self._empty(416, {"Content-Range": f"bytes */{size}"})
-            return
+            return None
         start, end, ranged = wanted
         self.send_response(206 if ranged else 200)
         self.send_header("Content-Type", "application/octet-stream")
@@ -731,6 +731,15 @@ class _PeerHandler(BaseHTTPRequestHandler):
         if ranged:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
+        return start, end
+
+    def _send_growing(self, path: str, f: Any, size: int, body: bool) -> None:
+        """Send ``f`` (a partial being written by this node's own fetch, or the file it was
+        renamed to: the same inode) as if it were ``size`` bytes, each byte once it exists."""
+        span = self._answer_range(size)
+        if span is None:
+            return
+        start, end = span
         if not body:
             return
         position, idle_since = start, time.monotonic()
@@ -755,18 +764,10 @@ class _PeerHandler(BaseHTTPRequestHandler):
 
     def _send_file(self, path: str, f: Any, body: bool) -> None:
         size = os.fstat(f.fileno()).st_size
-        wanted = _parse_range(self.headers.get("Range"), size)
-        if wanted is None:
-            self._empty(416, {"Content-Range": f"bytes */{size}"})
+        span = self._answer_range(size)
+        if span is None:
             return
-        start, end, ranged = wanted
-        self.send_response(206 if ranged else 200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
-        if ranged:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-        self.end_headers()
+        start, end = span
         if not body or end < start:
             return
         try:
