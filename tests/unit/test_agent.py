@@ -559,7 +559,9 @@ def test_bootstrap_waits_for_the_asynchronous_bootout(
 def test_bootstrap_retries_input_output_error(home: Path, fake_launchd: dict[str, str]) -> None:
     plist = {"domain": "user", "label": "com.orch.w", "plist": "~/com.orch.w.plist"}
     ok(home, "launchd_bootstrap", plist, env=fake_launchd)
-    env = {**fake_launchd, "LINGER": "0.2", "LAG": "0.5"}
+    # A lag long enough that the first bootstrap lands inside it even when each fake launchctl
+    # start takes a few hundred ms on a loaded machine (0.5 s once let it succeed first time).
+    env = {**fake_launchd, "LINGER": "0.2", "LAG": "3"}
     assert ok(home, "launchd_bootstrap", plist, env=env)["was_loaded"] is True
     calls = Path(fake_launchd["FAKE_LAUNCHD"], "calls.log").read_text().splitlines()
     assert sum(c.startswith("bootstrap") for c in calls) >= 3  # failed at least once, then ok
