@@ -138,7 +138,7 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
     old_ring = [n.name for n in old.nodes]
     echo(f"{'drain' if drain else 'undrain'} {node}: ring "
          f"{', '.join(old_ring)} → {', '.join(new.serving or ())}, "
-         f"split {list(new.placement.split)}")
+         f"{new.placement.split_text}")
 
     probe = Probe([api_url(cluster, old)])
     probing = asyncio.create_task(probe.run())

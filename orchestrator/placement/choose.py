@@ -115,6 +115,14 @@ class Placement:
         """Layers per rank, rank 0 first: the ``split`` argument of mlx-lm's ``pipeline``."""
         return tuple(n.num_layers for n in self.nodes)
 
+    @property
+    def split_text(self) -> str:
+        """The split in a few words: a tensor split's `split` would read as every layer on
+        every rank ([61, 61, 61]), which looks like a pipeline of 183 layers."""
+        if self.parallelism == "tensor":
+            return f"tensor-parallel over {len(self.nodes)} ranks"
+        return f"split {list(self.split)}"
+
 
 def place(meta: ModelMeta, inventory: Sequence[NodeSpec], policy: PlacementPolicy,
           requested: Sequence[str] | None = None) -> Placement:

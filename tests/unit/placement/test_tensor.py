@@ -38,6 +38,9 @@ def test_four_studios_take_the_tensor_split_on_rdma(deepseek_dir: Path,
     exact = independent_rank_bytes(deepseek_dir, 4)
     assert [n.weight_bytes for n in placement.nodes] == [exact] * 4
     assert exact == 106_560_520_192  # 106.6 GB a rank, of 419.8 GB
+    assert placement.split_text == "tensor-parallel over 4 ranks"  # what `orch drain` prints
+    assert placement.alternative is not None
+    assert placement.alternative.split_text == f"split {list(placement.alternative.split)}"
     assert all(n.files == tuple(f.name for f in deepseek_meta.files) for n in placement.nodes)
     assert placement.decode is not None and placement.alternative is not None
     pipeline = placement.alternative
