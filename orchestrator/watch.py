@@ -11,13 +11,18 @@ beside what the placement predicts the node needs (weights + overhead + KV cache
 verified n/n; for the ring, its state and the probe completion's latency. On a terminal the
 frame is redrawn in place (rich ``Live``); piped, each frame is printed in turn, so a log of
 it reads top to bottom.
+
+A node that cannot be read (a Mac rebooting, a cable pulled) is dialled again in the
+background, once per refresh, without holding up the frames of the others; when a dial
+succeeds, the next frame reads it over the new connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, replace
 
 from rich.console import Console, Group, RenderableType
@@ -27,9 +32,10 @@ from rich.text import Text
 
 from orchestrator.config import Cluster
 from orchestrator.errors import HostError
+from orchestrator.executor import Connection, SSHOptions
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import resolve_intent
-from orchestrator.run.engine import RunOptions, connected
+from orchestrator.run.engine import RunOptions, connected, redial
 from orchestrator.status import ClusterStatus, gather_status, model_file_list
 
 __all__ = ["WatchResult", "frame", "watch"]
@@ -114,15 +120,19 @@ async def watch(cluster: Cluster, options: RunOptions, *, interval: float = 2.0,
     hosts = [n.name for n in placement.nodes]
     refreshes = 0
     last: ClusterStatus | None = None
-    async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
+    ssh = replace(options.ssh, install_agent=False)
+    async with connected(cluster, hosts, ssh) as conns:
+        dials = _Redials(cluster, ssh, conns)
         live = Live(console=console, auto_refresh=False) if console.is_terminal else None
         if live is not None:
             live.start()
         try:
             while count is None or refreshes < count:
                 started = time.monotonic()
+                await dials.take_back()
                 last = await gather_status(cluster, conns, placement, model_files=files,
                                            probe=probe)
+                dials.start([n.host for n in last.nodes if not n.reachable])
                 refreshes += 1
                 view = frame(last, placement, at=time.strftime("%H:%M:%S"))
                 if live is not None:
@@ -133,8 +143,47 @@ async def watch(cluster: Cluster, options: RunOptions, *, interval: float = 2.0,
                     break
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
         finally:
+            await dials.cancel()
             if live is not None:
                 live.stop()
         trips = {name: conn.round_trips for name, conn in conns.items()
                  if not isinstance(conn, HostError)}
     return WatchResult(refreshes, trips, last)
+
+
+class _Redials:
+    """Background dials to the nodes the last frame could not read, swapped into `conns`
+    (which `connected` closes at the end) once they succeed."""
+
+    def __init__(self, cluster: Cluster, ssh: SSHOptions,
+                 conns: MutableMapping[str, Connection | HostError]) -> None:
+        self._cluster, self._ssh, self._conns = cluster, ssh, conns
+        self._pending: dict[str, asyncio.Task[Connection | HostError]] = {}
+
+    def start(self, hosts: list[str]) -> None:
+        for host in hosts:
+            if host not in self._pending:
+                self._pending[host] = asyncio.create_task(redial(self._cluster, host, self._ssh))
+
+    async def take_back(self) -> None:
+        for host, task in list(self._pending.items()):
+            if not task.done():
+                continue
+            del self._pending[host]
+            fresh = task.result()
+            if isinstance(fresh, HostError):
+                continue  # still down: the frame says so, and the next one dials again
+            lost, self._conns[host] = self._conns[host], fresh
+            if not isinstance(lost, HostError):
+                with contextlib.suppress(Exception):  # already broken; closing is tidy-up
+                    await lost.close()
+
+    async def cancel(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        for task in self._pending.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                fresh = await task
+                if not isinstance(fresh, HostError):
+                    await fresh.close()
+        self._pending.clear()

@@ -78,6 +78,15 @@ async def connected(cluster: Cluster, hosts: Sequence[str],
                 await conn.close()
 
 
+async def redial(cluster: Cluster, name: str, options: SSHOptions) -> Connection | HostError:
+    """A new connection to `name`, for a caller that outlives the one it had (`orch status
+    --watch` across a Mac's reboot). One attempt: the caller dials again on its next turn."""
+    try:
+        return await SSHExecutor(replace(options, connect_retries=0)).open(target_of(cluster, name))
+    except HostError as exc:
+        return exc
+
+
 async def gather_facts(
     conns: Mapping[str, Connection | HostError],
     requests: Mapping[str, FactRequest],
