@@ -144,9 +144,10 @@ def check_sudo(plan: Plan, desired: Mapping[str, Sequence[Resource]],
 def preflights(nodes: Sequence[str], desired: Mapping[str, Sequence[Resource]],
                facts: Mapping[str, HostFacts | HostError],
                pythons: Mapping[str, Interpreter]) -> tuple[NodePreflight, ...]:
-    """Each answering serving node's preflight facts (`NodePreflight`), in node order."""
+    """Each answering serving node's preflight facts (`NodePreflight`), sorted by host as
+    the plan's hosts are (and as its JSON keeps them)."""
     result = []
-    for node in nodes:
+    for node in sorted(nodes):
         fact = facts.get(node)
         if not isinstance(fact, HostFacts):
             continue
