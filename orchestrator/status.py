@@ -16,19 +16,19 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.config import Cluster
 from orchestrator.errors import HostError, PlanError
 from orchestrator.executor import Connection
-from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState
+from orchestrator.facts import FactRequest, FileKind, HostFacts, Interpreter, JobState
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
 from orchestrator.plan.readiness import NodePreflight, node_preflight
 from orchestrator.plan.ring import FORMED, ring_restart_reasons
-from orchestrator.resources.interpreter import choose_python, python_request
+from orchestrator.resources.interpreter import choose_python, chosen_pythons, python_request
 from orchestrator.resources.layout import WorkerLayout, api_url
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.pyenv import normalize
@@ -128,7 +128,10 @@ async def gather_status(
     nodes = tuple(_node(o, layout, files.get(o.view.host, {}), p, placement)
                   for o, p in zip(observations, ps, strict=True))
     if preflight is not None:
-        nodes = tuple(_with_preflight(n, o, cluster.runtime.python, preflight.get(n.host))
+        pythons = _pythons(observations, cluster.runtime.python)
+        nodes = tuple(replace(n, preflight=node_preflight(o.facts, pythons.get(n.host),
+                                                          preflight.get(n.host)))
+                      if o.facts is not None else n
                       for n, o in zip(nodes, observations, strict=True))
     url = api_url(cluster, placement)
     health = latency = None
@@ -157,17 +160,21 @@ def _preflight_request(cluster: Cluster, model: ModelFiles | None) -> FactReques
                        disk=frozenset({model.directory}) if model is not None else frozenset())
 
 
-def _with_preflight(node: NodeStatus, observation: Observation, wanted: str,
-                    model: ModelFiles | None) -> NodeStatus:
-    """The node with its preflight line; a node with no suitable Python shows none."""
-    facts = observation.facts
-    if facts is None:
-        return node
+def _pythons(observations: Sequence[Observation], wanted: str) -> dict[str, Interpreter]:
+    """Each node's venv interpreter as the plan chooses it (auto: a version every node has);
+    where some node has none, each of the others' own choice, and none for that node."""
+    facts = {o.view.host: o.facts for o in observations if o.facts is not None}
     try:
-        python = choose_python(facts, wanted)
+        return chosen_pythons(facts, list(facts), wanted)
     except PlanError:
-        python = None
-    return replace(node, preflight=node_preflight(facts, python, model))
+        pass
+    result = {}
+    for host, fact in facts.items():
+        try:
+            result[host] = choose_python(fact, wanted)
+        except PlanError:
+            continue
+    return result
 
 
 def _ring_state(nodes: tuple[NodeStatus, ...], serving: int, expected: int,
