@@ -1,5 +1,6 @@
 """A stock Mac, as orch first meets it: its Python and its disk, refused before any change;
-then, with a newer interpreter on its disk, converged for real (venv, wheels, a serving rank).
+then converged for real (venv, wheels, a serving rank) by the Homebrew 3.11 that appears on its
+disk, and again by the newer uv 3.12 that appears next: the venv and the wheels follow.
 
 Simulated Macs of this file's own (127.0.0.61-64) through the real CLI. Their interpreters are
 real: a stock Mac's ``python3`` is a real Python 3.9 linked as its /usr/bin/python3 (orch's
@@ -7,10 +8,10 @@ agent runs on it), or the Command Line Tools' stub (exit 1, the real message); a
 sits where Homebrew or uv puts it. The free disk is real too: a tmpfs smaller than the model,
 mounted over the node's orch directory (the tests run as root, as CI does).
 
-The apply installs the default pins (mlx, mlx-lm) for Python 3.12 from a wheelhouse the
-controller downloads once into its cache (~/.cache/orch, shared with the e2e sandbox's 3.11
-one): the same pins as every cluster, so the wheelhouse → venv path is the one users get, and
-the tiny model's one rank proves the venv really runs mlx-lm.
+Each apply installs the default pins (mlx, mlx-lm) from a wheelhouse the controller downloads
+once per Python version into its cache (~/.cache/orch; the 3.11 one is the e2e sandbox's too):
+the pins every cluster gets, so the wheelhouse → venv path is the one users take, and the tiny
+model's one rank proves the venv really runs mlx-lm.
 """
 
 from __future__ import annotations
@@ -107,12 +108,20 @@ def test_a_stock_mac_with_python_3_9_is_refused_naming_it_then_a_newer_one_is_ch
     assert refused.returncode == 1 and "needs Python 3.12 (runtime.python)" in refused.stderr
     assert "`brew install python@3.12`" in refused.stderr
 
-    # Homebrew's 3.11 and uv's 3.12 appear (the host's disk as it was, plus them): auto takes
-    # the newest, and the venv is made by it
+    # Homebrew's 3.11 appears (the host's disk as it was, plus it): apply makes the venv with it
     stop_hosts([host])
-    newer = replace(stock, pythons=(("/opt/homebrew/bin/python3.11", real_python("3.11")),
-                                    ("~/.local/share/uv/python/cpython-3.12-macos-aarch64-none/"
-                                     "bin/python3.12", real_python("3.12"))))
+    brew = ("/opt/homebrew/bin/python3.11", real_python("3.11"))
+    host = start(replace(stock, pythons=(brew,)))
+    cluster = serve_cluster(tmp_path, host, model)
+    applied = orch("apply", cluster, "--yes", known_hosts=host.known_hosts_file)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    venv = host.home / ".orch/serve/serve/venv"
+    assert_venv_of(venv, host.root / "opt/homebrew/bin", (3, 11))
+
+    # then uv's 3.12 too: auto takes the newest, and the wheelhouse and the venv follow it
+    stop_hosts([host])
+    newer = replace(stock, pythons=(brew, ("~/.local/share/uv/python/cpython-3.12-macos-"
+                                           "aarch64-none/bin/python3.12", real_python("3.12"))))
     host = start(newer)
     cluster = serve_cluster(tmp_path, host, model)
     planned = orch("plan", cluster, "--json", known_hosts=host.known_hosts_file)
@@ -130,13 +139,13 @@ def test_a_stock_mac_with_python_3_9_is_refused_naming_it_then_a_newer_one_is_ch
         ("/home/.local/share/uv/python/cpython-3.12-macos-aarch64-none/bin/python3.12", "3.12")]
     assert facts["stock"]["pythons"]["developer_tools"] is True
 
-    # apply: the venv is made by uv's 3.12, from wheels for 3.12, and the ring serves
+    # apply: the venv is made again by uv's 3.12, from wheels for 3.12 (the 3.11 ones are
+    # removed), and the ring serves
     applied = orch("apply", cluster, "--yes", known_hosts=host.known_hosts_file)
     assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "python: 3.11 → 3.12" in applied.stdout, applied.stdout
     assert "Ring: serving at" in applied.stdout, applied.stdout
-    uv_bin = Path(uv_python).parent
-    venv = host.home / ".orch/serve/serve/venv"
-    assert_venv_of(venv, uv_bin, (3, 12))
+    assert_venv_of(venv, Path(uv_python).parent, (3, 12))
     wheels = sorted((host.home / ".orch/serve/serve/wheelhouse").glob("*/*.whl"))
     assert_wheels_fit(wheels, venv / "bin/python")
     assert any("-cp312-cp312-" in w.name for w in wheels), [w.name for w in wheels]  # mlx
