@@ -29,8 +29,9 @@ def change_lines(change: Change, *, show_diff: bool) -> list[str]:
 
 
 def plan_text(plan: Plan, *, show_diff: bool = False) -> str:
-    """Terraform-like: hosts sorted, no-op hosts hidden, a summary line at the end."""
-    lines: list[str] = []
+    """Terraform-like: hosts sorted, no-op hosts hidden, a summary line at the end; first,
+    one preflight line per serving node (what the refusals checked)."""
+    lines = preflight_lines(plan)
     for host_plan in sorted(plan.hosts, key=lambda h: h.host):
         if not host_plan.changes:
             continue
@@ -44,6 +45,13 @@ def plan_text(plan: Plan, *, show_diff: bool = False) -> str:
         lines.append("")
     lines.append(summary_line(plan))
     return "\n".join(lines)
+
+
+def preflight_lines(plan: Plan) -> list[str]:
+    """``Preflight:`` and a line per serving node, then a blank line; nothing without nodes."""
+    if not plan.preflight:
+        return []
+    return ["Preflight:", *(f"  {p.line()}" for p in plan.preflight), ""]
 
 
 def summary_line(plan: Plan) -> str:

@@ -16,19 +16,21 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.config import Cluster
-from orchestrator.errors import HostError
+from orchestrator.errors import HostError, PlanError
 from orchestrator.executor import Connection
-from orchestrator.facts import FactRequest, FileKind, HostFacts, JobState
+from orchestrator.facts import FactRequest, FileKind, HostFacts, Interpreter, JobState
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.intent import Intent, resolve_intent
+from orchestrator.plan.readiness import NodePreflight, node_preflight
 from orchestrator.plan.ring import FORMED, ring_restart_reasons
+from orchestrator.resources.interpreter import choose_python, chosen_pythons, python_request
 from orchestrator.resources.layout import WorkerLayout, api_url
-from orchestrator.resources.model_files import model_files_by_host
+from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.pyenv import normalize
 from orchestrator.run.engine import RunOptions, connected
 from orchestrator.verify.health import (
@@ -71,6 +73,7 @@ class NodeStatus:
     rss_bytes: int | None = None
     last_exit: int | None = None
     error: str | None = None  # the worker's error, when it failed
+    preflight: NodePreflight | None = None  # macOS, Python, sudo, disk (when asked)
 
 
 @dataclass(frozen=True)
@@ -106,19 +109,30 @@ async def gather_status(
     prompt: str = "Say OK.",
     probe_timeout: float = 30.0,
     transport: Transport = urllib_transport,
+    preflight: Mapping[str, ModelFiles] | None = None,
 ) -> ClusterStatus:
     """Read every serving node and probe the API. ``model_files`` lists, per host, the model
     file paths the shard sync declared (HOME-relative or absolute) with their sha256 (None:
-    presence only)."""
+    presence only). ``preflight``, each node's model files, asks the same facts call for the
+    node's preflight facts too (`NodePreflight`: its Pythons, sudo, the model volume's disk)."""
     layout = WorkerLayout.of(cluster)
     files = model_files or {}
     extra = {n.name: FactRequest(venvs=frozenset({layout.venv}),
                                  files=frozenset(files.get(n.name, {})), managed=False)
              for n in placement.nodes}
+    if preflight is not None:
+        extra = {name: request.merge(_preflight_request(cluster, preflight.get(name)))
+                 for name, request in extra.items()}
     observations = await observe_ring(placement, layout, conns, extra=extra)
     ps = await asyncio.gather(*(_ps(conns.get(o.view.host), o) for o in observations))
     nodes = tuple(_node(o, layout, files.get(o.view.host, {}), p, placement)
                   for o, p in zip(observations, ps, strict=True))
+    if preflight is not None:
+        pythons = _pythons(observations, cluster.runtime.python)
+        nodes = tuple(replace(n, preflight=node_preflight(o.facts, pythons.get(n.host),
+                                                          preflight.get(n.host)))
+                      if o.facts is not None else n
+                      for n, o in zip(nodes, observations, strict=True))
     url = api_url(cluster, placement)
     health = latency = None
     probe_error = None
@@ -136,6 +150,31 @@ async def gather_status(
         ring_size=sizes.pop() if len(sizes) == 1 else None, ranks_serving=len(serving),
         restart_reasons=reasons, health=health, probe_latency_s=latency,
         probe_error=probe_error)
+
+
+def _preflight_request(cluster: Cluster, model: ModelFiles | None) -> FactRequest:
+    """What a node's preflight line reads: the Pythons, ``sudo -n`` (asked only where the
+    workers are LaunchDaemons: the probe runs a command) and the model volume's free disk."""
+    return FactRequest(pythons=python_request(cluster.runtime.python), managed=False,
+                       sudo=cluster.runtime.launchd_domain == "system",
+                       disk=frozenset({model.directory}) if model is not None else frozenset())
+
+
+def _pythons(observations: Sequence[Observation], wanted: str) -> dict[str, Interpreter]:
+    """Each node's venv interpreter as the plan chooses it (auto: a version every node has);
+    where some node has none, each of the others' own choice, and none for that node."""
+    facts = {o.view.host: o.facts for o in observations if o.facts is not None}
+    try:
+        return chosen_pythons(facts, list(facts), wanted)
+    except PlanError:
+        pass
+    result = {}
+    for host, fact in facts.items():
+        try:
+            result[host] = choose_python(fact, wanted)
+        except PlanError:
+            continue
+    return result
 
 
 def _ring_state(nodes: tuple[NodeStatus, ...], serving: int, expected: int,
@@ -252,8 +291,10 @@ def status_json(status: ClusterStatus) -> dict[str, Any]:
                  "restart_reasons": dict(sorted(status.restart_reasons.items()))},
         "api": {"url": status.api_url, "health": status.health,
                 "probe_latency_s": status.probe_latency_s, "probe_error": status.probe_error},
-        "nodes": [{**{k: v for k, v in vars(n).items() if k != "layers"},
-                   "layers": list(n.layers) if n.layers else None} for n in status.nodes],
+        "nodes": [{**{k: v for k, v in vars(n).items() if k not in ("layers", "preflight")},
+                   "layers": list(n.layers) if n.layers else None,
+                   "preflight": n.preflight.to_json() if n.preflight else None}
+                  for n in status.nodes],
     }
 
 
@@ -291,6 +332,9 @@ def status_text(status: ClusterStatus) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     size = "?" if status.ring_size is None else str(status.ring_size)
+    checked = [n.preflight.line() for n in status.nodes if n.preflight is not None]
+    if checked:
+        lines += ["", "preflight:", *(f"  {line}" for line in checked)]
     lines.append("")
     lines.append(f"ring: {status.ring} — {status.ranks_serving}/{status.expected_ranks} ranks "
                  f"serving, size {size} of {status.expected_ranks} nodes")
@@ -334,4 +378,13 @@ async def cluster_status(cluster: Cluster, options: RunOptions, **gather: Any) -
     hosts = [n.name for n in intent.placement.nodes]
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
         return await gather_status(cluster, conns, intent.placement,
-                                   model_files=model_file_list(intent), **gather)
+                                   model_files=model_file_list(intent),
+                                   preflight=_model_files(intent), **gather)
+
+
+def _model_files(intent: Intent) -> dict[str, ModelFiles]:
+    """Each serving node's model files (directory, and the files its placement needs)."""
+    if intent.placement is None or intent.manifest is None or intent.model_dir is None:
+        return {}
+    return model_files_by_host(intent.manifest, intent.model_dir,
+                               {n.name: n.files for n in intent.placement.nodes})

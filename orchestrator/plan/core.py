@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestrator.facts import FactRequest, HostFacts
+from orchestrator.plan.readiness import NodePreflight
 from orchestrator.resources.base import Action, Change, FieldChange, Resource
 from orchestrator.resources.steps import step_from_json
 
@@ -94,6 +95,9 @@ class Plan:
     cluster_file: str
     hosts: tuple[HostPlan, ...]
     unreachable: Mapping[str, str] = field(default_factory=dict)  # host -> reason
+    # Each serving node's preflight facts, as the refusals saw them: shown, never compared
+    # (`comparable`), since free disk moves without changing what apply would do.
+    preflight: tuple[NodePreflight, ...] = ()
 
     def only(self, keep: Callable[[str, Change], bool]) -> Plan:
         """The plan restricted to the changes `keep(host, change)` accepts (records stay as
@@ -132,6 +136,8 @@ class Plan:
                         "destroy": counts[Action.DELETE], "unreachable": len(self.unreachable)},
             "hosts": [h.to_json() for h in sorted(self.hosts, key=lambda h: h.host)],
             "unreachable": dict(sorted(self.unreachable.items())),
+            **({"preflight": {p.host: p.to_json() for p in self.preflight}}
+               if self.preflight else {}),
         }
 
     @classmethod
@@ -141,4 +147,6 @@ class Plan:
                              f"{PLAN_FORMAT}: make the plan again")
         return cls(raw["cluster"], raw["cluster_file"],
                    tuple(HostPlan.from_json(h) for h in raw["hosts"]),
-                   dict(raw.get("unreachable", {})))
+                   dict(raw.get("unreachable", {})),
+                   tuple(NodePreflight.from_json(host, p)
+                         for host, p in sorted(raw.get("preflight", {}).items())))

@@ -4,6 +4,8 @@
 * a node whose model directory's volume lacks the bytes its placement needs (`check_disk`);
 * a plan that needs root on a Mac where ``sudo -n`` would prompt (`check_sudo`).
 
+What they saw on each serving node is kept in the plan (`with_preflight`), one line per node.
+
 orch never runs as root; what must be root's (LaunchDaemons, the GPU wired limit) goes through
 ``sudo -n``, which fails instead of prompting. Without a NOPASSWD rule an apply would stop
 half-way, after the files were written and before the job was loaded; asking first (the agent's
@@ -14,10 +16,12 @@ change, with the one sudoers line that allows exactly the commands orch runs as 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from orchestrator.errors import HostError, NoAgentPython, PlanError
 from orchestrator.facts import HostFacts, Interpreter
 from orchestrator.plan.core import Plan
+from orchestrator.plan.readiness import NodePreflight, node_preflight, size
 from orchestrator.resources.base import Resource
 from orchestrator.resources.interpreter import chosen_pythons
 from orchestrator.resources.model_files import ModelFiles
@@ -31,7 +35,8 @@ from orchestrator.resources.steps import (
     Step,
 )
 
-__all__ = ["check_disk", "check_python", "check_sudo", "needs_root", "sudoers_line"]
+__all__ = ["check_disk", "check_python", "check_sudo", "needs_root", "preflights",
+           "sudoers_line", "with_preflight"]
 
 REFUSED = "nothing was changed: "
 
@@ -51,11 +56,6 @@ def check_python(facts: Mapping[str, HostFacts | HostError], nodes: Sequence[str
     return chosen
 
 
-def gigabytes(size: int) -> str:
-    """Decimal units, as Finder and `df -H` show disks (MB below a gigabyte)."""
-    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-
-
 def check_disk(desired: Mapping[str, Sequence[Resource]],
                facts: Mapping[str, HostFacts | HostError]) -> None:
     """PlanError naming every node whose model directory's volume has less free space than
@@ -70,8 +70,8 @@ def check_disk(desired: Mapping[str, Sequence[Resource]],
                 continue
             need, disk = resource.bytes_to_fetch(fact), fact.disk[resource.directory]
             if need > disk.free_bytes:
-                refused.append(f"{host}: needs {gigabytes(need)} free for the model files, "
-                               f"has {gigabytes(disk.free_bytes)} on {disk.volume}")
+                refused.append(f"{host}: needs {size(need)} free for the model files, "
+                               f"has {size(disk.free_bytes)} on {disk.volume}")
     if refused:
         raise PlanError(REFUSED + "\n".join(refused))
 
@@ -139,3 +139,25 @@ def check_sudo(plan: Plan, desired: Mapping[str, Sequence[Resource]],
                         + "\n(without sudo, workers can run as launchd agents: "
                           "runtime.launchd_domain: user; see the README, What orch needs "
                           "on a Mac)")
+
+
+def preflights(nodes: Sequence[str], desired: Mapping[str, Sequence[Resource]],
+               facts: Mapping[str, HostFacts | HostError],
+               pythons: Mapping[str, Interpreter]) -> tuple[NodePreflight, ...]:
+    """Each answering serving node's preflight facts (`NodePreflight`), sorted by host as
+    the plan's hosts are (and as its JSON keeps them)."""
+    result = []
+    for node in sorted(nodes):
+        fact = facts.get(node)
+        if not isinstance(fact, HostFacts):
+            continue
+        model = next((r for r in desired.get(node, ()) if isinstance(r, ModelFiles)), None)
+        result.append(node_preflight(fact, pythons.get(node), model))
+    return tuple(result)
+
+
+def with_preflight(plan: Plan, nodes: Sequence[str], desired: Mapping[str, Sequence[Resource]],
+                   facts: Mapping[str, HostFacts | HostError],
+                   pythons: Mapping[str, Interpreter]) -> Plan:
+    """The plan, carrying what preflight saw on each serving node."""
+    return replace(plan, preflight=preflights(nodes, desired, facts, pythons))

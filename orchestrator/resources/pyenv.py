@@ -15,6 +15,11 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _minor(version: str | None) -> str | None:
+    """``3.12.4`` → ``3.12`` (pyvenv.cfg's ``version``); None stays None."""
+    return ".".join(version.split(".")[:2]) if version else None
+
+
 def pins(requirements: tuple[str, ...]) -> dict[str, str]:
     """{normalized name: version} from `name==version` (extras dropped: they pin no version)."""
     result: dict[str, str] = {}
@@ -36,6 +41,10 @@ class PythonEnv:
     # ask for the node's interpreters (and this path, if it is one) from the configured value,
     # so a request made before the choice equals the one made after it.
     choice: str = "auto"
+    # The Python (major.minor, "3.12") the venv must run: the wheelhouse's. A venv made by
+    # another one (a newer interpreter appeared, runtime.python changed) is made again, or
+    # the wheels for one version would be installed into the other.
+    python_version: str | None = None
 
     @property
     def id(self) -> str:
@@ -51,13 +60,19 @@ class PythonEnv:
         fields = [FieldChange(f"package {name}", venv.packages.get(name), version)
                   for name, version in sorted(wanted.items())
                   if venv.packages.get(name) != version]
-        if venv.exists and not fields:
+        had = _minor(venv.python_version)
+        remake = (venv.exists and self.python_version is not None and had is not None
+                  and had != self.python_version)
+        if venv.exists and not fields and not remake:
             return None
         relative = self.path.removeprefix("~/")
         steps: list[Step] = []
         if not venv.exists:
             fields.insert(0, FieldChange("venv", "missing", self.path))
             steps.append(Run((self.python, "-m", "venv", relative), cwd="~"))
+        elif remake:
+            fields.insert(0, FieldChange("python", had, self.python_version))
+            steps.append(Run((self.python, "-m", "venv", "--clear", relative), cwd="~"))
         if self.packages:
             install = (f"{relative}/bin/python", "-m", "pip", "install", "--quiet",
                        "--disable-pip-version-check", *self.pip_args, *self.packages)

@@ -126,7 +126,7 @@ def python_env(cluster: Cluster, system: str, wheelhouse: Wheelhouse | None,
     find_links = layout.wheelhouse(wheelhouse.key).removeprefix("~/")  # pip runs from HOME
     return PythonEnv(layout.venv, python, wheelhouse.pins,
                      pip_args=(*PIP_ARGS, "--no-index", "--find-links", find_links),
-                     choice=choice)
+                     choice=choice, python_version=wheelhouse.platform.python)
 
 
 def worker_config(cluster: Cluster, placement: Placement, *, home: str, model_dir: str,

@@ -25,7 +25,7 @@ from orchestrator.plan import HostPlan, Plan
 from orchestrator.plan.backend import check_backend
 from orchestrator.plan.build import host_requests, plan_cluster
 from orchestrator.plan.desired import desired_state, serving_nodes
-from orchestrator.plan.preflight import check_disk, check_python, check_sudo
+from orchestrator.plan.preflight import check_disk, check_python, check_sudo, with_preflight
 from orchestrator.resources.base import Change, Resource
 from orchestrator.resources.layout import api_url
 from orchestrator.resources.steps import ControllerFile, Text, Write
@@ -150,6 +150,8 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
     check_disk(desired, facts)  # before any change, or never
     check_sudo(result, desired, facts, cluster.runtime.dir)
     check_backend(cluster, intent.placement, facts)
+    if intent.placement is not None:
+        result = with_preflight(result, nodes, desired, facts, pythons)
     return Prepared(intent, desired, result)
 
 

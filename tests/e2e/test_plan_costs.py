@@ -5,7 +5,7 @@ On the shared ``serving`` sandbox (see conftest), which every test here leaves c
   state and the wheelhouse are facts of the one ``facts`` request;
 - ``orch plan`` never runs pip: with the wheelhouse missing from this controller's cache it
   exits 2 and names it, and downloads nothing;
-- ``orch status`` counts each rank's model files verified;
+- ``orch status`` counts each rank's model files verified, and shows each node's preflight;
 - a task-only cluster applied, narrowed and removed on the same three Macs never changes a file
   or a process of the serving cluster (issue #13 item 5).
 """
@@ -37,6 +37,9 @@ def test_a_converged_serving_cluster_plans_in_one_ssh_command_per_host(
     result, trips = asyncio.run(plan(load_cluster(serving.cluster_file), options))
     assert not result.has_changes, result.to_json()
     assert trips == {"mac1": 1, "mac2": 1, "mac3": 1}, trips
+    # the preflight line of each node (Python, sudo -n, disk) came in that same one command
+    assert [(p.host, p.sudo, p.disk_needed) for p in result.preflight] == [
+        ("mac1", True, 0), ("mac2", True, 0), ("mac3", True, 0)], result.preflight
 
 
 def test_plan_with_an_empty_wheelhouse_cache_runs_no_pip_and_names_the_wheelhouse(
@@ -67,6 +70,8 @@ def test_status_counts_every_ranks_files_verified(serving: Serving) -> None:
     nodes = json.loads(status.stdout)["nodes"]
     assert [n["host"] for n in nodes] == ["mac1", "mac2", "mac3"]
     assert all(n["files_total"] and n["files_verified"] == n["files_total"] for n in nodes), nodes
+    assert all(n["preflight"]["python_version"] and n["preflight"]["sudo"] is True
+               and n["preflight"]["disk_needed"] == 0 for n in nodes), nodes
 
 
 def serving_state(serving: Serving) -> dict[str, str]:

@@ -34,6 +34,11 @@ class FakeNode:
     packages: Mapping[str, str] = field(default_factory=lambda: {"mlx": "0.32.4",
                                                                  "mlx-lm": "0.32.2"})
     files: Mapping[str, str] = field(default_factory=dict)  # path -> sha256
+    file_size: int = 1  # the size of every file in `files`
+    # answered only when asked, as the agent does: the Pythons found, `sudo -n`, free disk
+    pythons: Sequence[tuple[str, str]] = (("/usr/bin/python3", "3.9.6"),)
+    sudo: bool = True
+    disk_free: int = 10**12
     round_trips: int = 0
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -61,13 +66,24 @@ class FakeNode:
         raise AssertionError(f"unexpected agent op {op} {request}")
 
     def _facts(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        return {
+        asked: dict[str, Any] = {}
+        if "pythons" in request:
+            asked["pythons"] = {"developer_tools": True, "found": [
+                {"path": path, "version": version, "stub": False}
+                for path, version in self.pythons]}
+        if request.get("sudo"):
+            asked["sudo"] = self.sudo
+        if request.get("disk"):
+            asked["disk"] = {d: {"volume": "/", "free_bytes": self.disk_free}
+                             for d in request["disk"]}
+        return asked | {
             "agent": {"version": "test"},
             "os": {"system": "Darwin", "product_version": "14.5"},
             "user": "orch", "uid": 501, "home": HOME,
             "python": {"executable": "/usr/bin/python3", "version": "3.11.7"},
             "memory_bytes": 2**37, "chip": "Apple M2 Ultra",
-            "files": {p: ({"kind": "file", "size": 1, "mode": 0o644, "sha256": self.files[p]}
+            "files": {p: ({"kind": "file", "size": self.file_size, "mode": 0o644,
+                           "sha256": self.files[p]}
                           if p in self.files else
                           {"kind": "missing", "size": None, "mode": None, "sha256": None})
                       for p in request["files"]},

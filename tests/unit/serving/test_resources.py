@@ -323,3 +323,31 @@ def test_model_inputs_from_the_shard_sync() -> None:
                                  "model_files:~/.orch/models/m")
     with pytest.raises(ValueError, match="no sha256"):
         model_inputs(Files("~/m", frozenset({"README.md"}), manifest))
+
+
+def test_a_venv_made_by_another_python_than_the_wheelhouses_is_made_again() -> None:
+    """The wheelhouse is for the chosen interpreter's version; a venv an older orch (or
+    another runtime.python) made with another one would get wheels it cannot install."""
+    from orchestrator.facts import VenvFact
+    from orchestrator.resources.steps import Run
+    from tests.fixtures.facts import host_facts
+
+    house = Wheelhouse(Path("/cache/w"), NodePlatform("Darwin", "arm64", "3.12", "15.3"),
+                       ("mlx==0.32.4",), (Wheel("mlx-0.32.4-cp312-cp312-macosx_15_0_arm64.whl",
+                                                "1" * 64, 10),))
+    env = by_type(resources(3, wheelhouse=house), PythonEnv)[0]
+    assert isinstance(env, PythonEnv) and env.python_version == "3.12"
+    pinned = {"mlx": "0.32.4"}
+
+    def venv_of(version: str | None) -> object:
+        return env.diff(host_facts(venvs={env.path: VenvFact(True, version, pinned)}))
+
+    assert venv_of("3.12.1") is None  # a patch release is the same interpreter for wheels
+    assert venv_of(None) is None  # a pyvenv.cfg without a version: no opinion
+    change = venv_of("3.11.7")
+    assert change is not None
+    assert [(f.name, f.before, f.after) for f in change.fields] == [("python", "3.11", "3.12")]
+    remake, install = change.steps
+    assert isinstance(remake, Run) and isinstance(install, Run)
+    assert remake.argv == (env.python, "-m", "venv", "--clear", ".orch/serve/lab/venv")
+    assert install.argv[:3] == (".orch/serve/lab/venv/bin/python", "-m", "pip")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 from orchestrator.config import Cluster
 from orchestrator.errors import HostError, HostUnreachable
 from orchestrator.executor import Connection
+from orchestrator.model.manifest import Entry, LocalOrigin, Manifest
 from orchestrator.placement.choose import Placement
+from orchestrator.resources.model_files import ModelFiles
 from orchestrator.status import ClusterStatus, gather_status, parse_etime, status_json, status_text
 from orchestrator.verify.ring import verify_ring
 from orchestrator.worker.status import WorkerState
@@ -152,3 +155,36 @@ def test_ps_elapsed_time() -> None:
     assert parse_etime("01:02:03") == 3723.0
     assert parse_etime("2-01:02:03") == 2 * 86400 + 3723.0
     assert parse_etime("x:01") is None and parse_etime("1:2:3:4") is None
+
+
+def test_status_shows_each_nodes_preflight_as_the_plan_chooses_its_python() -> None:
+    """auto: the newest version every node has (3.11 here, though mac1 has a 3.12 too); a
+    node with none shows no Python, and the others keep their own choice."""
+    _, p, nodes = ring()
+    manifest = Manifest(LocalOrigin(Path("/m")), {"a.safetensors": Entry(10**9, "a" * 64),
+                                                  "b.safetensors": Entry(2 * 10**9, "b" * 64)})
+    model = ModelFiles("~/m", manifest, frozenset({"a.safetensors", "b.safetensors"}))
+    listed = {n.name: {"~/m/a.safetensors": "a" * 64, "~/m/b.safetensors": "b" * 64}
+              for n in p.nodes}
+    brew = [("/opt/homebrew/bin/python3.11", "3.11.9"), ("/opt/homebrew/bin/python3.12", "3.12.4")]
+    nodes["mac1"].pythons = brew
+    nodes["mac2"].pythons = brew[:1]
+    nodes["mac3"].pythons = brew[:1]
+    nodes["mac3"].files = {"~/m/a.safetensors": "a" * 64}  # verified there: 1 GB less to fetch
+    nodes["mac3"].file_size = 10**9
+    nodes["mac3"].sudo = False
+    result = gather(nodes, FakeAPI(), model_files=listed,
+                    preflight={n.name: model for n in p.nodes})
+    lines = [n.preflight.line() for n in result.nodes if n.preflight]
+    assert lines == [
+        "mac1: macOS 14.5 · Python 3.11.9 (/opt/homebrew/bin/python3.11) · sudo -n ok · "
+        "disk 3.0 GB to fetch (3.0 GB placed), 1000.0 GB free",
+        "mac2: macOS 14.5 · Python 3.11.9 (/opt/homebrew/bin/python3.11) · sudo -n ok · "
+        "disk 3.0 GB to fetch (3.0 GB placed), 1000.0 GB free",
+        "mac3: macOS 14.5 · Python 3.11.9 (/opt/homebrew/bin/python3.11) · sudo -n would "
+        "prompt · disk 2.0 GB to fetch (3.0 GB placed), 1000.0 GB free"]
+    assert "preflight:\n  mac1: macOS 14.5" in status_text(result)
+    nodes["mac2"].pythons = [("/usr/bin/python3", "3.9.6")]
+    again = gather(nodes, FakeAPI(), model_files=listed, preflight={n.name: model for n in p.nodes})
+    assert [n.preflight.python_version for n in again.nodes if n.preflight] == [
+        "3.12.4", None, "3.11.9"]
