@@ -10,7 +10,6 @@ from __future__ import annotations
 # ruff: noqa: PTH114
 # ruff: noqa: PTH116, PTH118, PTH123, PTH208
 import os
-import platform
 import pwd
 import re
 import stat
@@ -32,8 +31,6 @@ from .common import (
     which,
 )
 from .hashcache import HashCache
-from .interpreters import disk_fact, pythons_fact
-from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
 from .managed import record_path
 
 
@@ -107,6 +104,10 @@ def launchd_fact(spec: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(spec, dict):
         raise AgentError("launchd entries must be objects")
     domain, label = fields(spec, ("domain", "label"), {})
+    # Imported here, as interpreters is below: a facts call that asks no launchd job (no
+    # Python, no disk) does not compile those modules (see OP_HOMES in agent.py).
+    from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
+
     text = launchd_print(service_target(domain, label))
     return f"{domain}/{label}", NOT_LOADED if text is None else launchd_job(text)
 
@@ -269,6 +270,8 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     answer: Response = {} if not sudo else {"sudo": sudo_works()}
     if rdma:
         answer["rdma"] = rdma_devices()
+    if pythons is not None or disk:
+        from .interpreters import disk_fact, pythons_fact
     if pythons is not None:
         answer["pythons"] = pythons_fact(string_list(pythons, "pythons"))
     if disk:
@@ -282,13 +285,14 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
         **answer,
         "agent": {"version": own_version()},
         "os": {
-            "system": platform.system(),
+            "system": os.uname().sysname,  # platform.system(), without importing platform
             "product_version": product,
         },
         "user": user_name(),
         "uid": os.getuid(),
         "home": os.path.expanduser("~"),
-        "python": {"executable": sys.executable, "version": platform.python_version()},
+        # platform.python_version(): the first word of sys.version ("3.9.6", "3.13.0rc1")
+        "python": {"executable": sys.executable, "version": sys.version.split()[0]},
         "memory_bytes": memory_bytes(values["hw.memsize"]),
         "chip": values["machdep.cpu.brand_string"],
         "files": file_facts,

@@ -33,7 +33,7 @@ from orchestrator.agent import (
     agent_source_hash,
     streamed_sources,
 )
-from orchestrator.agent import agent as agent_mod
+from orchestrator.agent import launchd as agent_launchd
 from orchestrator.errors import ActionFailed
 from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import agent_timeout
@@ -515,13 +515,13 @@ def test_unknown_op(home: Path) -> None:
 def test_launchctl_print_fixtures(
     fixture: str, state: str, pid: int | None, last_exit: int | None, env: dict[str, str]
 ) -> None:
-    job = agent_mod.launchd_job((FIXTURES / fixture).read_text())
+    job = agent_launchd.launchd_job((FIXTURES / fixture).read_text())
     assert job == {"state": state, "pid": pid, "last_exit": last_exit, "env": env}
 
 
 def test_launchctl_print_ignores_nested_keys() -> None:
     text = (FIXTURES / "running.txt").read_text()
-    parsed = agent_mod.parse_launchctl_print(text)
+    parsed = agent_launchd.parse_launchctl_print(text)
     assert parsed["scalars"]["state"] == "running"
     assert "active" not in parsed["scalars"]  # only inside event channels
     assert "keepalive" not in parsed["scalars"]  # only inside event triggers
