@@ -334,6 +334,18 @@ def test_facts_read_every_sysctl_in_one_run(home: Path, tmp_path: Path) -> None:
         "iogpu.wired_limit_mb"]
 
 
+def test_facts_ask_sw_vers_when_sysctl_has_no_product_version(home: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sysctl").write_text(FAKE_SYSCTL.replace("kern.osproductversion)", "no.match)"))
+    (bin_dir / "sw_vers").write_text('#!/bin/sh\n[ "$1" = -productVersion ] && echo 14.5\n')
+    for tool in ("sysctl", "sw_vers"):
+        (bin_dir / tool).chmod(0o755)
+    answer = ok(home, "facts", {}, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert answer["os"]["product_version"] == "14.5"
+    assert answer["memory_bytes"] == 206158430208
+
+
 def test_facts_never_pass_a_sysctl_write_or_option(home: Path) -> None:
     for bad in ("iogpu.wired_limit_mb=1", "-w", "a b", ""):
         status, answer = call(home, "facts", {"sysctl": [bad]})
