@@ -2,7 +2,7 @@
 
 The agent is a package of stdlib-only modules that run on the node (`NODE_MODULES`: agent.py
 is its entry point and op table; see its docstring for the others); this module only reads
-them as bytes. They are shipped as one zip (``python3 -I <id>.pyz OP`` runs its
+them as bytes. They are shipped as one zip (``python3 -I -S <id>.pyz OP`` runs its
 ``__main__.py``, which is agent.py's exact content and makes the zip the package
 ``orch_agent``). The zip is built deterministically — sorted entries, fixed timestamps and
 modes, stored uncompressed (zlib's output may differ between builds; storing never does) — so

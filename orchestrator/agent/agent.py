@@ -3,7 +3,7 @@
 
 Shipped by the controller as one zip of this package's node-side modules (this file is also
 the zip's ``__main__.py``), cached on the node as ``~/.orch/agent/<sha256-prefix>.pyz`` and
-run as ``python3 -I <that zip> OP`` (one call) or ``python3 -I <that zip> session`` (every
+run as ``python3 -I -S <that zip> OP`` (one call) or ``python3 -I -S <that zip> session`` (every
 call of a run over one channel); protocol.py describes both. Read-only runs that find no
 cached agent stream the modules instead and import them from memory (see
 orchestrator/executor/agentcall.py): nothing is written on the node.
@@ -39,37 +39,57 @@ if __name__ == "__main__":  # run as a file, or as the zip's __main__.py: become
 
 # The package's own modules, imported only once it is a package (above). The test is __name__,
 # not __package__: Python 3.9's zipimport leaves __package__ unset while a module runs.
+import importlib
 import json
-from typing import IO
+from typing import IO, Any
 
-from .command import op_run
 from .common import AgentError, Request, Response
-from .facts import op_facts
-from .files import (
-    op_install_system,
-    op_mkdir,
-    op_prune,
-    op_read,
-    op_remove,
-    op_remove_system,
-    op_rmdir,
-    op_sizes,
-    op_write,
-)
-from .hashcache import HashCache
-from .launchd import (
-    launchd_job,
-    op_launchd_bootout,
-    op_launchd_bootstrap,
-    op_launchd_kickstart,
-    parse_launchctl_print,
-)
-from .lock import op_lock_acquire, op_lock_release
-from .managed import op_managed_write
-from .peer import op_fetch, op_serve, op_serve_stop
 from .protocol import Op, ProtocolError, answer, run_batch, serve_session
 
-__all__ = ["OPS", "HashCache", "launchd_job", "main", "parse_launchctl_print"]
+__all__ = ["OPS", "main"]
+
+# Where each op lives: (module, function). A module is imported at the first call of one of
+# its ops, not at start: zipimport keeps no bytecode, so every module the agent imports is
+# compiled from source at every start, and a no-op's session (facts, lock, unlock) needs
+# neither files, command, launchd nor peer. Every op still goes through OPS.
+OP_HOMES = {
+    "facts": ("facts", "op_facts"),
+    "install_system": ("files", "op_install_system"),
+    "remove_system": ("files", "op_remove_system"),
+    "lock_acquire": ("lock", "op_lock_acquire"),
+    "lock_release": ("lock", "op_lock_release"),
+    "read": ("files", "op_read"),
+    "write": ("files", "op_write"),
+    "mkdir": ("files", "op_mkdir"),
+    "remove": ("files", "op_remove"),
+    "rmdir": ("files", "op_rmdir"),
+    "run": ("command", "op_run"),
+    "managed_write": ("managed", "op_managed_write"),
+    "launchd_bootstrap": ("launchd", "op_launchd_bootstrap"),
+    "launchd_bootout": ("launchd", "op_launchd_bootout"),
+    "launchd_kickstart": ("launchd", "op_launchd_kickstart"),
+    "fetch": ("peer", "op_fetch"),
+    "serve": ("peer", "op_serve"),
+    "serve_stop": ("peer", "op_serve_stop"),
+    "prune": ("files", "op_prune"),
+    "sizes": ("files", "op_sizes"),
+}
+PACKAGE = __name__.rpartition(".")[0]  # orch_agent on a node, orchestrator.agent here
+
+
+def sibling(module: str) -> Any:
+    return importlib.import_module(f"{PACKAGE}.{module}")
+
+
+def lazy_op(module: str, function: str) -> Op:
+    """An op that imports its module at its first call."""
+
+    def op(req: Request, stdin: IO[bytes]) -> Response:
+        result: Response = getattr(sibling(module), function)(req, stdin)
+        return result
+
+    op.__name__ = op.__qualname__ = function
+    return op
 
 
 def op_batch(req: Request, stdin: IO[bytes]) -> Response:
@@ -79,26 +99,7 @@ def op_batch(req: Request, stdin: IO[bytes]) -> Response:
 
 OPS: dict[str, Op] = {
     "batch": op_batch,
-    "facts": op_facts,
-    "install_system": op_install_system,
-    "remove_system": op_remove_system,
-    "lock_acquire": op_lock_acquire,
-    "lock_release": op_lock_release,
-    "read": op_read,
-    "write": op_write,
-    "mkdir": op_mkdir,
-    "remove": op_remove,
-    "rmdir": op_rmdir,
-    "run": op_run,
-    "managed_write": op_managed_write,
-    "launchd_bootstrap": op_launchd_bootstrap,
-    "launchd_bootout": op_launchd_bootout,
-    "launchd_kickstart": op_launchd_kickstart,
-    "fetch": op_fetch,
-    "serve": op_serve,
-    "serve_stop": op_serve_stop,
-    "prune": op_prune,
-    "sizes": op_sizes,
+    **{name: lazy_op(*home) for name, home in OP_HOMES.items()},
 }
 
 

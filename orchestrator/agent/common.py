@@ -93,8 +93,9 @@ def which(name: str) -> str | None:
     return shutil.which(name, path=os.pathsep.join(FALLBACK_PATH))
 
 
-def capture(argv: list[str], timeout: float = 30.0) -> str | None:
-    """stdout of a quick probe, stripped; None when the tool is absent or fails."""
+def capture(argv: list[str], timeout: float = 30.0, *, any_status: bool = False) -> str | None:
+    """stdout of a quick probe, stripped; None when the tool is absent or fails (exits non-zero,
+    unless `any_status`: a tool that reports some of its arguments as errors)."""
     tool = which(argv[0])
     if tool is None:
         return None
@@ -108,7 +109,7 @@ def capture(argv: list[str], timeout: float = 30.0) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not any_status:
         return None
     return proc.stdout.decode("utf-8", "replace").strip() or None
 

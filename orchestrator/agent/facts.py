@@ -10,7 +10,6 @@ from __future__ import annotations
 # ruff: noqa: PTH114
 # ruff: noqa: PTH116, PTH118, PTH123, PTH208
 import os
-import platform
 import pwd
 import re
 import stat
@@ -32,8 +31,6 @@ from .common import (
     which,
 )
 from .hashcache import HashCache
-from .interpreters import disk_fact, pythons_fact
-from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
 from .managed import record_path
 
 
@@ -107,6 +104,10 @@ def launchd_fact(spec: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(spec, dict):
         raise AgentError("launchd entries must be objects")
     domain, label = fields(spec, ("domain", "label"), {})
+    # Imported here, as interpreters is below: a facts call that asks no launchd job (no
+    # Python, no disk) does not compile those modules (see OP_HOMES in agent.py).
+    from .launchd import NOT_LOADED, launchd_job, launchd_print, service_target
+
     text = launchd_print(service_target(domain, label))
     return f"{domain}/{label}", NOT_LOADED if text is None else launchd_job(text)
 
@@ -118,9 +119,44 @@ def guard_status(spec: Any) -> tuple[str, int]:
     return str(gid), run_status(check_argv(argv, "guard argv"), None, None, timeout)
 
 
-def memory_bytes() -> int | None:
+# What every facts call reads with sysctl, besides the names the request asks for.
+# kern.osproductversion is what `sw_vers -productVersion` prints (macOS >= 10.13.4).
+HARDWARE_SYSCTLS = ("hw.memsize", "machdep.cpu.brand_string", "kern.osproductversion")
+
+
+def sysctl_values(names: list[str]) -> dict[str, str | None]:
+    """Every name's value from ONE ``sysctl`` run (None: unknown here, or no sysctl).
+
+    Why one run: each process is a fork and exec on the node (on a simulated Mac, a Python
+    start), and a facts call used to start three, plus one per requested name. Without
+    ``-n``, sysctl prints each value after its name (``name: value`` on macOS, ``name =
+    value`` from Linux procps), so an unknown name (reported on stderr, the others still
+    printed, a non-zero exit) cannot shift the rest; a line that starts no requested name
+    continues the value before it.
+    """
+    wanted = list(dict.fromkeys(names))
+    for name in wanted:  # a fact is read-only: `name=value` would write, `-x` is an option
+        if not name or "=" in name or name.startswith("-") or any(c.isspace() for c in name):
+            raise AgentError(f"bad sysctl name {name!r}")
+    found: dict[str, list[str]] = {}
+    out = capture(["sysctl", *wanted], any_status=True) if wanted else None
+    current: list[str] | None = None
+    for line in (out or "").splitlines():
+        head = next(((n, sep) for n in wanted for sep in (": ", " = ")
+                     if n not in found and line.startswith(n + sep)), None)
+        if head is not None:
+            current = found[head[0]] = [line[len(head[0]) + len(head[1]):]]
+        elif current is not None:
+            current.append(line)
+    values: dict[str, str | None] = {}
+    for name in wanted:
+        text = "\n".join(found.get(name, [])).strip()
+        values[name] = text or None
+    return values
+
+
+def memory_bytes(value: str | None) -> int | None:
     """hw.memsize on macOS (or its test stand-in); MemTotal elsewhere."""
-    value = capture(["sysctl", "-n", "hw.memsize"])
     if value and value.isdigit():
         return int(value)
     try:
@@ -234,27 +270,35 @@ def op_facts(req: Request, _stdin: IO[bytes]) -> Response:
     answer: Response = {} if not sudo else {"sudo": sudo_works()}
     if rdma:
         answer["rdma"] = rdma_devices()
+    if pythons is not None or disk:
+        from .interpreters import disk_fact, pythons_fact
     if pythons is not None:
         answer["pythons"] = pythons_fact(string_list(pythons, "pythons"))
     if disk:
         answer["disk"] = {p: disk_fact(p) for p in string_list(disk, "disk")}
+    wanted = string_list(sysctls, "sysctl")
+    values = sysctl_values([*HARDWARE_SYSCTLS, *wanted])
+    product = values["kern.osproductversion"]
+    if product is None:  # a system without that name: ask sw_vers, as before
+        product = capture(["sw_vers", "-productVersion"])
     return {
         **answer,
         "agent": {"version": own_version()},
         "os": {
-            "system": platform.system(),
-            "product_version": capture(["sw_vers", "-productVersion"]),
+            "system": os.uname().sysname,  # platform.system(), without importing platform
+            "product_version": product,
         },
         "user": user_name(),
         "uid": os.getuid(),
         "home": os.path.expanduser("~"),
-        "python": {"executable": sys.executable, "version": platform.python_version()},
-        "memory_bytes": memory_bytes(),
-        "chip": capture(["sysctl", "-n", "machdep.cpu.brand_string"]),
+        # platform.python_version(): the first word of sys.version ("3.9.6", "3.13.0rc1")
+        "python": {"executable": sys.executable, "version": sys.version.split()[0]},
+        "memory_bytes": memory_bytes(values["hw.memsize"]),
+        "chip": values["machdep.cpu.brand_string"],
         "files": file_facts,
         "venvs": {v: venv_fact(v) for v in string_list(venvs, "venvs")},
         "launchd": dict(launchd_fact(s) for s in launchd),
-        "sysctl": {n: capture(["sysctl", "-n", n]) for n in string_list(sysctls, "sysctl")},
+        "sysctl": {n: values[n] for n in wanted},
         "guards": dict(guard_status(g) for g in guards),
         "trees": tree_facts,
         "texts": {p: text_fact(p) for p in string_list(texts, "texts")},

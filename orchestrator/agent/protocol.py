@@ -37,7 +37,6 @@ import os
 import select
 import struct
 import sys
-import traceback
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -123,6 +122,8 @@ def answer(ops: dict[str, Op], op: str, req: Any, stdin: IO[bytes]) -> Response:
     except AgentError as exc:
         return {"error": str(exc)}
     except Exception as exc:  # report, never a traceback the controller cannot parse
+        import traceback  # only here: it imports linecache, tokenize, ... at every start
+
         trace = traceback.format_exc()[-4000:]
         return {"error": f"{type(exc).__name__}: {exc}", "traceback": trace}
 

@@ -33,7 +33,7 @@ from orchestrator.agent import (
     agent_source_hash,
     streamed_sources,
 )
-from orchestrator.agent import agent as agent_mod
+from orchestrator.agent import launchd as agent_launchd
 from orchestrator.errors import ActionFailed
 from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import agent_timeout
@@ -293,6 +293,65 @@ def test_sysctl_and_guards(home: Path) -> None:
     assert answer["guards"] == {"yes": 0, "no": 1, "absent": 127, "quoted": 0}
 
 
+# A macOS-like sysctl that logs each run: every value after its name, an unknown name on
+# stderr (the others still printed), a value that spans two lines.
+FAKE_SYSCTL = """#!/bin/sh
+echo "$*" >> "$HOME/sysctl.log"
+status=0
+for name in "$@"; do
+  case "$name" in
+    hw.memsize) echo "hw.memsize: 206158430208" ;;
+    machdep.cpu.brand_string) echo "machdep.cpu.brand_string: Apple M2 Ultra" ;;
+    kern.osproductversion) echo "kern.osproductversion: 15.3.1" ;;
+    two.lines) printf 'two.lines: first\\nsecond\\n' ;;
+    iogpu.wired_limit_mb) echo "iogpu.wired_limit_mb: 0" ;;
+    *) echo "sysctl: unknown oid '$name'" >&2; status=1 ;;
+  esac
+done
+exit $status
+"""
+
+
+def test_facts_read_every_sysctl_in_one_run(home: Path, tmp_path: Path) -> None:
+    """Memory, chip, macOS version and the requested names come from ONE sysctl process (each
+    process is a fork and exec on the node); an unknown name is None and shifts nothing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sysctl").write_text(FAKE_SYSCTL)
+    (bin_dir / "sysctl").chmod(0o755)
+    (bin_dir / "sw_vers").write_text('#!/bin/sh\necho sw_vers >> "$HOME/sysctl.log"\n')
+    (bin_dir / "sw_vers").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    request = {"sysctl": ["no.such.oid", "two.lines", "iogpu.wired_limit_mb", "hw.memsize"]}
+    answer = ok(home, "facts", request, env=env)
+    assert answer["memory_bytes"] == 206158430208
+    assert answer["chip"] == "Apple M2 Ultra"
+    assert answer["os"]["product_version"] == "15.3.1"
+    assert answer["sysctl"] == {"no.such.oid": None, "two.lines": "first\nsecond",
+                                "iogpu.wired_limit_mb": "0", "hw.memsize": "206158430208"}
+    assert (home / "sysctl.log").read_text().splitlines() == [
+        "hw.memsize machdep.cpu.brand_string kern.osproductversion no.such.oid two.lines "
+        "iogpu.wired_limit_mb"]
+
+
+def test_facts_ask_sw_vers_when_sysctl_has_no_product_version(home: Path, tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sysctl").write_text(FAKE_SYSCTL.replace("kern.osproductversion)", "no.match)"))
+    (bin_dir / "sw_vers").write_text('#!/bin/sh\n[ "$1" = -productVersion ] && echo 14.5\n')
+    for tool in ("sysctl", "sw_vers"):
+        (bin_dir / tool).chmod(0o755)
+    answer = ok(home, "facts", {}, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert answer["os"]["product_version"] == "14.5"
+    assert answer["memory_bytes"] == 206158430208
+
+
+def test_facts_never_pass_a_sysctl_write_or_option(home: Path) -> None:
+    for bad in ("iogpu.wired_limit_mb=1", "-w", "a b", ""):
+        status, answer = call(home, "facts", {"sysctl": [bad]})
+        assert status == 1 and "bad sysctl name" in answer["error"], bad
+
+
 def test_managed_record_roundtrip(home: Path) -> None:
     assert ok(home, "facts", {})["managed"] == {}
     record = {"resources": ["file:~/a"], "cluster": "c"}
@@ -468,13 +527,13 @@ def test_unknown_op(home: Path) -> None:
 def test_launchctl_print_fixtures(
     fixture: str, state: str, pid: int | None, last_exit: int | None, env: dict[str, str]
 ) -> None:
-    job = agent_mod.launchd_job((FIXTURES / fixture).read_text())
+    job = agent_launchd.launchd_job((FIXTURES / fixture).read_text())
     assert job == {"state": state, "pid": pid, "last_exit": last_exit, "env": env}
 
 
 def test_launchctl_print_ignores_nested_keys() -> None:
     text = (FIXTURES / "running.txt").read_text()
-    parsed = agent_mod.parse_launchctl_print(text)
+    parsed = agent_launchd.parse_launchctl_print(text)
     assert parsed["scalars"]["state"] == "running"
     assert "active" not in parsed["scalars"]  # only inside event channels
     assert "keepalive" not in parsed["scalars"]  # only inside event triggers

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.agent import agent as agent_mod
+from orchestrator.agent import launchd as agent_launchd
 
 CAPTURES = Path(__file__).parents[1] / "fixtures" / "macos"
 
@@ -34,15 +34,15 @@ def test_every_capture_is_covered_and_has_its_source() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_top_level_state_pid_and_exit_of_a_real_capture(name: str) -> None:
-    job = agent_mod.launchd_job((CAPTURES / name).read_text())
+    job = agent_launchd.launchd_job((CAPTURES / name).read_text())
     assert (job["state"], job["pid"], job["last_exit"]) == EXPECTED[name]
 
 
 def test_nested_blocks_and_other_environments_do_not_leak() -> None:
     text = (CAPTURES / "print_gui_running_sigterm_mattstack_chat.txt").read_text()
-    parsed = agent_mod.parse_launchctl_print(text)
+    parsed = agent_launchd.parse_launchctl_print(text)
     assert parsed["scalars"]["state"] == "running"  # not the coalitions' "active"
     assert "ID" not in parsed["scalars"] and "name" not in parsed["scalars"]
-    env = agent_mod.launchd_job(text)["env"]
+    env = agent_launchd.launchd_job(text)["env"]
     assert env["PORT"] == "11002" and "SSH_AUTH_SOCK" not in env  # inherited, not the job's
     assert "PATH" in env and env["PATH"].startswith("/Applications/")  # the job's, not default

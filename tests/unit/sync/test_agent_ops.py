@@ -271,18 +271,18 @@ def test_concurrent_agents_keep_each_others_hash_cache_entries(
 ) -> None:
     """Fetches run in parallel on a node, each agent saving the cache: none may drop another's
     entry (or the next facts would re-read those files)."""
-    from orchestrator.agent import agent as agent_mod
+    from orchestrator.agent import hashcache
 
     monkeypatch.setenv("HOME", str(home))
     for name in ("x", "y", "z"):
         (home / name).write_bytes(name.encode())
-    first, second = agent_mod.HashCache(), agent_mod.HashCache()
+    first, second = hashcache.HashCache(), hashcache.HashCache()
     first.record(str(home / "x"), os.stat(home / "x"), "1" * 64)
     second.record(str(home / "y"), os.stat(home / "y"), "2" * 64)
     first.save()
     second.save()
-    third = agent_mod.HashCache()
+    third = hashcache.HashCache()
     assert set(third.entries) == {str(home / "x"), str(home / "y")}
     third.forget(str(home / "x"))
     third.save()
-    assert set(agent_mod.HashCache().entries) == {str(home / "y")}
+    assert set(hashcache.HashCache().entries) == {str(home / "y")}
