@@ -266,8 +266,10 @@ class TestHub:
         return self._faults
 
     def set_faults(self, faults: Faults) -> None:
-        """Change the link's behaviour mid-run (decisions restart from the new seed)."""
-        self._faults, self._plan = faults, FaultPlan(faults)
+        """Change the link's behaviour mid-run (decisions restart from the new seed; the
+        bandwidth limit starts afresh: time booked at the old one does not delay new
+        requests)."""
+        self._faults, self._plan, self._pacer = faults, FaultPlan(faults), Pacer()
 
     def stats(self) -> HubStats:
         with self._lock:
@@ -294,6 +296,12 @@ class TestHub:
                 sock.shutdown(socket.SHUT_RDWR)
         self._count("cut", len(sockets))
         return len(sockets)
+
+    def sending(self) -> int:
+        """How many file bodies are being sent now (a body to a client that has gone is
+        counted, as sent, until a write fails: the counters are final once this is 0)."""
+        with self._lock:
+            return len(self._bodies)
 
     def reset_stats(self) -> None:
         with self._lock:
