@@ -17,6 +17,7 @@ import importlib
 import os
 import re
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -51,7 +52,9 @@ def load_transfer() -> Any:
 SYNC_STATE = "sync"  # ~/.orch/sync: which run serves on which port, and stop requests
 
 
-HEARTBEAT_S = 2.0  # `serve` writes a blank line this often; a failed write means no controller
+HEARTBEAT_S = 2.0  # `serve` and `fetch` write a blank line this often; a failed write means
+# no controller
+HANGUP_EXIT = 75  # the status of a `fetch` that ended because its controller was gone
 
 
 BIND_WAIT_S = 10.0  # how long `serve` waits for a previous run's server to free the port
@@ -96,6 +99,8 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
     transfer = load_transfer()
     limit = float(timeout)
     deadline = time.monotonic() + limit
+    stop_watching = threading.Event()
+    threading.Thread(target=watch_controller, args=(stop_watching,), daemon=True).start()
 
     def progress(have: int, total: int) -> None:
         if time.monotonic() > deadline:
@@ -110,11 +115,32 @@ def op_fetch(req: Request, _stdin: IO[bytes]) -> Response:
         raise AgentError(str(exc)) from None
     except ValueError as exc:
         raise AgentError(f"bad fetch request: {exc}") from None
+    finally:
+        stop_watching.set()
     cache.record(os.path.realpath(full), os.stat(full), result.sha256)
     cache.save()
     answer: Response = result.to_json()
     answer["skipped"] = False
     return answer
+
+
+def watch_controller(stop: threading.Event) -> None:
+    """End this process at once when its controller is gone.
+
+    Why: a fetch runs on an SSH channel of its own. When the controller dies (killed, its
+    machine lost), sshd closes the channel but nothing stops the process: it would go on
+    downloading a 5 GB file for minutes that nobody will use, holding the partial's lock
+    against the next run's fetch of the same file ("another fetch of this file is
+    running"). Like ``serve``, it writes a blank line (whitespace before the JSON answer)
+    every `HEARTBEAT_S`; once a write fails no one is listening, and the process exits
+    without unwinding: the partial keeps the bytes written so far, which the next run
+    re-hashes and continues with Range."""
+    while not stop.wait(HEARTBEAT_S):
+        try:
+            sys.stdout.buffer.write(b"\n")
+            sys.stdout.buffer.flush()
+        except OSError:
+            os._exit(HANGUP_EXIT)
 
 
 def sync_state(*parts: str) -> str:

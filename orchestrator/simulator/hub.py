@@ -27,7 +27,8 @@ shared bandwidth limit. ``plain_http_limit`` models the Hub's refusal to serve b
 plain HTTP (over 50 GB, the real one; Xet only): the CDN answers 400 ``FileTooLarge`` for a file
 larger than that, with a message naming the limit. Counters (`HubStats`) say what was served:
 bytes per file, complete serves per file (responses that delivered a file's last byte), faults
-by kind, 401s; `TestHub.log` has one `LogEntry` per request, with its time.
+by kind, 401s; `TestHub.log` has one `LogEntry` per request, with its time. `TestHub.cut`
+cuts the bodies of one file that are being sent at that moment.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class TestHub:
         self._counts: Counter[str] = Counter()
         self._bytes: Counter[str] = Counter()
         self._complete: Counter[str] = Counter()
+        self._bodies: dict[socket.socket, str] = {}  # connection -> the file it is sending now
         self._servers = [_Server((host, port), self, cdn_only=False)]
         if cdn_host is not None:
             self._servers.append(_Server((cdn_host, 0), self, cdn_only=True))
@@ -264,8 +266,10 @@ class TestHub:
         return self._faults
 
     def set_faults(self, faults: Faults) -> None:
-        """Change the link's behaviour mid-run (decisions restart from the new seed)."""
-        self._faults, self._plan = faults, FaultPlan(faults)
+        """Change the link's behaviour mid-run (decisions restart from the new seed; the
+        bandwidth limit starts afresh: time booked at the old one does not delay new
+        requests)."""
+        self._faults, self._plan, self._pacer = faults, FaultPlan(faults), Pacer()
 
     def stats(self) -> HubStats:
         with self._lock:
@@ -279,6 +283,25 @@ class TestHub:
                 stalls_abandoned=self._counts["stalls_abandoned"],
                 api_bytes=self._counts["api_bytes"],
             )
+
+    def cut(self, path: str) -> int:
+        """Cut every body of the repository file ``path`` being sent now, as a dropped link
+        would (counted as a ``cut`` fault); returns how many. Why a call rather than a
+        `Faults` fraction: a test that waits until a node holds part of the file can then
+        cut the transfer exactly mid-body, whatever the machine's speed."""
+        with self._lock:
+            sockets = [sock for sock, sending in self._bodies.items() if sending == path]
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._count("cut", len(sockets))
+        return len(sockets)
+
+    def sending(self) -> int:
+        """How many file bodies are being sent now (a body to a client that has gone is
+        counted, as sent, until a write fails: the counters are final once this is 0)."""
+        with self._lock:
+            return len(self._bodies)
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -545,6 +568,10 @@ class TestHub:
         complete = not head and cut_at is None and to_end
         self._account(reply, limit, int(complete))
         sent = 0
+        sending = reply.path if reply.file is not None and limit else None
+        if sending is not None:
+            with self._lock:
+                self._bodies[handler.connection] = sending
         try:
             handler.end_headers()
             for chunk in self._body_chunks(reply, limit, corrupt=fate.corrupt and not head):
@@ -554,10 +581,14 @@ class TestHub:
                 handler.wfile.flush()
                 if self._await_hangup(handler.connection, plan.faults.stall_seconds):
                     self._count("stalls_abandoned")
-        except OSError:  # the client went away
+        except OSError:  # the client went away (or `cut` cut it)
             handler.close_connection = True
             self._account(reply, sent - limit, -int(complete))
             return sent
+        finally:
+            if sending is not None:
+                with self._lock:
+                    self._bodies.pop(handler.connection, None)
         if not head and cut_at is not None:
             handler.close_connection = True
             with suppress(OSError):
@@ -600,12 +631,13 @@ class TestHub:
         yield from chunks
 
     def _paced_chunks(self, reply: _Reply, limit: int) -> Iterator[bytes]:
-        rate = self._faults.bytes_per_second
-        chunk = Pacer.chunk_size(rate, _CHUNK)
+        """The body in chunks, each sent at the limit in force then (`set_faults` can slow
+        a body already under way)."""
+        chunk = Pacer.chunk_size(self._faults.bytes_per_second, _CHUNK)
         if reply.file is None:
             for offset in range(0, limit, chunk):
                 data = reply.body[offset : min(limit, offset + chunk)]
-                self._pacer.wait(len(data), rate)
+                self._pacer.wait(len(data), self._faults.bytes_per_second)
                 yield data
             return
         with reply.file.local.open("rb") as f:
@@ -615,7 +647,7 @@ class TestHub:
                 data = f.read(min(chunk, remaining))
                 if not data:
                     raise OSError(f"{reply.file.local} shrank while being served")
-                self._pacer.wait(len(data), rate)
+                self._pacer.wait(len(data), self._faults.bytes_per_second)
                 remaining -= len(data)
                 yield data
 

@@ -17,16 +17,11 @@ from typing import Any
 import pytest
 
 from orchestrator.config import Cluster
-from orchestrator.model.cache import cache_dir
-from orchestrator.model.hub import HubClient
-from orchestrator.model.manifest import hub_manifest, model_directory
 from orchestrator.model.meta import ModelMeta, load_local_meta
-from orchestrator.model.token import hub_token
 from orchestrator.placement import plan_placement
 from orchestrator.placement.intent import Intent
-from orchestrator.resources.base import Resource
-from orchestrator.resources.model_files import model_files_by_host
 from orchestrator.run import engine
+from orchestrator.simulator import files_only
 from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hosts import RunningHost
 from orchestrator.simulator.hub import TestHub
@@ -74,24 +69,15 @@ def free_port(addresses: Sequence[str]) -> int:
 @pytest.fixture
 def sync_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, meta: ModelMeta,
              test_hosts: list[RunningHost]) -> None:
-    """This test's cluster declares only the model files; a fresh controller cache; HF_TOKEN."""
+    """This test's cluster declares only the model files (placement's, for the tiny model);
+    a fresh controller cache; HF_TOKEN."""
 
-    def desired(cluster: Cluster, intent: Intent, nodes: Sequence[str],
-                facts: object = None, wheelhouse: object = None,
-                pythons: object = None) -> dict[str, list[Resource]]:
-        assert cluster.model is not None and cluster.model.repo is not None
-        client = HubClient(endpoint=cluster.model.endpoint, token=hub_token())
-        manifest = hub_manifest(client, cluster.model.repo, cluster.model.revision,
-                                cache=cache_dir())
-        placement = plan_placement(cluster, meta)
-        files = {n.name: n.files for n in placement.nodes}
-        by_host = model_files_by_host(manifest, model_directory(cluster.runtime.dir,
-                                                                cluster.model.repo), files)
-        return {name: [by_host[name]] if name in by_host else [] for name in cluster.hosts}
+    def placed(cluster: Cluster) -> dict[str, tuple[str, ...]]:
+        return {n.name: n.files for n in plan_placement(cluster, meta).nodes}
 
     # No workers: this cluster serves nothing, it only holds the model's files.
     monkeypatch.setattr(engine, "resolve_intent", lambda cluster: Intent())
-    monkeypatch.setattr(engine, "desired_state", desired)
+    monkeypatch.setattr(engine, "desired_state", files_only.desired_state(placed))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 

@@ -213,6 +213,33 @@ def test_a_server_whose_controller_is_gone_stops(shipped: Path, home: Path) -> N
     assert not list((home / ".orch" / "sync").glob("serve-*.json"))
 
 
+def test_a_fetch_whose_controller_is_gone_exits_and_its_partial_is_resumed(
+    shipped: Path, home: Path, tmp_path: Path
+) -> None:
+    """A dropped SSH channel (the controller killed) ends a fetch at its next heartbeat,
+    however much is left to download: its partial keeps what arrived and is not locked, so
+    the next run's fetch continues it instead of finding "another fetch ... is running"."""
+    (tmp_path / "big").mkdir()
+    data = os.urandom(3 << 20)
+    (tmp_path / "big" / "w.safetensors").write_bytes(data)
+    want = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with TestHub({"org/big": tmp_path / "big"}, faults=Faults(bytes_per_second=2e6)) as hub:
+        request = {"path": "~/m/w", **want, "url": hub.resolve_url("org/big", "w.safetensors")}
+        fetch = start(shipped, home, "fetch", request)
+        partial = home / "m" / "w.partial"
+        assert until(lambda: partial.exists() and partial.stat().st_size >= 1 << 20, 60)
+        hub.set_faults(Faults(bytes_per_second=1e4))  # the rest would now take minutes
+        assert fetch.stdout is not None
+        fetch.stdout.close()  # what a dropped SSH channel does to the agent's stdout
+        assert fetch.wait(timeout=30) == 75  # HANGUP_EXIT: it did not wait for the file
+        kept = partial.stat().st_size
+        assert 1 << 20 <= kept < len(data) and not (home / "m" / "w").exists()
+        hub.set_faults(Faults())
+        answer = ok(shipped, home, "fetch", request)
+    assert answer["bytes_resumed"] == kept and answer["bytes_downloaded"] == len(data) - kept
+    assert (home / "m" / "w").read_bytes() == data
+
+
 def test_serve_refuses_bad_requests(shipped: Path, home: Path) -> None:
     base = {"files": {}, "bind": "127.0.0.1", "port": 0, "token": PEER_TOKEN, "run_id": "r" * 8}
     for change, message in [({"run_id": "../x"}, "run_id"), ({"token": "short"}, "at least 16"),
