@@ -6,8 +6,8 @@ kernel (``wait4``), with nothing else (the Hub, the bench's sampler) in it. Ever
 the file lists is real: the Hub's tree API and manifest, facts, the plan and its sources,
 SSH, the agents, the peer servers. The placement is replaced
 (`orchestrator.simulator.files_only`) because the bench's model is random bytes (no
-safetensors header to place by) and because tensor parallelism, where every node needs
-every file, is not placed by orch yet.
+safetensors header to place by): each scenario's files per node (every file on every node,
+for tensor parallelism) are given by hand.
 """
 
 from __future__ import annotations

@@ -359,10 +359,10 @@ def status_text(status: ClusterStatus) -> str:
 def model_file_list(intent: Intent) -> ModelFileList:
     """Per serving host, the model files its rank needs (path -> sha256), as the sync declares
     them: what "files verified n/n" counts."""
-    if intent.placement is None or intent.manifest is None or intent.model_dir is None:
-        return {}
-    by_host = model_files_by_host(intent.manifest, intent.model_dir,
-                                  {n.name: n.files for n in intent.placement.nodes})
+    return _file_list(_model_files(intent))
+
+
+def _file_list(by_host: Mapping[str, ModelFiles]) -> ModelFileList:
     return {host: {files.path(rel): files.manifest.files[rel].sha256
                    for rel in sorted(files.needed)}
             for host, files in by_host.items()}
@@ -377,9 +377,10 @@ async def cluster_status(cluster: Cluster, options: RunOptions, **gather: Any) -
     assert intent.placement is not None
     hosts = [n.name for n in intent.placement.nodes]
     async with connected(cluster, hosts, replace(options.ssh, install_agent=False)) as conns:
+        by_host = _model_files(intent)
         return await gather_status(cluster, conns, intent.placement,
-                                   model_files=model_file_list(intent),
-                                   preflight=_model_files(intent), **gather)
+                                   model_files=_file_list(by_host), preflight=by_host,
+                                   **gather)
 
 
 def _model_files(intent: Intent) -> dict[str, ModelFiles]:

@@ -136,11 +136,19 @@ def watch_controller(stop: threading.Event) -> None:
     without unwinding: the partial keeps the bytes written so far, which the next run
     re-hashes and continues with Range."""
     while not stop.wait(HEARTBEAT_S):
-        try:
-            sys.stdout.buffer.write(b"\n")
-            sys.stdout.buffer.flush()
-        except OSError:
+        if not heartbeat():
             os._exit(HANGUP_EXIT)
+
+
+def heartbeat() -> bool:
+    """Write one blank line to the controller; False once no one is reading (the channel
+    closed). JSON allows whitespace before the answer, so the lines never corrupt it."""
+    try:
+        sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+    except OSError:
+        return False
+    return True
 
 
 def sync_state(*parts: str) -> str:
@@ -242,10 +250,7 @@ def op_serve(req: Request, _stdin: IO[bytes]) -> Response:
                 reason = "deadline"
             elif now - beat >= HEARTBEAT_S:
                 beat = now
-                try:
-                    sys.stdout.buffer.write(b"\n")
-                    sys.stdout.buffer.flush()
-                except OSError:
+                if not heartbeat():
                     reason = "hangup"
     finally:
         server.close()

@@ -4,9 +4,9 @@ Why: the sync's tests and bench exercise the real apply (the Hub's tree API and 
 facts, the plan and its sources, SSH, the agents, the peer servers) on models that placement
 cannot or need not place — random bytes with no safetensors header, tensor parallelism given
 by hand, a node joining. `desired_state` stands in for the engine's: each host declares only
-its model files, nothing to serve. `apply_argv` sets up a process
-whose real CLI then runs ``orch apply`` so (bench/sync_apply.py, tests/fixtures/files_apply.py):
-a controller of its own that a bench can measure or a test can kill.
+its model files, nothing to serve. `apply_argv` sets up a process whose real CLI then runs
+``orch apply`` (bench/sync_apply.py, tests/fixtures/files_apply.py): a controller of its
+own, which a bench can measure or a test can kill.
 """
 
 from __future__ import annotations
