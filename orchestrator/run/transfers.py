@@ -332,11 +332,16 @@ class TransferContext:
     def _origin(self, rel: str) -> Origin:
         return origin(self.manifest.seed_kind(rel))
 
-    async def _choose(self, host: str, rel: str, planned: Source,
-                      tried: set[Source]) -> Source | None:
+    async def _choose(self, host: str, rel: str, planned: Source, tried: set[Source],
+                      relays_tried: set[Source]) -> tuple[Source, bool] | None:
         """The source to fetch ``rel`` from now (a `FromPeer` naming only its host, or the
-        file's origin), waiting while the planned peer (or a host fetching it from the
-        origin) is still at it. None: every source has been tried."""
+        file's origin) and whether it is a relay, waiting while the planned peer (or a host
+        fetching it from the origin) is still at it. None: every source has been tried.
+
+        A relay that broke off is not held against its host as a holder: a seeder whose own
+        download restarts (a server that ignores Range) cuts back its partial and the relay
+        with it, but once it holds the file it serves it whole. Taking the file from the
+        origin instead would make it leave the Hub twice."""
         seed = self._origin(rel)
         want = planned.host if isinstance(planned, FromPeer) else None
         order = list(planned.fallback) if isinstance(planned, FromPeer) else []
@@ -345,23 +350,23 @@ class TransferContext:
                              if h != host and FromPeer(h) not in tried and self._can_serve(h))
             if want is not None and FromPeer(want) not in tried and self._can_serve(want):
                 if want in holders:
-                    return FromPeer(want)
+                    return FromPeer(want), False
                 if self._pending(want, rel):
-                    if self._relaying(want, rel):  # cut-through: take it as it arrives there
-                        return FromPeer(want)
+                    if self._relaying(want, rel) and FromPeer(want) not in relays_tried:
+                        return FromPeer(want), True  # cut-through: take it as it arrives there
                     await self._next_change(want, rel)
                     continue
             if holders:
                 return FromPeer(min(holders, key=lambda h: (
-                    self._load[h], h not in order, order.index(h) if h in order else 0, h)))
+                    self._load[h], h not in order, order.index(h) if h in order else 0, h))), False
             seeders = sorted(h for h in self._seeding.get(rel, ()) if h != host)
             if seeders:
-                relay = next((h for h in seeders if FromPeer(h) not in tried
+                relay = next((h for h in seeders if FromPeer(h) not in tried | relays_tried
                               and self._relaying(h, rel)), None)
                 if relay is not None:
-                    return FromPeer(relay)
+                    return FromPeer(relay), True
                 first = seeders[0]
-                if FromPeer(first) in tried or not self._can_serve(first):
+                if FromPeer(first) in tried | relays_tried or not self._can_serve(first):
                     await self._event(first, rel).wait()
                 else:
                     await self._next_change(first, rel)
@@ -369,21 +374,23 @@ class TransferContext:
             if seed in tried:
                 return None
             self._seeding.setdefault(rel, set()).add(host)
-            return seed
+            return seed, False
 
     async def _fetch(self, conn: Connection, step: Fetch) -> None:
         host, rel = conn.name, step.file
         planned = step.source or self._origin(rel)
         tried: set[Source] = set()
+        relays_tried: set[Source] = set()
         last: HostError | None = None
         ok = False
         try:
             while not ok:
-                source = await self._choose(host, rel, planned, tried)
-                if source is None:
+                chosen = await self._choose(host, rel, planned, tried, relays_tried)
+                if chosen is None:
                     assert last is not None
                     raise last
-                tried.add(source)
+                source, relayed = chosen
+                (relays_tried if relayed else tried).add(source)
                 try:
                     await self._transfer(conn, step, source)
                     ok = True

@@ -295,3 +295,54 @@ def test_rich_bars_and_the_summary_line(capsys: pytest.CaptureFixture[str]) -> N
         "hub": 2_500_000, "lan": 5_000_000_000, "local": 900, "resumed": 0, "refetched": 0}})
     assert line == ("Model files: 3 fetched — 2.5 MB from the Hub, 5.0 GB over the LAN, "
                     "900 B from the controller; 0 B resumed, 0 B re-fetched. 1 failed.")
+
+
+def test_a_relay_cut_by_its_source_restarting_waits_for_that_source_not_the_hub(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Every Range request is answered with the whole file, so a seeder whose body is cut
+    starts its partial over, and a copy relayed from that partial breaks off. The receiver
+    takes the file from the seeder once it holds it: each file still leaves the Hub whole
+    once, and every byte the Hub sent is in the report."""
+    split = dict.fromkeys("abc", WEIGHTS[:1])
+    faults = Faults(cut_fraction=0.9, ignore_range_fraction=1.0, seed=0,
+                    files=frozenset(WEIGHTS))
+    for c in make_cluster(tmp_path, model_dir, split, faults=faults):
+        report, ctx = c.apply(c.plan())
+        assert report.by_status(HostStatus.CHANGED) == ["a", "b", "c"], report
+        assert_verified(c, model_dir)
+        stats = c.hub.stats()
+        weights = {f"{REPO}/{rel}" for rel in WEIGHTS[:1]}
+        assert {k: n for k, n in stats.complete_serves.items() if k in weights} == dict.fromkeys(
+            weights, 1)
+        summary = ctx.summary()
+        sent = sum(stats.bytes_served[f"{REPO}/{rel}"] for rel in WEIGHTS[:1])
+        assert summary["bytes"]["hub"] == sent
+        assert summary["bytes"]["refetched"] == sent - c.manifest.bytes_of(set(WEIGHTS[:1]))
+
+
+def test_a_host_whose_relay_broke_off_is_taken_whole_once_it_holds_the_file(
+    cluster: Cluster,
+) -> None:
+    """The scheduling decision behind the test above, without its timing: ``b``'s relay from
+    the seeder ``a`` broke off; ``b`` waits for ``a`` rather than going to the Hub, and takes
+    the whole file from ``a`` when ``a`` has it."""
+    ctx = TransferContext(cluster.plan(), cluster.manifest, cluster.peers)
+    rel = WEIGHTS[2]
+    origin = ctx._origin(rel)
+
+    async def run() -> tuple[Source, bool] | None:
+        ctx._serving.update(dict.fromkeys("abc", True))
+        ctx._started.update("ab")
+        ctx._seeding[rel] = {"a"}
+        ctx._via[("a", rel)] = origin
+        ctx._begun_event("a", rel).set()
+        choosing = asyncio.create_task(ctx._choose("b", rel, origin, set(), {FromPeer("a")}))
+        await asyncio.sleep(0.05)
+        assert not choosing.done()  # not the Hub: a is still fetching it
+        ctx._seeding[rel].discard("a")
+        ctx._holding.setdefault(rel, set()).add("a")
+        ctx._event("a", rel).set()
+        return await asyncio.wait_for(choosing, 5)
+
+    assert asyncio.run(run()) == (FromPeer("a"), False)
