@@ -149,8 +149,10 @@ def test_wrong_bytes_on_every_answer_fail_naming_the_file_and_nothing_is_put_in_
     assert hub_requests(faulty, bad) == [("resolve", 302, ()), ("cdn", 200, ("corrupt",))] * 2
     assert faulty.stats().complete_serves[f"{REPO}/{bad}"] == 2
     summary = transfers_of(out)
-    [failed] = [f for f in summary["fetches"] if not f["ok"]]
-    assert (failed["host"], failed["file"]) == (owner, bad)
+    # Only the bad file failed for good. (Under load a relay of another file can break off
+    # and be taken again elsewhere: a failed attempt, not a failed file.)
+    assert [(f["host"], f["source"]) for f in summary["fetches"]
+            if f["file"] == bad and not f["ok"]] == [(owner, "hub")]
     assert summary["failed"] == 1
 
 
