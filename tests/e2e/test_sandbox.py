@@ -123,8 +123,8 @@ def tail(log: Path, lines: int = 60) -> str:
 def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t, path=STANDARD_PATH) is None]
     if missing:
-        pytest.fail(f"this test needs {', '.join(missing)} (util-linux / passwd / procps / git / jq, "
-                    "as on Debian): it runs the README's command as a throwaway non-root user")
+        pytest.fail(f"this test needs {', '.join(missing)} (util-linux / passwd / procps / git / "
+                    "jq, as on Debian): it runs the README's command as a throwaway non-root user")
 
 
 def remove_user(name: str) -> None:
