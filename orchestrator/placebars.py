@@ -17,7 +17,7 @@ import io
 from rich.console import Console
 from rich.text import Text
 
-from orchestrator.placement import Placement
+from orchestrator.placement import NodePlacement, Placement
 from orchestrator.placement.policy import GB
 
 SEGMENTS = (("weights", "█", "bold blue"), ("overhead", "▓", "magenta"),
@@ -63,24 +63,36 @@ def bar(weights: int, overhead: int, kv: int, usable: int, width: int) -> Text:
 
 
 def render_bars(placement: Placement, width: int = 132) -> str:
-    """The bars of every node, a legend, one line each; empty when nothing is placed."""
+    """A legend, then one bar per node of the chosen split; and, when the other split (pipeline
+    or tensor) places nodes too, its bars under their own heading, so the two can be compared
+    as pictures as the table compares them in numbers. Empty when nothing is placed."""
     if not placement.nodes:
         return ""
+    splits = [(placement, "chosen")]
+    if placement.alternative is not None and placement.alternative.nodes:
+        splits.append((placement.alternative, "not chosen"))
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, highlight=False)
-    name_width = max(len(n.name) for n in placement.nodes)
+    name_width = max(len(n.name) for split, _ in splits for n in split.nodes)
     bar_width = max(20, min(60, width - name_width - 40))
     legend = Text("memory per node, over usable: ")
     for name, char, style in SEGMENTS:
         legend.append(f"{char} {name}  ", style=style)
     legend.append(f"{OVER[0]} over usable", style=OVER[1])
     console.print(legend)
-    for node in placement.nodes:
-        line = Text(f"{node.name:<{name_width}} ")
-        line.append_text(bar(node.weight_bytes, node.overhead_bytes, node.kv_cache_bytes,
-                             node.usable_bytes, bar_width))
-        need, usable = node.bytes / GB, node.usable_bytes / GB
-        line.append(f" {need:.1f} of {usable:.1f} GB ({need / usable:.0%})" if usable > 0
-                    else f" {need:.1f} GB, none usable")
-        console.print(line)
+    for split, label in splits:
+        if len(splits) > 1:
+            console.print(f"{split.parallelism} split ({label}):")
+        for node in split.nodes:
+            console.print(_node_line(node, name_width, bar_width))
     return out.getvalue()
+
+
+def _node_line(node: NodePlacement, name_width: int, bar_width: int) -> Text:
+    line = Text(f"{node.name:<{name_width}} ")
+    line.append_text(bar(node.weight_bytes, node.overhead_bytes, node.kv_cache_bytes,
+                         node.usable_bytes, bar_width))
+    need, usable = node.bytes / GB, node.usable_bytes / GB
+    line.append(f" {need:.1f} of {usable:.1f} GB ({need / usable:.0%})" if usable > 0
+                else f" {need:.1f} GB, none usable")
+    return line

@@ -168,6 +168,10 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
                     await batch.flush()
                     batch.current = change
                     await conn.agent(op, request, stdin=stdin)
+                    # What crossed the link, as an event: how a converged copy is shown to
+                    # send 0 bytes (bench/copy_rss.py sums these).
+                    log.info("file_streamed", host=conn.name, resource=change.resource,
+                             bytes=stdin.size)
                 else:
                     await batch.add(change, AgentStep(op, request, stdin))
             await batch.add(change, None)  # the change is whole once its steps are done

@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,9 @@ from orchestrator.watch import watch
 from tests.e2e.conftest import Serving
 
 NODES = ("mac1", "mac2", "mac3")
+# One row of `orch bench`'s table: PROMPT TOKENS TTFT ms (min-max) DECODE tok/s (min-max) RATIO.
+ROW = re.compile(r"^(?P<words>\d+) words +(?P<tokens>\d+) +(?P<ttft>\d+) \(\d+-\d+\) +"
+                 r"(?P<decode>[\d.]+) \([\d.]+-[\d.]+\) +(?P<ratio>[\d.]+)$", re.MULTILINE)
 
 
 def test_bench_reports_ttft_decode_speed_and_the_ratio_to_the_estimate(
@@ -61,6 +65,17 @@ def test_bench_reports_ttft_decode_speed_and_the_ratio_to_the_estimate(
             for stream in (sample["first"], sample["long"]):
                 # each prompt is new to the prompt cache: at most the chat template's start
                 assert (stream["cached_tokens"] or 0) < stream["prompt_tokens"] // 2, sample
+    # What the user reads is those numbers: per length a row with the TTFT, the decode speed
+    # and their ratio to the estimate, which is printed beside them.
+    rows = {int(m["words"]): m for m in ROW.finditer(ran.stdout)}
+    assert sorted(rows) == [8, 64], ran.stdout
+    for length in result["lengths"]:
+        row = rows[length["prompt_words"]]
+        assert int(row["tokens"]) == length["prompt_tokens"]
+        assert int(row["ttft"]) == round(length["ttft_s"]["median"] * 1000) > 0
+        assert float(row["decode"]) == round(length["decode_tokens_per_s"]["median"], 1) > 0
+        assert row["ratio"] == f"{length['decode_vs_estimate']:.3f}"
+    assert f"estimate: {result['estimate']['decode_tokens_per_s']:,.1f} tok/s" in ran.stdout
     print(ran.stdout)  # the numbers, for the record (-s)
 
 

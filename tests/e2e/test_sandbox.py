@@ -123,8 +123,8 @@ def tail(log: Path, lines: int = 60) -> str:
 def need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t, path=STANDARD_PATH) is None]
     if missing:
-        pytest.fail(f"this test needs {', '.join(missing)} (util-linux / passwd / procps / git, "
-                    "as on Debian): it runs the README's command as a throwaway non-root user")
+        pytest.fail(f"this test needs {', '.join(missing)} (util-linux / passwd / procps / git / "
+                    "jq, as on Debian): it runs the README's command as a throwaway non-root user")
 
 
 def remove_user(name: str) -> None:
@@ -145,7 +145,7 @@ def leftover_home(name: str) -> Path | None:
 
 @pytest.fixture
 def account(tmp_path: Path) -> Iterator[Account]:
-    need("git", "pgrep", "bash", "env")
+    need("git", "pgrep", "bash", "env", "jq")
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.getuid())
         home = tmp_path / "home"
@@ -259,6 +259,7 @@ def test_readme_sandbox_from_a_fresh_clone_as_a_normal_user(account: Account,
         code, output, timings["readme command"] = account.run(
             command, tmp_path / "first.log", FIRST_TIMEOUT)
         assert code == 0, f"the README's command exited {code}:\n{tail(tmp_path / 'first.log')}"
+        assert "Traceback" not in output, output[-4000:]
         assert "from the 3-node ring" in output, output[-4000:]
         assert f"cluster file {sandbox_dir / 'sandbox.yml'}" in output, output[-4000:]
         # The controller never needs mlx (issue #17): the README's install has no [mlx] extra.
@@ -276,6 +277,13 @@ def test_readme_sandbox_from_a_fresh_clone_as_a_normal_user(account: Account,
         assert status["api_url"].startswith("http://127.0.0.41:"), status
         assert [n["name"] for n in status["nodes"]] == ["mac1", "mac2", "mac3"], status
         assert all(n["alive"] for n in status["nodes"]), status
+
+        # Issue #17: the sandbox's cluster file is self-contained, the command exactly as the
+        # issue writes it (no --known-hosts: the inventory's ssh block names its known_hosts).
+        plan = f"{orch} plan $({orch} sandbox status --json | jq -r .cluster_file)"
+        code, planned, _ = account.run(plan, tmp_path / "plan.log", STEP_TIMEOUT)
+        assert code == 0, f"`{plan}` exited {code}:\n{planned[-4000:]}"
+        assert "No changes." in planned and "UNREACHABLE" not in planned, planned[-4000:]
 
         # 2. Again: the same sandbox, and an apply with nothing to do.
         code, again, timings["second up"] = account.run(

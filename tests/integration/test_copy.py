@@ -4,7 +4,7 @@ when undeclared.
 Three simulated Macs of their own (127.0.0.93-95). A file (8 MiB, several of the 1 MiB chunks
 it travels in) and a directory with a nested file are copied; a second apply sends nothing;
 a changed source file is the only one sent again; dropping the tasks removes exactly what
-was copied.
+was copied. The same hosts also show inventory variables rendered per host by a template.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.simulator.cluster import inventory_yaml
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
 from tests.fixtures import clusters
 from tests.fixtures.cli import orch
@@ -93,3 +94,34 @@ def test_copy_converges_sends_nothing_twice_and_is_removed(
         assert not (host.home / "data" / "blob.bin").exists()
         assert (host.home / "data").is_dir()  # not made by the copy's own cleanup list
         assert not (host.home / "tree").exists()
+
+
+def test_a_host_var_renders_per_host_and_a_missing_one_fails_the_plan_at_its_line(
+        tmp_path: Path, hosts: list[RunningHost]) -> None:
+    """Issue #17's other claim, on the hosts: `host.vars.KEY` with the inventory's precedence
+    (shared < group < the host's own) lands per host; a variable one host lacks fails the plan
+    at the template's FILE:LINE:COL, before anything is changed."""
+    known = hosts[0].known_hosts_file
+    inventory = inventory_yaml(hosts).replace(
+        f"  {hosts[0].name}:\n", f"  {hosts[0].name}:\n    vars: {{colour: red, shade: dark}}\n")
+    (tmp_path / "inventory.yml").write_text(
+        "vars:\n  colour: grey\ngroups:\n  pair:\n"
+        f"    hosts: [{hosts[0].name}, {hosts[1].name}]\n    vars: {{colour: green}}\n"
+        + inventory)
+    (tmp_path / "colour.j2").write_text("{{ host.name }} is {{ host.vars.colour }}\n")
+    cluster = tmp_path / "cluster.yml"
+    cluster.write_text("name: varstest\ninventory: inventory.yml\nruntime:\n  packages: []\n"
+                       "tasks:\n  - name: colour\n"
+                       "    template: {src: colour.j2, dest: ~/colour.txt}\n")
+    applied = orch("apply", cluster, "--yes", known_hosts=known)
+    assert applied.returncode == 0, applied.output
+    assert [(h.home / "colour.txt").read_text() for h in hosts] == [
+        f"{hosts[0].name} is red\n", f"{hosts[1].name} is green\n", f"{hosts[2].name} is grey\n"]
+
+    (tmp_path / "colour.j2").write_text("{{ host.name }} is {{ host.vars.colour }}\n"
+                                        "in {{ host.vars.shade }}\n")  # only hosts[0] has it
+    refused = orch("plan", cluster, known_hosts=known)
+    assert refused.returncode == 1, refused.output
+    assert f"{tmp_path / 'colour.j2'}:2:" in refused.stderr, refused.stderr
+    assert "'shade'" in refused.stderr, refused.stderr
+    assert (hosts[1].home / "colour.txt").read_text() == f"{hosts[1].name} is green\n"

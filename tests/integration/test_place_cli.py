@@ -115,6 +115,13 @@ def test_the_guides_three_macs_serve_a_pipeline_and_tensor_is_refused_for_the_ma
     assert "Pipeline split (chosen):" in out and "Tensor split (not chosen):" in out
     assert "tensor does not fit: mbp-m4 needs 160.2 GB of 128.8 GB" in out
     assert "Chosen: pipeline — tensor cannot split into 3 ranks" in out
+    # Both splits drawn as bars (issue #17): the MacBook's tensor bar overflows its memory.
+    bars = out[out.index("memory per node, over usable"):].splitlines()
+    assert bars[1] == "pipeline split (chosen):" and bars[5] == "tensor split (not chosen):"
+    assert [b.split()[0] for b in bars[2:5] + bars[6:9]] == ["studio-1", "studio-2",
+                                                             "mbp-m4"] * 2
+    assert bars[4].endswith("117.3 of 128.8 GB (91%)") and "!" not in bars[4]
+    assert bars[8].endswith("160.2 of 128.8 GB (124%)") and "!!" in bars[8]
     code, out, _ = place(str(cluster), "--json")
     doc = json.loads(out)
     assert doc["parallelism"] == "pipeline" and doc["split"] == [22, 22, 17]

@@ -41,3 +41,13 @@ def test_place_draws_one_bar_per_node_and_json_is_unchanged() -> None:
     as_json = CliRunner().invoke(main, [*GUIDE, "--json"])
     assert as_json.exit_code == 0
     assert "█" not in as_json.stdout and json.loads(as_json.stdout)["fits"] is True
+
+
+def test_the_readme_shows_the_bars_this_command_draws() -> None:
+    """The README's picture (issue #17: "show it in the README, as text") is the real output,
+    line for line, so it cannot drift from what `orch place` draws."""
+    drawn = CliRunner().invoke(main, GUIDE).stdout.splitlines()
+    bars = drawn[next(i for i, line in enumerate(drawn) if line.startswith("memory per node")):]
+    readme = (REPO / "README.md").read_text()
+    assert "orch place playbooks/deepseek-r1.yml\n--params 671e9 --bits 4 --layers 61" in readme
+    assert "```\n" + "\n".join(bars) + "\n```\n" in readme, "\n".join(bars)
