@@ -135,6 +135,7 @@ def test_four_studios_on_rdma_choose_tensor_with_exact_bytes(tmp_path: Path,
     assert doc["parallelism"] == "tensor" and doc["fits"] is True
     exact = independent_rank_bytes(model_dir, 4)
     assert [n["weight_bytes"] for n in doc["nodes"]] == [exact] * 4
+    assert exact == 106_560_520_192  # the README's figure
     assert all(len(n["files"]) == 88 for n in doc["nodes"])
     pipeline = doc["splits"]["pipeline"]
     assert pipeline["fits"] is True
@@ -144,3 +145,9 @@ def test_four_studios_on_rdma_choose_tensor_with_exact_bytes(tmp_path: Path,
     assert doc["reason"].startswith("estimated ≤ ")
     code, out, _ = place(str(cluster))
     assert "Tensor split (chosen):" in out and "Chosen: tensor — estimated ≤ " in out
+    # runtime.backend jaccl implies the RDMA link: the same choice without placement.link
+    jaccl = write_cluster(tmp_path / "jaccl", "studios", f"model:\n  path: {model_dir}\n"
+                          "runtime:\n  backend: jaccl\n", inventory=Path("../studios.yml"))
+    code, out, err = place(str(jaccl), "--json")
+    assert code == 0, err
+    assert json.loads(out)["reason"] == doc["reason"]
