@@ -42,6 +42,9 @@ def test_auto_picks_the_guides_three_macs(tmp_path: Path, model_dir: Path) -> No
     doc = json.loads(out)
     assert doc["fits"] is True
     assert [n["name"] for n in doc["nodes"]] == ["studio-1", "studio-2", "mbp-m4"]
+    # over the default (Ethernet) link the pipeline wins even against a tensor split that fits
+    assert doc["parallelism"] == "pipeline" and doc["splits"]["tensor"]["fits"] is True
+    assert doc["reason"].startswith("estimated ≤ ") and doc["reason"].endswith("(ethernet link)")
     assert all(n["bytes"] <= n["usable_bytes"] for n in doc["nodes"])
     assert doc["even_split_fits"] is False
     covered = sorted(layer for n in doc["nodes"] for layer in range(*n["layers"]))
