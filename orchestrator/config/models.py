@@ -142,8 +142,9 @@ class PlacementSection(_Strict):
                             "fits and its decode estimate is faster)")
     link: Literal["ethernet", "thunderbolt", "rdma"] | None = Field(
         None, description="the network between the Macs, for the decode estimates: `ethernet` "
-                          "(default), `thunderbolt` (IP over a Thunderbolt bridge) or `rdma` "
-                          "(jaccl over Thunderbolt 5)")
+                          "(the ring backend's default), `thunderbolt` (IP over a Thunderbolt "
+                          "bridge) or `rdma` (jaccl over Thunderbolt 5; the default for "
+                          "runtime.backend jaccl and jaccl-ring)")
     link_latency_ms: float | None = Field(
         None, gt=0, description="one message's latency over the link (default: by `link`)")
     link_bandwidth_gb_s: float | None = Field(

@@ -18,6 +18,9 @@ from orchestrator.placement.choose import Placement
 from orchestrator.placement.parallel import place_model
 from orchestrator.placement.policy import GUIDE_OVERHEAD, NodeSpec, PlacementPolicy
 
+# The link a backend implies when `placement.link` is not set (the ring: the policy's default).
+BACKEND_LINKS = {"jaccl": "rdma", "jaccl-ring": "rdma"}
+
 
 def nodes_from_cluster(cluster: Cluster) -> tuple[NodeSpec, ...]:
     """Every inventory host as a `NodeSpec`, in inventory order."""
@@ -30,13 +33,19 @@ def policy_from_cluster(cluster: Cluster, meta: ModelMeta | None = None) -> Plac
 
     A model sized from its parameter count alone gets the guide's O = 0.2 by default: exact
     header bytes include quantization scales and biases, ``params × bits/8`` does not.
+    Without ``placement.link``, the link is the one ``runtime.backend`` runs over: ``rdma``
+    for ``jaccl``/``jaccl-ring`` (else the estimates would price RDMA's all-reduces as
+    Ethernet's and ``auto`` would never choose tensor where it pays off), ``ethernet`` for the
+    ring.
     """
     spec = cluster.placement
     overhead = spec.overhead
     if overhead is None and meta is not None and meta.estimated:
         overhead = GUIDE_OVERHEAD
     return PlacementPolicy.from_settings(reserve_gb=spec.reserve_gb, overhead=overhead,
-                                         kv_cache_gb=spec.kv_cache_gb, link=spec.link,
+                                         kv_cache_gb=spec.kv_cache_gb,
+                                         link=spec.link or BACKEND_LINKS.get(
+                                             cluster.runtime.backend),
                                          link_latency_ms=spec.link_latency_ms,
                                          link_bandwidth_gb_s=spec.link_bandwidth_gb_s)
 

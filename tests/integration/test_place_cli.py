@@ -42,6 +42,9 @@ def test_auto_picks_the_guides_three_macs(tmp_path: Path, model_dir: Path) -> No
     doc = json.loads(out)
     assert doc["fits"] is True
     assert [n["name"] for n in doc["nodes"]] == ["studio-1", "studio-2", "mbp-m4"]
+    # over the default (Ethernet) link the pipeline wins even against a tensor split that fits
+    assert doc["parallelism"] == "pipeline" and doc["splits"]["tensor"]["fits"] is True
+    assert doc["reason"].startswith("estimated ≤ ") and doc["reason"].endswith("(ethernet link)")
     assert all(n["bytes"] <= n["usable_bytes"] for n in doc["nodes"])
     assert doc["even_split_fits"] is False
     covered = sorted(layer for n in doc["nodes"] for layer in range(*n["layers"]))
@@ -142,6 +145,7 @@ def test_four_studios_on_rdma_choose_tensor_with_exact_bytes(tmp_path: Path,
     assert doc["parallelism"] == "tensor" and doc["fits"] is True
     exact = independent_rank_bytes(model_dir, 4)
     assert [n["weight_bytes"] for n in doc["nodes"]] == [exact] * 4
+    assert exact == 106_560_520_192  # the README's figure
     assert all(len(n["files"]) == 88 for n in doc["nodes"])
     pipeline = doc["splits"]["pipeline"]
     assert pipeline["fits"] is True
@@ -151,3 +155,9 @@ def test_four_studios_on_rdma_choose_tensor_with_exact_bytes(tmp_path: Path,
     assert doc["reason"].startswith("estimated ≤ ")
     code, out, _ = place(str(cluster))
     assert "Tensor split (chosen):" in out and "Chosen: tensor — estimated ≤ " in out
+    # runtime.backend jaccl implies the RDMA link: the same choice without placement.link
+    jaccl = write_cluster(tmp_path / "jaccl", "studios", f"model:\n  path: {model_dir}\n"
+                          "runtime:\n  backend: jaccl\n", inventory=Path("../studios.yml"))
+    code, out, err = place(str(jaccl), "--json")
+    assert code == 0, err
+    assert json.loads(out)["reason"] == doc["reason"]

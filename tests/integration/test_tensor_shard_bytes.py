@@ -6,6 +6,11 @@ loader, calls ``model.shard(group)``, evaluates, and reports the sum of ``nbytes
 parameters, plus each parameter's bytes. orch's number
 comes from the safetensors headers alone (`placement.shard.tensor_split`). It spawns processes
 and binds loopback addresses: run it under the network lock.
+
+The third case is the tiny model stored as DeepSeek-R1-4bit is (`quantize_like_r1`): 4-bit
+linears with their ``scales``/``biases``, and MLA's ``kv_b_proj`` that mlx-lm's ``sanitize``
+unfolds into per-head ``embed_q``/``unembed_out`` at load — the two rules orch applies to the
+real checkpoint's headers that a float model in mlx-lm's own layout would not exercise.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from orchestrator.model.meta import load_local_meta
 from orchestrator.placement.shard import kind_of, tensor_split
 from orchestrator.simulator.tiny_model import TENSOR_3_OVERRIDES, make_tiny_deepseek
 from orchestrator.worker.hostfile import render_hostfile
+from tests.fixtures.tensor_bytes import QUANTIZED_2_OVERRIDES, quantize_like_r1
 
 IPS = ("127.0.0.71", "127.0.0.72", "127.0.0.73")
 
@@ -64,11 +70,30 @@ def shard_on_ring(model: Path, tmp_path: Path, ranks: int) -> list[dict[str, obj
     return sorted(reports, key=lambda r: int(r["rank"]))  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize(("ranks", "overrides"), [(2, None), (3, TENSOR_3_OVERRIDES)],
-                         ids=["2-ranks", "3-ranks-6-heads"])
-def test_each_ranks_bytes_equal_real_shard(tmp_path: Path, ranks: int,
-                                          overrides: dict[str, object] | None) -> None:
-    tiny = make_tiny_deepseek(tmp_path / "tiny", n_layers=4, n_files=3, overrides=overrides)
+def as_loaded(name: str) -> tuple[str, ...]:
+    """The parameters a stored tensor becomes after mlx-lm's ``sanitize``."""
+    if ".kv_b_proj." in name:
+        attn, leaf = name.split(".kv_b_proj.")
+        return f"{attn}.embed_q.{leaf}", f"{attn}.unembed_out.{leaf}"
+    return (name,)
+
+
+def tiny_model(tmp_path: Path, variant: str) -> Path:
+    if variant == "float":
+        return make_tiny_deepseek(tmp_path / "tiny", n_layers=4, n_files=3)
+    if variant == "float-6-heads":
+        return make_tiny_deepseek(tmp_path / "tiny", n_layers=4, n_files=3,
+                                  overrides=TENSOR_3_OVERRIDES)
+    source = make_tiny_deepseek(tmp_path / "float", n_layers=4, n_files=3,
+                                overrides=QUANTIZED_2_OVERRIDES)
+    return quantize_like_r1(source, tmp_path / "tiny-4bit")
+
+
+@pytest.mark.parametrize(("ranks", "variant"),
+                         [(2, "float"), (3, "float-6-heads"), (2, "4bit-kv_b_proj")],
+                         ids=["2-ranks", "3-ranks-6-heads", "2-ranks-4bit-kv_b_proj"])
+def test_each_ranks_bytes_equal_real_shard(tmp_path: Path, ranks: int, variant: str) -> None:
+    tiny = tiny_model(tmp_path, variant)
     meta = load_local_meta(tiny)
     split = tensor_split(meta, ranks)
     assert split.possible, split.problem
@@ -76,9 +101,19 @@ def test_each_ranks_bytes_equal_real_shard(tmp_path: Path, ranks: int,
     assert [r["size"] for r in reports] == [ranks] * ranks
     measured = [sum(r["params"].values()) for r in reports]  # type: ignore[attr-defined]
     assert measured == list(split.rank_bytes)
-    # and tensor by tensor: what shard() cut is what orch calls sharded, the rest is whole
-    params: dict[str, int] = reports[-1]["params"]  # type: ignore[assignment]
-    assert set(params) == {t.name for t in meta.tensors}
-    cut = {t.name for t in meta.tensors if params[t.name] != t.nbytes}
-    assert cut == {t.name for t in meta.tensors if kind_of(meta.model_type, t) != "replicated"}
+    # and tensor by tensor, on every rank: what orch calls sharded holds exactly 1/N of its
+    # bytes there, the rest is whole
+    for report in reports:
+        params: dict[str, int] = report["params"]  # type: ignore[assignment]
+        assert set(params) == {n for t in meta.tensors for n in as_loaded(t.name)}
+        held = {t.name: sum(params[n] for n in as_loaded(t.name)) for t in meta.tensors}
+        wanted = {t.name: t.nbytes if kind_of(meta.model_type, t) == "replicated"
+                  else t.nbytes // ranks for t in meta.tensors}
+        assert held == wanted
     assert 0 < split.replicated_bytes < split.rank_bytes[0] < meta.weight_bytes
+    if variant.startswith("4bit"):
+        kinds = {kind_of(meta.model_type, t) for t in meta.tensors if ".kv_b_proj." in t.name}
+        assert kinds == {"heads"}
+        assert {t.name.rsplit(".", 1)[1] for t in meta.tensors
+                if kind_of(meta.model_type, t) != "replicated"} == {"weight", "scales",
+                                                                      "biases"}

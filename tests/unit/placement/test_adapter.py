@@ -40,3 +40,18 @@ def test_placement_settings_reach_the_policy(tmp_path: Path, deepseek_dir: Path,
     placement = plan_placement(cluster, deepseek_meta)
     assert placement.fits
     assert [n.name for n in placement.nodes] == ["studio-1", "studio-2", "mbp-m4"]
+
+
+def test_the_link_follows_the_backend_unless_set(tmp_path: Path, deepseek_dir: Path) -> None:
+    """jaccl runs over RDMA: its estimates use the rdma link without `placement.link`."""
+    def link(placement: str, runtime: str) -> str:
+        path = clusters.write_cluster(tmp_path / f"{len(list(tmp_path.iterdir()))}", "lab",
+                                      f"model:\n  path: {deepseek_dir}\nplacement:\n"
+                                      f"{placement}runtime:\n{runtime}")
+        return policy_from_cluster(load_cluster(path)).link.name
+
+    assert link("  nodes: auto\n", "  backend: ring\n") == "ethernet"
+    assert link("  nodes: auto\n", "  backend: jaccl\n") == "rdma"
+    assert link("  nodes: auto\n", "  backend: jaccl-ring\n") == "rdma"
+    assert link("  link: thunderbolt\n", "  backend: jaccl\n") == "thunderbolt"
+    assert link("  link: rdma\n", "  backend: ring\n") == "rdma"
