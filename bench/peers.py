@@ -21,9 +21,12 @@ less proves nothing.
 Measured per run: wall time; controller CPU (the tool's process tree, from getrusage of
 reaped children, plus Ansible's persisted ssh masters read from /proc before they are
 stopped); host CPU (growth of each sshd listener's cutime+cstime: every session, shell and
-interpreter of the run, as in bench/agent_session.py); SSH connections and channels per host
-(sshd's "Accepted publickey" and "Starting session" lines, LogLevel VERBOSE). Figures are
-medians over the repetitions; ratios are medians of the per-repetition ratios (paired).
+interpreter of the run, as in bench/agent_session.py), and how much of it the macOS stand-ins
+spent (each Python `sysctl`, `launchctl`, `sudo`, ... appends its own CPU to
+<root>/log/standins.cpu; a Mac runs native binaries there, a few ms each); SSH connections and
+channels per host (sshd's "Accepted publickey" and "Starting session" lines, LogLevel
+VERBOSE). Figures are medians over the repetitions; ratios are medians of the per-repetition
+ratios (paired).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Run:
     wall: float
     controller_cpu: float
     host_cpu: float  # summed over hosts
+    standin_cpu: float  # the part of host_cpu the Python macOS stand-ins spent, summed
     connections: float  # per host
     channels: float  # per host
 
@@ -92,6 +96,15 @@ def settled_hosts_cpu(hosts: list[RunningHost], timeout: float = 15.0) -> float:
             return value
         value = again
     return value
+
+
+def standins_cpu(hosts: list[RunningHost]) -> float:
+    """CPU seconds the hosts' macOS stand-ins reported so far (see `account` in each)."""
+    total = 0.0
+    for host in hosts:
+        for line in (host.root / "log" / "standins.cpu").read_text().splitlines():
+            total += float(line.split()[1])
+    return total
 
 
 def log_counts(hosts: list[RunningHost]) -> tuple[int, int]:
@@ -195,6 +208,7 @@ def run_tool(tool: str, phase: str, argv: list[str], cwd: Path,
     env = dict(os.environ, ANSIBLE_CONFIG=str(cwd / "ansible.cfg"),
                ANSIBLE_HOME=str(cwd / "home"), ANSIBLE_NOCOLOR="1")
     host_before = settled_hosts_cpu(hosts)
+    standin_before = standins_cpu(hosts)
     conns_before, chans_before = log_counts(hosts)
     cpu_before = children_cpu()
     started = time.perf_counter()
@@ -208,9 +222,10 @@ def run_tool(tool: str, phase: str, argv: list[str], cwd: Path,
         sys.exit(f"{tool} {phase} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
                  f"{done.stderr[-3000:]}")
     host_cpu = settled_hosts_cpu(hosts) - host_before
+    standin_cpu = standins_cpu(hosts) - standin_before
     conns, chans = log_counts(hosts)
     n = len(hosts)
-    return Run(tool, phase, wall, cpu, host_cpu, (conns - conns_before) / n,
+    return Run(tool, phase, wall, cpu, host_cpu, standin_cpu, (conns - conns_before) / n,
                (chans - chans_before) / n)
 
 
@@ -260,6 +275,8 @@ def bench_hosts(count: int, base: Path) -> Iterator[list[RunningHost]]:
         sys.exit("--hosts: 1 to 254 (127.0.1.1-254, the addresses reserved for this bench)")
     specs = [HostSpec(f"p{i + 1}", 64 * GIB, address=f"127.0.1.{i + 1}") for i in range(count)]
     with running_hosts(base, specs) as hosts:
+        for host in hosts:  # the stand-ins account their CPU only where this file exists
+            (host.root / "log" / "standins.cpu").write_text("")
         yield hosts
 
 
@@ -292,6 +309,11 @@ def table(runs: list[Run], tools: list[str], reps: int, n: int) -> str:
         return float(statistics.median(getattr(r, field) for r in runs
                                        if r.tool == tool and r.phase == phase))
 
+    def without(tool: str, phase: str) -> float:
+        """Median over repetitions of host CPU minus the stand-ins' share, run by run."""
+        return float(statistics.median(r.host_cpu - r.standin_cpu for r in runs
+                                       if r.tool == tool and r.phase == phase))
+
     def ratio(tool: str, other: str, phase: str) -> str:
         mine = [r.wall for r in runs if r.tool == tool and r.phase == phase]
         theirs = [r.wall for r in runs if r.tool == other and r.phase == phase]
@@ -301,13 +323,16 @@ def table(runs: list[Run], tools: list[str], reps: int, n: int) -> str:
     lines = [f"{n} hosts, median of {reps} paired repetitions "
              f"(load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f})", "",
              "| tool | run | wall s | controller CPU s | host CPU s/host | "
-             "SSH conns/host | SSH channels/host |", "|---|---|---|---|---|---|---|"]
+             "of which macOS stand-ins | host CPU without them | "
+             "SSH conns/host | SSH channels/host |", "|---|---|---|---|---|---|---|---|---|"]
     for phase in ("noop", "first"):
         for tool in tools:
             lines.append(
                 f"| {tool} | {'no-op' if phase == 'noop' else 'first converge'} | "
                 f"{med(tool, phase, 'wall'):.2f} | {med(tool, phase, 'controller_cpu'):.2f} | "
-                f"{med(tool, phase, 'host_cpu') / n:.3f} | {med(tool, phase, 'connections'):.0f}"
+                f"{med(tool, phase, 'host_cpu') / n:.3f} | "
+                f"{med(tool, phase, 'standin_cpu') / n:.3f} | {without(tool, phase) / n:.3f} | "
+                f"{med(tool, phase, 'connections'):.0f}"
                 f" | {med(tool, phase, 'channels'):.0f} |")
     if "orch" in tools:
         lines.append("")

@@ -10,8 +10,10 @@ its hash depends only on the sources, and every controller with the same orch sh
 bytes under the same name.
 
 It is addressed on the node by a prefix of its sha256, so a changed agent is a new file and a
-converged node never needs an upload. Read-only runs that find no cached agent stream the
-modules instead (`streamed_sources`, imported from memory on the node, see
+converged node never needs an upload. The upload also unpacks it beside the zip and compiles
+it there with the node's Python, once, so a start loads bytecode instead of compiling every
+module (see RUN_SCRIPT in orchestrator/executor/agentcall.py). Read-only runs that find no
+cached agent stream the modules instead (`streamed_sources`, imported from memory on the node, see
 orchestrator/executor/agentcall.py) and write nothing; transfer.py is left out of that
 stream: no read-only op needs it, and it is most of the bytes.
 """

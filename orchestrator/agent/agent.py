@@ -2,9 +2,11 @@
 """orch agent: the only code orch runs on a node. This module is its entry point and op table.
 
 Shipped by the controller as one zip of this package's node-side modules (this file is also
-the zip's ``__main__.py``), cached on the node as ``~/.orch/agent/<sha256-prefix>.pyz`` and
-run as ``python3 -I -S <that zip> OP`` (one call) or ``python3 -I -S <that zip> session`` (every
-call of a run over one channel); protocol.py describes both. Read-only runs that find no
+the zip's ``__main__.py``), cached on the node as ``~/.orch/agent/<sha256-prefix>.pyz``, which
+the upload also unpacks beside it (``<sha256-prefix>/``) and compiles with the node's Python;
+run as ``python3 -I -S -B <that directory> OP`` (one call) or ``... session`` (every call of a
+run over one channel), or from the zip itself where no compiled directory is; protocol.py
+describes both. Read-only runs that find no
 cached agent stream the modules instead and import them from memory (see
 orchestrator/executor/agentcall.py): nothing is written on the node.
 
@@ -49,9 +51,10 @@ from .protocol import Op, ProtocolError, answer, run_batch, serve_session
 __all__ = ["OPS", "main"]
 
 # Where each op lives: (module, function). A module is imported at the first call of one of
-# its ops, not at start: zipimport keeps no bytecode, so every module the agent imports is
-# compiled from source at every start, and a no-op's session (facts, lock, unlock) needs
-# neither files, command, launchd nor peer. Every op still goes through OPS.
+# its ops, not at start: even from bytecode each import costs, and from the zip (zipimport
+# keeps no bytecode: streamed or not yet compiled) it is compiled from source at every start;
+# a no-op's session (facts, lock, unlock) needs neither files, command, launchd nor peer.
+# Every op still goes through OPS.
 OP_HOMES = {
     "facts": ("facts", "op_facts"),
     "install_system": ("files", "op_install_system"),

@@ -191,17 +191,22 @@ def run_status(argv: list[str], cwd: str | None, env: dict[str, str] | None, tim
 
 
 def own_version() -> str:
-    """sha256 of what the controller shipped: the zip this runs from; the version the
-    controller passed when the sources were streamed (``STREAMED_VERSION`` on the package,
-    set by the stream bootstrap); or, run from a source tree (tests, debugging), the hash of
-    the entry point agent.py."""
+    """sha256 of what the controller shipped: the zip this runs from, or the zip beside the
+    directory it runs from (``<id>/``, unpacked from ``<id>.pyz`` and compiled at upload); the
+    version the controller passed when the sources were streamed (``STREAMED_VERSION`` on
+    the package, set by the stream bootstrap); or, run from a source tree (tests,
+    debugging), the hash of the entry point agent.py."""
     package = sys.modules.get(__package__ or "")
     streamed = getattr(package, "STREAMED_VERSION", None)
     if isinstance(streamed, str):
         return streamed
     container = os.path.dirname(os.path.abspath(__file__))
-    # A zip is a file, not a directory.
-    shipped = container if os.path.isfile(container) else os.path.join(container, "agent.py")
+    if os.path.isfile(container):  # a zip is a file, not a directory
+        shipped = container
+    elif os.path.isfile(container + ".pyz"):
+        shipped = container + ".pyz"
+    else:
+        shipped = os.path.join(container, "agent.py")
     digest = hashlib.sha256()
     with open(shipped, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):

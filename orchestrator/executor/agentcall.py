@@ -54,16 +54,26 @@ AGENT_MISSING = 97  # the run script's "not cached here" status; the agent itsel
 # PYTHONHOME or user site-packages can never change what the agent imports. -S skips `site`
 # as well: the agent is stdlib only, so site-packages and their .pth files are of no use to
 # it, and processing them was ~13 of the ~20 ms of CPU an interpreter start costs here.
+# The zip (<id>.pyz) is what makes the agent cached; the directory <id>/ beside it is the same
+# modules unpacked and compiled by the node's Python at upload (UPLOAD_SCRIPT), run in its
+# place when present: zipimport keeps no bytecode, so from the zip every module is compiled
+# at every start. -B: a run never writes bytecode (a read-only run writes nothing on a node;
+# an interpreter other than the one that compiled the directory compiles in memory instead).
 RUN_SCRIPT = (
-    f'a="${{HOME:?}}/.orch/agent/$1{AGENT_SUFFIX}"; '
-    'if [ -f "$a" ]; then exec "$3" -I -S "$a" "$2"; fi; '
+    'a="${HOME:?}/.orch/agent/$1"; '
+    f'if [ -f "$a{AGENT_SUFFIX}" ]; then '
+    'if [ -f "$a/__main__.py" ]; then exec "$3" -I -S -B "$a" "$2"; fi; '
+    f'exec "$3" -I -S "$a{AGENT_SUFFIX}" "$2"; fi; '
     f"exit {AGENT_MISSING}"
 )
 
 # <python> -I -S -c UPLOAD_SCRIPT <sha256> <file id>, the agent's zip on stdin. Verified before the
-# atomic rename, so a cut connection can never leave a truncated agent in the cache.
+# atomic rename, so a cut connection can never leave a truncated agent in the cache. Then the
+# zip's members are unpacked beside it and compiled by this same interpreter (the one that
+# runs the agent), and that directory is renamed into place whole: a run finds either no
+# directory (and runs the zip) or a complete one. Compiling is best effort: the zip suffices.
 UPLOAD_SCRIPT = f"""\
-import hashlib, os, sys, tempfile
+import hashlib, os, shutil, sys, tempfile
 data = sys.stdin.buffer.read()
 if hashlib.sha256(data).hexdigest() != sys.argv[1]:
     sys.stderr.write("orch agent upload: sha256 mismatch\\n")
@@ -76,7 +86,26 @@ with os.fdopen(fd, "wb") as f:
     f.flush()
     os.fsync(f.fileno())
 os.chmod(tmp, 0o600)
-os.replace(tmp, os.path.join(d, sys.argv[2] + "{AGENT_SUFFIX}"))
+zipped = os.path.join(d, sys.argv[2] + "{AGENT_SUFFIX}")
+os.replace(tmp, zipped)
+final = os.path.join(d, sys.argv[2])
+if not os.path.isdir(final):
+    import py_compile, zipfile
+    unpack = tempfile.mkdtemp(dir=d, prefix=".unpack-")
+    try:
+        with zipfile.ZipFile(zipped) as z:
+            for name in z.namelist():
+                if "/" in name or not name.endswith(".py"):
+                    raise ValueError(name)
+                with open(os.path.join(unpack, name), "wb") as f:
+                    f.write(z.read(name))
+        for name in os.listdir(unpack):
+            py_compile.compile(os.path.join(unpack, name), dfile=os.path.join(final, name),
+                               doraise=True)
+        os.rename(unpack, final)
+    except (OSError, ValueError, py_compile.PyCompileError) as exc:
+        sys.stderr.write("orch agent upload: not compiled (%s); the zip runs\\n" % (exc,))
+        shutil.rmtree(unpack, ignore_errors=True)
 """
 
 # <python> -I -S -c STREAM_SCRIPT <n> <version> <op>, then on stdin n bytes of JSON {module: source}

@@ -487,12 +487,13 @@ def _prepare_host(shared: _Shared, spec: HostSpec) -> RunningHost:
         "sudo_nopasswd": spec.sudo_nopasswd,
     }
     identity["developer_tools"] = spec.developer_tools
-    identity["path"] = f"{shared.bin_dir}:{_install_pythons(host, spec)}:{_SYSTEM_PATH}"
+    path = f"{shared.bin_dir}:{_install_pythons(host, spec)}:{_SYSTEM_PATH}"
+    identity["path"] = path
     (root / "host.json").write_text(json.dumps(identity, indent=2) + "\n")
     (root / "etc" / "authorized_keys").write_text(
         shared.identity_file.with_suffix(".pub").read_text()
     )
-    (root / "etc" / "sshd_config").write_text(_sshd_config(shared, host))
+    (root / "etc" / "sshd_config").write_text(_sshd_config(shared, host, path))
     return host
 
 
@@ -524,11 +525,12 @@ def _install_pythons(host: RunningHost, spec: HostSpec) -> Path:
     return usr_bin
 
 
-def _sshd_config(shared: _Shared, host: RunningHost) -> str:
+def _sshd_config(shared: _Shared, host: RunningHost, path: str) -> str:
     """Key-only, unprivileged-friendly sshd whose every session goes through orch-login."""
     etc, run = host.root / "etc", host.root / "run"
-    login = shlex.join([str(shared.python3), "-I", "-S", str(shared.libexec_dir / "orch-login"),
-                        str(host.root)])  # fmt: skip
+    login = shlex.join(["/bin/sh", str(shared.libexec_dir / "orch-login"), str(host.root),
+                        str(host.home), path, host.name,
+                        str(shared.sftp_server)])  # fmt: skip
     return f"""\
 # Simulated Mac {host.name} (written by orchestrator.simulator.hosts; regenerated at start)
 ListenAddress {host.address}:{host.port}

@@ -115,6 +115,20 @@ def test_login_lands_in_home_with_standins_first(test_hosts: list[RunningHost]) 
     assert lines[6] == "True"  # the host's python3 is a base interpreter, not a venv
 
 
+def test_session_environment_is_the_hosts_own(test_hosts: list[RunningHost]) -> None:
+    """The login wrapper passes on what a Mac's sshd gives a session and the host's own
+    values; the Linux account's (MAIL, sshd_config's SHLVL, anything its rc files export)
+    stays out."""
+    host = test_hosts[0]
+    env = dict(line.partition("=")[::2] for line in ok(host, "env").splitlines())
+    env.pop("PWD", None)  # the shell's own
+    assert set(env) == {"HOME", "PATH", "ORCH_HOST_ROOT", "SHELL", "TMPDIR", "USER", "LOGNAME",
+                        "SSH_CLIENT", "SSH_CONNECTION"}
+    assert (env["HOME"], env["ORCH_HOST_ROOT"], env["TMPDIR"], env["SHELL"]) == (
+        str(host.home), str(host.root), f"{host.root}/tmp/", "/bin/sh")
+    assert env["PATH"].startswith(f"{host.root.parent / 'bin'}:")
+
+
 def test_facts_differ_per_host_as_specified(test_hosts: list[RunningHost]) -> None:
     async def facts(host: RunningHost) -> tuple[str, str, dict[str, Any]]:
         async with connect(host) as conn:

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.agent import agent_file_id
 from orchestrator.placement.intent import Intent
 from orchestrator.run import engine
 from orchestrator.simulator import files_only, processes
@@ -343,8 +344,9 @@ def agent_ops(host: RunningHost) -> list[str]:
     for pid in processes.host_pids(host.root):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-            if len(argv) >= 2 and argv[-2].endswith(b".pyz") and argv[-1] in (b"fetch",
-                                                                              b"serve"):
+            ran = argv[-2] if len(argv) >= 2 else b""  # the cached zip, or its compiled dir
+            if ran.rstrip(b"/").endswith((b".pyz", agent_file_id().encode())) and argv[-1] in (
+                    b"fetch", b"serve"):
                 found.append(argv[-1].decode())
     return found
 

@@ -679,6 +679,42 @@ def test_agent_is_uploaded_once_then_one_session(home: Path) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("version", ["3.9", "this"])
+def test_uploaded_agent_runs_from_bytecode_compiled_once(home: Path, version: str) -> None:
+    """The upload unpacks the zip beside it and compiles it with the node's Python; every
+    later start runs that bytecode (zipimport would compile every module at every start)
+    and writes none itself. 3.9: a stock Mac's /usr/bin/python3."""
+    python = sys.executable
+    if version != "this":
+        found = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python"))
+        python = str(found[0]) if found else shutil.which(f"python{version}") or ""
+        assert python, f"no python{version} on this machine (a stock Mac runs the agent on 3.9)"
+
+    async def facts() -> dict[str, Any]:
+        conn = LocalConnection(home, name="n1", agent_python=python)
+        try:
+            return await conn.agent("facts", {})
+        finally:
+            await conn.close()
+
+    assert asyncio.run(facts())["agent"]["version"] == agent_source_hash()
+    unpacked = home / ".orch" / "agent" / agent_file_id()
+    compiled = sorted(p.name.split(".")[0] for p in (unpacked / "__pycache__").iterdir())
+    assert compiled == sorted(["__main__", *NODE_MODULES])
+    # A source changed behind its bytecode's back (same size and mtime): the bytecode runs.
+    source = unpacked / "facts.py"
+    stat = source.stat()
+    source.write_text(source.read_text().replace("def op_facts(", "def op_fxcts("))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert asyncio.run(facts())["agent"]["version"] == agent_source_hash()
+    # Without that bytecode the changed source is what runs: the directory, not the zip.
+    for pyc in (unpacked / "__pycache__").glob("facts.*"):
+        pyc.unlink()
+    with pytest.raises(ActionFailed, match="op_facts"):
+        asyncio.run(facts())
+    assert not [*(unpacked / "__pycache__").glob("facts.*")]  # -B: a run writes none
+
+
 def test_write_through_connection_before_the_agent_is_cached(home: Path) -> None:
     async def scenario() -> None:
         conn = LocalConnection(home)
