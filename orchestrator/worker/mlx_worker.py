@@ -46,6 +46,8 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
 6. on the ring backend, watches its ring connections (`watch_ring`) and exits (code 4) when a
    peer closes one (after `RING_BREAK_GRACE`, so that orch's own ring restart stops it first).
    jaccl's connections are RDMA queue pairs, not sockets: a broken jaccl group is not watched.
+   A rank other than 0 also waits for the ring's next bytes in the kernel between requests
+   (`install_idle_wait`), where mlx's ring would poll a core while the service is idle.
 
 Why 6: a ring forms once. A rank that dies (its Mac rebooted, its process crashed) and is
 started again by launchd can never rejoin the old ring, and the surviving ranks neither notice
@@ -71,6 +73,7 @@ import inspect
 import json
 import os
 import re
+import selectors
 import socket
 import sys
 import threading
@@ -389,9 +392,8 @@ def peer_gone(sock: socket.socket) -> str | None:
     return "closed by the peer" if data == b"" else None
 
 
-def watch_ring(status: Status, endpoints: list[tuple[str, int]], rank: int) -> None:
+def watch_ring(status: Status, socks: list[socket.socket]) -> None:
     """Exit (code 4) as soon as a ring connection dies; see the module docstring, 6."""
-    socks = ring_sockets(endpoints, endpoints[rank])
     if not socks:
         log("no ring connection found to watch; a broken ring will not be noticed")
         return
@@ -427,6 +429,44 @@ def watch_ring(status: Status, endpoints: list[tuple[str, int]], rank: int) -> N
 
     threading.Thread(target=run, name="orch-ring-watch", daemon=True).start()
     log(f"watching {len(socks)} ring connections")
+
+
+def install_idle_wait(socks: list[socket.socket]) -> bool:
+    """On a rank other than 0: before mlx-lm's next request is shared, sleep until a ring
+    connection has bytes to read (or was closed), instead of spinning in mlx's collective.
+
+    Why: rank 0 waits for HTTP requests (0.1 s at a time), then shares "a request, or none"
+    with every rank through ``mx.distributed.all_sum``; the other ranks wait inside that
+    all_sum, where the ring backend's communication thread polls without sleeping — about a
+    core per idle rank, for as long as the service is idle. Every rank runs the same
+    collectives in the same order and mlx reads a socket only inside one, so bytes on a ring
+    connection here are the next collective's, which every rank enters by sending: rank 0
+    (never waiting here) wakes its neighbours, they wake theirs. The wait only moves where a
+    rank waits, from the poll loop into the kernel; the collective and its data are unchanged.
+    A closed or reset connection is readable too, so a broken ring still reaches mlx (and
+    `watch_ring`) as before.
+
+    Relies on ``mlx_lm.server.ResponseGenerator._share_object(self, obj)`` (mlx-lm 0.32.2);
+    on an mlx-lm without it nothing is installed (the rank then spins, as it always did) and
+    False is returned.
+    """
+    import mlx_lm.server as server
+
+    generator = getattr(server, "ResponseGenerator", None)
+    original = getattr(generator, "_share_object", None)
+    if generator is None or original is None or not socks or \
+            list(inspect.signature(original).parameters) != ["self", "obj"]:
+        return False
+    ready = selectors.DefaultSelector()
+    for sock in socks:
+        ready.register(sock, selectors.EVENT_READ)
+
+    def share_object(self: Any, obj: Any) -> Any:
+        ready.select()
+        return original(self, obj)
+
+    generator._share_object = share_object
+    return True
 
 
 def install_split_hook(split: list[int]) -> Callable[[], None]:
@@ -563,7 +603,11 @@ def main(argv: list[str]) -> None:
             log(f"verified {len(config['files'])} files; forming a {backend} group of {size}")
             init_ring(size, rank, backend)
             if backend == "ring":
-                watch_ring(status, hostfile_endpoints(os.environ["MLX_HOSTFILE"]), rank)
+                endpoints = hostfile_endpoints(os.environ["MLX_HOSTFILE"])
+                socks = ring_sockets(endpoints, endpoints[rank])
+                watch_ring(status, socks)
+                if rank > 0 and install_idle_wait(socks):
+                    log("idle: waiting for the ring's next bytes in the kernel, not polling")
     except WorkerError as exc:
         fail(status, exc.code, str(exc))
     status.set(state="loading")

@@ -69,9 +69,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Every test under tests/e2e runs real MLX workers: mark it so ``-m e2e`` selects them.
 
     The tests that use ``serving`` run first, one after another, and the sandbox stops after
-    the last of them. Ordering matters for time, not correctness: an idle ring's ranks other
-    than 0 spin a core each (FACTS.md), so a shared ring left up while another test starts its
-    own would halve the CPU every later test gets on a 2-core machine."""
+    the last of them. Ordering matters for time, not correctness: the README's sandbox test
+    needs the same addresses, and a shared ring left up would compete with it (mlx's ring
+    polls a core per rank while a collective waits; the worker's idle wait keeps ranks other
+    than 0 out of that between requests, but not while a request is served)."""
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.path)).parents:

@@ -313,6 +313,11 @@ def test_ring_converges_serves_restarts_together_and_recovers(
         for node in lab.placement.nodes:
             assert held[node.name]["layers"] == node.layers
         assert lab.placement.nodes[1].num_layers < lab.placement.nodes[0].num_layers
+        # between requests every rank but 0 waits for the ring's next bytes in the kernel,
+        # not in mlx's polling collective (the worker's idle wait): and the ring still serves
+        idle = {n.name: "idle: waiting for the ring's next bytes" in lab.log(n.name)
+                for n in lab.placement.nodes}
+        assert idle == {n.name: n.rank > 0 for n in lab.placement.nodes}, idle
         small, big = held["w2"]["param_bytes"], held["w1"]["param_bytes"]
         assert isinstance(small, int) and isinstance(big, int) and small < big
         assert not lab.plan(desired).has_changes

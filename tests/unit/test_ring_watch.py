@@ -1,10 +1,12 @@
-"""The worker's ring watch on plain TCP connections (no mlx): which sockets it watches, and
-that a peer's close is seen, while pending bytes are left for mlx to read."""
+"""The worker's ring watch and idle wait on plain TCP connections (no ring): which sockets it
+watches, that a peer's close is seen, and that an idle rank sleeps until the ring's next bytes,
+while pending bytes are left for mlx to read."""
 
 from __future__ import annotations
 
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +71,47 @@ def test_other_connections_are_not_watched() -> None:
         finally:
             client.close()
             server.close()
+
+
+def test_an_idle_rank_waits_for_the_rings_next_bytes_before_sharing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle wait: mlx-lm's `_share_object` (here a recorder) runs only once a ring
+    connection has bytes, which it leaves for mlx; a closed connection wakes it too."""
+    import mlx_lm.server
+
+    shared: list[object] = []
+
+    def recorder(self: object, obj: object) -> object:
+        shared.append(obj)
+        return obj
+
+    monkeypatch.setattr(mlx_lm.server.ResponseGenerator, "_share_object", recorder)
+    left, mine = socket.socketpair()
+    right, other = socket.socketpair()
+    with left, mine, right, other:
+        assert mlx_worker.install_idle_wait([mine, other])
+        share = mlx_lm.server.ResponseGenerator._share_object
+        done = threading.Thread(target=share, args=(None, "request"))
+        done.start()
+        done.join(0.3)
+        assert done.is_alive() and shared == [], "shared before any ring bytes arrived"
+        left.sendall(b"x")
+        done.join()
+        assert shared == ["request"]
+        assert mine.recv(1, socket.MSG_DONTWAIT) == b"x", "the bytes were left for mlx"
+        right.close()  # a peer gone: the wait ends and mlx sees the broken ring itself
+        assert share(None, "next") == "next"
+
+
+def test_no_idle_wait_on_an_mlx_lm_without_its_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx_lm.server
+
+    def other(self: object, obj: object, extra: object) -> object: ...
+
+    monkeypatch.setattr(mlx_lm.server.ResponseGenerator, "_share_object", other)
+    a, b = socket.socketpair()
+    with a, b:
+        assert not mlx_worker.install_idle_wait([a])
+        assert mlx_lm.server.ResponseGenerator._share_object is other
+        monkeypatch.delattr(mlx_lm.server.ResponseGenerator, "_share_object")
+        assert not mlx_worker.install_idle_wait([a])
