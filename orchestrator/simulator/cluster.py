@@ -67,12 +67,11 @@ class Sandbox:
                    tuple(raw["nodes"]))
 
 
-def specs(count: int, address_base: int | None = None) -> list[HostSpec]:
+def specs(count: int) -> list[HostSpec]:
     if not 1 <= count <= 9:
         raise SandboxError(f"--nodes must be between 1 and 9, not {count}")
-    base = ADDRESS_BASE if address_base is None else address_base
     return [HostSpec(f"mac{i + 1}", CHIPS[i % len(CHIPS)][1] * GIB, CHIPS[i % len(CHIPS)][0],
-                     address=f"127.0.0.{base + i}") for i in range(count)]
+                     address=f"127.0.0.{ADDRESS_BASE + i}") for i in range(count)]
 
 
 def up(directory: Path, nodes: int = 3) -> Sandbox:
@@ -89,15 +88,11 @@ def up(directory: Path, nodes: int = 3) -> Sandbox:
     return boot(directory, nodes)[0]
 
 
-def boot(directory: Path, nodes: int = 3, *,
-         address_base: int | None = None) -> tuple[Sandbox, list[RunningHost]]:
+def boot(directory: Path, nodes: int = 3) -> tuple[Sandbox, list[RunningHost]]:
     """Start the simulated Macs and the hub in ``directory`` (nothing of it running), and
     write the cluster files. Also returns the running hosts, which a caller that reboots one
     (`orchestrator.simulator.hosts.reboot`) needs. `down` stops them, rebooted or not: it finds
-    a host's processes by its root when the recorded pids are gone.
-
-    ``address_base``: the first Mac's last address byte, `ADDRESS_BASE` unless given (the
-    tests run a second sandbox beside the one `orch sandbox up` makes)."""
+    a host's processes by its root when the recorded pids are gone."""
     directory = directory.absolute()
     directory.mkdir(parents=True, exist_ok=True)
     model_dir = directory / "model"
@@ -108,7 +103,7 @@ def boot(directory: Path, nodes: int = 3, *,
 
         # 6 heads: the sandbox also serves tensor-parallel on 2 or 3 ranks (tests/e2e).
         make_tiny_deepseek(model_dir, n_layers=6, n_files=6, seed=7, overrides=TENSOR_3_OVERRIDES)
-    hosts = start_hosts(directory / "hosts", specs(nodes, address_base))
+    hosts = start_hosts(directory / "hosts", specs(nodes))
     endpoint, commit, hub_pid = _start_hub(directory, model_dir)
     api_port = processes.free_port(hosts[0].address)
     cluster_file = _write_cluster(directory, hosts, endpoint, commit, api_port)

@@ -29,7 +29,6 @@ from tests.fixtures.cli import Ran, orch
 
 PROMPT = "Say OK."
 MAX_TOKENS = 8
-SERVING_ADDRESS_BASE = 35  # the shared sandbox: 127.0.0.35-37
 
 _LAST_USER = pytest.StashKey[str]()
 _STOPS = pytest.StashKey[list[Callable[[], None]]]()
@@ -70,8 +69,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Every test under tests/e2e runs real MLX workers: mark it so ``-m e2e`` selects them.
 
     The tests that use ``serving`` run first, one after another, and the sandbox stops after
-    the last of them. Ordering matters for time, not correctness: a shared ring left up
-    would compete with the other tests' rings (mlx's ring
+    the last of them. Ordering matters for time, not correctness: the README's sandbox test
+    needs the same addresses, and a shared ring left up would compete with it (mlx's ring
     polls a core per rank while a collective waits; the worker's idle wait keeps ranks other
     than 0 out of that between requests, but not while a request is served)."""
     here = Path(__file__).parent
@@ -89,7 +88,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Stop the shared sandbox once its last user is done, not at the end of the session: the
-    tests after it need the CPU."""
+    tests after it need the CPU (and the README test the same addresses)."""
     if item.config.stash.get(_LAST_USER, None) == item.nodeid:
         for stop in item.config.stash.get(_STOPS, []):
             stop()
@@ -108,9 +107,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory,
 
     pytestconfig.stash.setdefault(_STOPS, []).append(stop)
     try:
-        # 127.0.0.35-37: not the default sandbox's .41-.43, which the README's sandbox test
-        # (run beside the e2e tests, after the unit tests: scripts/test) needs.
-        started, booted = sandbox.boot(directory, 3, address_base=SERVING_ADDRESS_BASE)
+        started, booted = sandbox.boot(directory, 3)
         hosts.extend(booted)
         applied = orch("apply", started.cluster_file, "--yes", known_hosts=started.known_hosts)
         assert applied.returncode == 0, applied.output
