@@ -75,7 +75,7 @@ def node_preflight(facts: HostFacts, python: Interpreter | None,
     if model_files is not None and model_files.directory in facts.disk:
         disk = facts.disk[model_files.directory]
         needed = model_files.bytes_to_fetch(facts)
-        placed = sum(model_files.manifest.files[rel].size for rel in model_files.needed)
+        placed = model_files.manifest.bytes_of(model_files.needed)
         free, volume = disk.free_bytes, disk.volume
     return NodePreflight(
         host=facts.host, macos=facts.macos_version,

@@ -89,7 +89,7 @@ class ModelFiles:
 
     def bytes_to_fetch(self, facts: HostFacts) -> int:
         """Bytes of the needed files this host does not hold verified: the disk it needs."""
-        return sum(self.manifest.files[rel].size for rel in self.needed - self.verified(facts))
+        return self.manifest.bytes_of(self.needed - self.verified(facts))
 
     def verified(self, facts: HostFacts) -> frozenset[str]:
         """The revision's files this host holds verified (needed or not): what it can serve."""
