@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-import orchestrator.simulator as simulator
 from orchestrator.agent.facts import rdma_devices
 from orchestrator.config import Cluster, Host, ModelSpec, PlacementSpec, Runtime, load_cluster
 from orchestrator.errors import ActionFailed, ConfigError, PlanError
@@ -22,6 +21,7 @@ from orchestrator.plan.backend import backend_problems, check_backend
 from orchestrator.resources.files import File
 from orchestrator.resources.launchd import LaunchdService
 from orchestrator.resources.worker import WorkerSettings, worker_config, worker_resources
+from orchestrator.simulator.hosts import MACOS_DIR, STANDIN_SUPPORT
 from tests.fixtures.facts import HOME, host_facts
 from tests.unit.serving.helpers import files, placement
 
@@ -233,7 +233,8 @@ def test_the_agent_reads_the_ibv_devices_stand_in_as_mlx_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    shutil.copy(Path(simulator.__file__).parent / "macos" / "ibv_devices", bin_dir)
+    for name in ("ibv_devices", STANDIN_SUPPORT):  # installed as a simulated host has it
+        shutil.copy(MACOS_DIR / name, bin_dir)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("ORCH_HOST_ROOT", str(tmp_path))
     for devices, expected in ((["rdma_en2", "rdma_en3"], ["rdma_en2", "rdma_en3"]),
