@@ -52,8 +52,8 @@ def load_transfer() -> Any:
 SYNC_STATE = "sync"  # ~/.orch/sync: which run serves on which port, and stop requests
 
 
-HEARTBEAT_S = 2.0  # `serve` and `fetch` write a blank line this often; a failed write means
-# no controller
+# `serve` and `fetch` write a blank line this often; a failed write means no controller.
+HEARTBEAT_S = 2.0
 HANGUP_EXIT = 75  # the status of a `fetch` that ended because its controller was gone
 
 
