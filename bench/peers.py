@@ -99,7 +99,8 @@ def settled_hosts_cpu(hosts: list[RunningHost], timeout: float = 15.0) -> float:
 
 
 def standins_cpu(hosts: list[RunningHost]) -> float:
-    """CPU seconds the hosts' macOS stand-ins reported so far (see `account` in each)."""
+    """CPU seconds the hosts' macOS stand-ins reported so far (orchestrator/simulator/macos/
+    standin_cpu.py)."""
     total = 0.0
     for host in hosts:
         for line in (host.root / "log" / "standins.cpu").read_text().splitlines():
