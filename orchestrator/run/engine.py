@@ -98,10 +98,30 @@ async def gather_facts(
 
     async def facts_of(conn: Connection) -> HostFacts:
         request = requests[conn.name]
-        raw = await conn.agent("facts", {**request.to_json(), "read_only": read_only})
+        raw = await conn.agent("facts", facts_request(request, read_only=read_only))
         return parse_facts(conn.name, raw, request)
 
     return await for_each_host(conns, facts_of, concurrency)
+
+
+def facts_request(request: FactRequest, *, read_only: bool) -> dict[str, object]:
+    """The agent's `facts` request for `request` (what its JSON is, in one place)."""
+    return {**request.to_json(), "read_only": read_only}
+
+
+def parsed_facts(conns: Mapping[str, Connection | HostError],
+                 answers: Mapping[str, Mapping[str, object] | HostError],
+                 requests: Mapping[str, FactRequest]) -> dict[str, HostFacts | HostError]:
+    """Facts answers read elsewhere (with the lock), checked as `gather_facts` checks its own."""
+    facts: dict[str, HostFacts | HostError] = {}
+    for name, conn in conns.items():
+        answer = conn if isinstance(conn, HostError) else answers[name]
+        try:
+            facts[name] = answer if isinstance(answer, HostError) else \
+                parse_facts(name, answer, requests[name])
+        except HostError as exc:
+            facts[name] = exc
+    return facts
 
 
 @dataclass(frozen=True)
@@ -113,28 +133,49 @@ class Prepared:
     plan: Plan
 
 
-async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                  options: RunOptions, *, read_only: bool,
-                  intent: Intent | None = None) -> Prepared:
-    """Placement (offline), facts (one agent call per host), then the plan as data.
+@dataclass(frozen=True)
+class FirstAsk:
+    """What a run asks every host before it knows their facts: the placement, the nodes that
+    serve it, and each host's facts request (built from the desired state with "~" for
+    HOME, which asks for the same paths; the wheelhouse as a directory listing, whatever its
+    wheels turn out to be). The ranks' jobs and status files are in it, so a converged
+    serving cluster plans in one round trip per host."""
 
-    A serving node's worker needs its HOME, OS and Python, which only facts give: the fact
-    request is built from the desired state with "~" for HOME, which asks for the same paths
-    (the wheelhouse is asked for as a directory listing, whatever its wheels turn out to be),
-    and the desired state is rebuilt once facts are in. The ranks' jobs and status files come
-    in the same call, so a converged serving cluster plans in one round trip per host.
+    intent: Intent
+    nodes: Sequence[str]
+    requests: Mapping[str, FactRequest]
 
-    A read-only run never downloads: without the wheelhouse in this controller's cache, each
-    serving host's plan is the download (`with_pending_wheelhouse`), which apply does first.
-    `intent`, when the caller has placed the model already, is used as it is.
-    """
+
+async def first_ask(cluster: Cluster, intent: Intent | None = None) -> FirstAsk:
+    """Placement (offline; `intent` when the caller placed the model already), then the
+    fact requests it implies."""
     if intent is None:
         intent = await asyncio.to_thread(resolve_intent, cluster)
     nodes = serving_nodes(cluster, intent)
-    sketch = desired_state(cluster, intent, nodes)
-    asked = host_requests(cluster, intent, sketch)
-    facts = await gather_facts(conns, {n: asked[n] for n in conns}, options.ssh.concurrency,
-                               read_only=read_only)
+    return FirstAsk(intent, nodes, host_requests(cluster, intent,
+                                                 desired_state(cluster, intent, nodes)))
+
+
+async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
+                  options: RunOptions, *, read_only: bool,
+                  intent: Intent | None = None) -> Prepared:
+    """Placement, facts (one agent call per host), then the plan as data (`planned`)."""
+    ask = await first_ask(cluster, intent)
+    facts = await gather_facts(conns, {n: ask.requests[n] for n in conns},
+                               options.ssh.concurrency, read_only=read_only)
+    return await planned(cluster, conns, options, ask, facts, read_only=read_only)
+
+
+async def planned(cluster: Cluster, conns: Mapping[str, Connection | HostError],
+                  options: RunOptions, ask: FirstAsk,
+                  facts: Mapping[str, HostFacts | HostError], *, read_only: bool) -> Prepared:
+    """The plan from the first facts: the desired state is rebuilt once facts are in (a
+    serving node's worker needs its HOME, OS and Python, which only facts give).
+
+    A read-only run never downloads: without the wheelhouse in this controller's cache, each
+    serving host's plan is the download (`with_pending_wheelhouse`), which apply does first.
+    """
+    intent, nodes = ask.intent, ask.nodes
     wheelhouse: Wheelhouse | NodePlatform | None = None
     # Refused before any change: a node with no Python for the venv (or none for the agent).
     pythons: dict[str, Interpreter] = check_python(
@@ -143,8 +184,8 @@ async def prepare(cluster: Cluster, conns: Mapping[str, Connection | HostError],
         wheelhouse = await _wheelhouse(cluster, nodes, facts, pythons, download=not read_only)
     built = wheelhouse if isinstance(wheelhouse, Wheelhouse) else None
     desired = desired_state(cluster, intent, nodes, facts, built, pythons)
-    facts = await _complete_facts(conns, asked, host_requests(cluster, intent, desired), facts,
-                                  options, read_only=read_only)
+    facts = await _complete_facts(conns, ask.requests, host_requests(cluster, intent, desired),
+                                  facts, options, read_only=read_only)
     pending = wheelhouse if isinstance(wheelhouse, NodePlatform) else None
     result = plan_cluster(cluster, intent, desired, facts, pending_wheelhouse=pending)
     check_disk(desired, facts)  # before any change, or never
@@ -296,13 +337,19 @@ async def apply(
     """
     hosts = selected_hosts(cluster, options.limit)
     async with connected(cluster, hosts, options.ssh) as conns:
+        ask = await first_ask(cluster, intent)  # offline: nothing is locked yet
         lock = ClusterLock(cluster.name, cluster.runtime.dir, new_holder(command),
                            cluster_file=str(cluster.file), concurrency=options.ssh.concurrency)
-        await lock.acquire(conns)  # raises having released what it took
+        # Each host's facts travel with its lock (one round trip); raises having released
+        # what it took.
+        answers = await lock.acquire(conns, facts={
+            n: facts_request(ask.requests[n], read_only=False)
+            for n, c in conns.items() if not isinstance(c, HostError)})
         try:
-            current, report = await _locked_apply(cluster, conns, options, saved=saved,
-                                                  serial=serial, fail_fast=fail_fast,
-                                                  only=only, intent=intent)
+            facts = parsed_facts(conns, answers, ask.requests)
+            current, report = await _locked_apply(cluster, conns, options, ask, facts,
+                                                  saved=saved, serial=serial,
+                                                  fail_fast=fail_fast, only=only)
         except BaseException:
             await lock.release()  # what it cannot release is logged with the unlock command
             raise
@@ -312,12 +359,12 @@ async def apply(
 
 
 async def _locked_apply(cluster: Cluster, conns: Mapping[str, Connection | HostError],
-                        options: RunOptions, *, saved: Plan | None, serial: int | None,
-                        fail_fast: bool,
-                        only: Callable[[str, Change], bool] | None,
-                        intent: Intent | None) -> tuple[Plan, ApplyReport]:
+                        options: RunOptions, ask: FirstAsk,
+                        facts: Mapping[str, HostFacts | HostError], *, saved: Plan | None,
+                        serial: int | None, fail_fast: bool,
+                        only: Callable[[str, Change], bool] | None) -> tuple[Plan, ApplyReport]:
     """Plan (or check a saved plan), apply and verify, with the cluster lock held."""
-    prepared = await prepare(cluster, conns, options, read_only=False, intent=intent)
+    prepared = await planned(cluster, conns, options, ask, facts, read_only=False)
     current = prepared.plan
     if saved is not None:
         _check_saved(saved, current)

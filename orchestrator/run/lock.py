@@ -20,6 +20,13 @@ What this does not promise: two runs whose host sets start at different hosts (d
 `--limit`s, or a first host one run cannot reach) have different gates, and may then both be
 refused (never both admitted: a host they share is held by at most one). Rerunning settles it.
 
+Why facts ride with the lock. A run reads every host's facts right after locking it, so the
+lock request and the facts request travel as one agent batch (`acquire(conns, facts=...)`): one
+round trip per host instead of two, and no host waits for the slowest one's lock before its
+facts are read. Facts are read-only, so reading them on a host that then refuses the lock costs
+only that host's time; a facts failure is that host's own error (as a facts call's would be)
+and does not refuse the lock.
+
 Release is concurrent too, and never raises: a host that cannot be reached (or whose agent
 fails) is returned with the reason, so the caller can still report what the run did and print
 `orch unlock --force NONCE CLUSTER` for the lock left behind.
@@ -39,7 +46,7 @@ from typing import Any
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable, LockHeld
-from orchestrator.executor import Connection, for_each_host
+from orchestrator.executor import AgentStep, Connection, StepState, for_each_host
 
 log = structlog.get_logger(__name__)
 
@@ -97,8 +104,14 @@ class ClusterLock:
         """The command that removes this run's lock wherever it was left."""
         return unlock_command(self.holder.nonce, self.cluster_file)
 
-    async def acquire(self, conns: Mapping[str, Connection | HostError]) -> None:
+    async def acquire(
+        self, conns: Mapping[str, Connection | HostError], *,
+        facts: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> dict[str, dict[str, Any] | HostError]:
         """Hold the lock on every reachable host, or raise having released all of it.
+
+        `facts`, each host's `facts` request, goes in the same message as that host's lock;
+        the answers are returned (a failed one as that host's ActionFailed).
 
         Raises LockHeld (another run holds it somewhere), HostUnreachable (a host was lost
         while locking: it may hold this run's lock) or ActionFailed (a host could not create
@@ -107,17 +120,25 @@ class ClusterLock:
         """
         live = sorted(((n, c) for n, c in conns.items() if not isinstance(c, HostError)),
                       key=lambda item: item[0])
+        gathered: dict[str, dict[str, Any] | HostError] = {}
         if not live:
-            return
+            return gathered
+
+        async def take(conn: Connection) -> Holder | None:
+            if facts is None:
+                return await self._take(conn)
+            holder, gathered[conn.name] = await self._take_with_facts(conn, facts[conn.name])
+            return holder
+
         try:
             (first, gate), rest = live[0], dict(live[1:])
             answers: dict[str, Holder | HostError | None] = {}
             try:
-                answers[first] = await self._take(gate)
+                answers[first] = await take(gate)
             except HostError as exc:
                 answers[first] = exc
             if answers[first] is None:  # through the gate: a race over these hosts is won
-                answers.update(await for_each_host(rest, self._take, self.concurrency))
+                answers.update(await for_each_host(rest, take, self.concurrency))
         except BaseException:  # a bug or an interrupt: never leave what we took behind
             await self.release()
             raise
@@ -126,14 +147,31 @@ class ClusterLock:
         if not refused and not failed:
             log.info("lock_acquired", path=self.path, hosts=len(self.held),
                      nonce=self.holder.nonce)
-            return
+            return gathered
         left = await self.release()
         raise self._refusal(refused, failed, left)
 
     async def _take(self, conn: Connection) -> Holder | None:
         """None when taken; the holder when another run holds this host's copy."""
-        answer = await conn.agent("lock_acquire", {"path": self.path,
-                                                   "holder": self.holder.to_json()})
+        return self._taken(conn, await conn.agent("lock_acquire", self._request()))
+
+    async def _take_with_facts(
+        self, conn: Connection, facts: Mapping[str, Any]
+    ) -> tuple[Holder | None, dict[str, Any] | HostError]:
+        """`_take`, and the facts answer from the same message (its failure as a value)."""
+        lock, read = await conn.agent_batch([AgentStep("lock_acquire", self._request()),
+                                             AgentStep("facts", facts)])
+        if lock.state is not StepState.OK or lock.response is None:
+            raise ActionFailed(conn.name, f"agent lock_acquire failed: {lock.error}")
+        holder = self._taken(conn, lock.response)
+        if read.state is StepState.OK and read.response is not None:
+            return holder, dict(read.response)
+        return holder, ActionFailed(conn.name, f"agent facts failed: {read.error}")
+
+    def _request(self) -> dict[str, Any]:
+        return {"path": self.path, "holder": self.holder.to_json()}
+
+    def _taken(self, conn: Connection, answer: Mapping[str, Any]) -> Holder | None:
         if answer["acquired"]:
             self.held[conn.name] = conn
             return None

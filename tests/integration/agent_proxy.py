@@ -2,9 +2,10 @@
 
 Since the agent serves a whole run on one channel (framed requests on stdin), a wrapper can no
 longer tell ops apart by its argv; this one reads the frames as they pass. Before forwarding a
-``lock_acquire``/``lock_release`` request it waits (``--delay`` seconds, or ``random``: 0-0.25 s)
-and, for an acquire, touches ``--touch`` under HOME; it logs ``HOME op start end`` to ``--log``
-when the answer comes back. One-shot calls (the op in argv) are handled the same way.
+``lock_acquire``/``lock_release`` request (or a batch that starts with one: an apply's lock and
+facts) it waits (``--delay`` seconds, or ``random``: 0-0.25 s) and, for an acquire, touches
+``--touch`` under HOME; it logs ``HOME op start end`` to ``--log`` when the answer comes back.
+One-shot calls (the op in argv) are handled the same way.
 
 Usage (as the first line of a shell wrapper): ``agent_proxy.py [options] -- <python argv>``.
 """
@@ -26,6 +27,19 @@ from orchestrator.agent.protocol import HEADER as REQUEST
 from orchestrator.agent.protocol import read_exact
 
 LOCK_OPS = ("lock_acquire", "lock_release")
+
+
+def lock_op(frame: dict[str, object]) -> str:
+    """The frame's op; a batch that starts with a lock op (an apply's lock and facts travel
+    together) counts as that lock op."""
+    op = str(frame.get("op"))
+    request = frame.get("request")
+    if op == "batch" and isinstance(request, dict):
+        steps = request.get("steps")
+        if isinstance(steps, list) and steps and isinstance(steps[0], dict) \
+                and steps[0].get("op") in LOCK_OPS:
+            return str(steps[0]["op"])
+    return op
 
 
 class Watch:
@@ -87,7 +101,7 @@ def main() -> int:
     while head := read_exact(inp, REQUEST.size):
         header_size, payload_size = REQUEST.unpack(head)
         raw = read_exact(inp, header_size)
-        watch.before(str(json.loads(raw).get("op")))
+        watch.before(lock_op(json.loads(raw)))
         child.stdin.write(head + raw + read_exact(inp, payload_size))
         child.stdin.flush()
     child.stdin.close()

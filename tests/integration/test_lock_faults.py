@@ -244,8 +244,12 @@ async def connect(hosts: Sequence[RunningHost], python: Path) -> dict[str, Conne
     return live
 
 
+FACTS = {"files": ["~/.orch"], "read_only": False}  # a facts request that rides with a lock
+
+
+@pytest.mark.parametrize("with_facts", [False, True], ids=["lock", "lock-and-facts"])
 def test_lock_takes_the_first_host_alone_then_the_others_at_once(
-    test_hosts: list[RunningHost], tmp_path: Path
+    test_hosts: list[RunningHost], tmp_path: Path, with_facts: bool
 ) -> None:
     log = tmp_path / "calls.log"
     python = proxy(tmp_path / "slow-python", delay="1", log=log)
@@ -255,8 +259,15 @@ def test_lock_takes_the_first_host_alone_then_the_others_at_once(
         try:
             lock = ClusterLock("parallel", ".orch", new_holder("test"))
             began = time.monotonic()
-            await lock.acquire(conns)
+            facts = dict.fromkeys(conns, FACTS) if with_facts else None
+            answers = await lock.acquire(conns, facts=facts)
             assert all(lock_dir(h, "parallel").is_dir() for h in test_hosts)
+            if with_facts:  # every host's facts came back with its lock, in the same message
+                assert sorted(answers) == sorted(conns), answers
+                assert all(a["files"]["~/.orch"]["kind"] == "dir" for a in answers.values()
+                           if isinstance(a, dict)), answers
+            else:
+                assert answers == {}
             assert not await lock.release()  # nothing left behind
             return time.monotonic() - began
         finally:
@@ -281,8 +292,9 @@ def test_lock_takes_the_first_host_alone_then_the_others_at_once(
     print(f"acquire + release with 1 s per lock call on {len(test_hosts)} hosts: {elapsed:.2f} s")
 
 
+@pytest.mark.parametrize("with_facts", [False, True], ids=["lock", "lock-and-facts"])
 def test_of_two_racing_runs_exactly_one_wins(
-    test_hosts: list[RunningHost], tmp_path: Path
+    test_hosts: list[RunningHost], tmp_path: Path, with_facts: bool
 ) -> None:
     # Each agent call waits 0-0.25 s at random: racing runs reach the hosts in random order,
     # which is what would let two runs each win some hosts without the first-host gate.
@@ -294,10 +306,13 @@ def test_of_two_racing_runs_exactly_one_wins(
         try:
             for _ in range(8):
                 runs = [ClusterLock("race", ".orch", new_holder(f"run {i}")) for i in (0, 1)]
-                results = await asyncio.gather(runs[0].acquire(a), runs[1].acquire(b),
+                facts = dict.fromkeys(a, FACTS) if with_facts else None
+                results = await asyncio.gather(runs[0].acquire(a, facts=facts),
+                                               runs[1].acquire(b, facts=facts),
                                                return_exceptions=True)
-                won = [r for r, res in zip(runs, results, strict=True) if res is None]
-                lost = [res for res in results if res is not None]
+                won = [r for r, res in zip(runs, results, strict=True)
+                       if not isinstance(res, BaseException)]
+                lost = [res for res in results if isinstance(res, BaseException)]
                 outcomes.append(f"{len(won)} won")
                 assert len(won) == 1 and len(lost) == 1, results
                 assert isinstance(lost[0], LockHeld), lost[0]
