@@ -35,6 +35,7 @@ from orchestrator.resources.files import Directory, File
 from orchestrator.resources.interpreter import choose_python
 from orchestrator.resources.loaded_job import LoadedJob
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
+from orchestrator.resources.sysctl import Sysctl
 from orchestrator.resources.sysctl_setting import SysctlSetting
 from orchestrator.resources.wheelhouse import Wheelhouse
 from orchestrator.resources.worker import WorkerSettings, model_inputs, worker_resources
@@ -91,6 +92,14 @@ def _task_error(task: Task, message: str) -> ConfigError:
     file, _, line = task.origin.rpartition(":")
     return ConfigError([Diagnostic(Path(file), int(line) if line.isdigit() else 1, 1,
                                    f"task {task.name!r}: {message}")])
+
+
+def check_not_orchs(task: Task, resource: Resource, own_sysctls: set[str], host: str) -> None:
+    """A `sysctl` task for a setting orch itself sets on this node (the wired limit its share
+    of the model needs) is refused: two owners of one value would undo each other."""
+    if isinstance(resource, SysctlSetting) and resource.name in own_sysctls:
+        raise _task_error(task, f"orch sets {resource.name} itself on {host}, whose share of "
+                                "the model needs it; expected no task for it on that node")
 
 
 def _job_label(task: Task, action: LaunchdTask, content: bytes | None) -> str:
@@ -176,10 +185,12 @@ def desired_state(
             # A cluster that serves no model installs no Python environment (issue #14): its
             # hosts get their tasks only, and nothing another cluster's workers use.
             written: dict[str, bytes] = {}
+            own_sysctls = {r.name for r in resources if isinstance(r, Sysctl)}
             for task in cluster.tasks:
                 if not _targets(task, cluster, host):
                     continue
                 resource = task_resource(task, cluster, host, written)
+                check_not_orchs(task, resource, own_sysctls, name)
                 resources.append(resource)
                 if isinstance(resource, File):
                     written[resource.path] = resource.content.encode()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import load_cluster
+from orchestrator.config import SysctlTask, Task, load_cluster
 from orchestrator.errors import ConfigError
 from orchestrator.facts import LaunchdRef
 from orchestrator.placement.intent import Intent
 from orchestrator.plan.core import fact_request
-from orchestrator.plan.desired import desired_state
+from orchestrator.plan.desired import check_not_orchs, desired_state
 from orchestrator.resources.loaded_job import LoadedJob
 from orchestrator.resources.sysctl_setting import SysctlSetting
 
@@ -83,3 +83,14 @@ def test_persist_is_another_resource_so_switching_it_removes_the_daemon(tmp_path
     assert on == [SysctlSetting("kern.maxfiles", "1", True, "~/.orch/system")]
     assert [r.id for r in off + on] == [  # type: ignore[attr-defined]
         "sysctl:kern.maxfiles", "sysctl-persisted:kern.maxfiles"]
+
+
+def test_a_task_for_the_wired_limit_orch_sets_itself_is_refused() -> None:
+    task = Task("wired", SysctlTask("iogpu.wired_limit_mb", "49152"), origin="/c.yml:9")
+    setting = SysctlSetting("iogpu.wired_limit_mb", "49152")
+    check_not_orchs(task, setting, set(), "mac1")  # nothing of orch's: fine
+    check_not_orchs(task, setting, {"kern.maxfiles"}, "mac1")
+    with pytest.raises(ConfigError) as caught:
+        check_not_orchs(task, setting, {"iogpu.wired_limit_mb"}, "mac1")
+    assert str(caught.value).startswith(
+        "/c.yml:9:1: task 'wired': orch sets iogpu.wired_limit_mb itself on mac1")
