@@ -7,10 +7,17 @@ N simulated Macs (real OpenSSH sshd on 127.0.1.x, the stand-in launchctl and sys
 converge written once per tool as its users write it (`bench/peers_workload/`: orch's
 cluster.yml, pyinfra's deploy.py, Ansible's playbook.yml): 5 directories, 3 templates (one is
 a launchd plist), the `iogpu.wired_limit_mb` sysctl through sudo, and the service bootstrapped
-into launchd. No model. Each tool runs as its CLI, as a user runs it, every host in parallel
-(orch --concurrency N, pyinfra --parallel N, Ansible forks = N). Ansible is tuned the usual way:
-pipelining, ControlMaster/ControlPersist, gather_facts off; every tool's SSH uses the same
-curve25519 key exchange (what the simulated Mac's own ssh_argv uses).
+into launchd. No model. orch writes the last two as its `sysctl:` and `launchd:` tasks (read in
+its one facts call, not persisted: the others do not persist the sysctl either). pyinfra and
+Ansible keep guarded shell one-liners: pyinfra 3.10's `server.sysctl` works on these hosts (its
+fact runs `sysctl NAME`, which the stand-in answers as macOS does), but with `_sudo=True` its
+fact runs under sudo too, one more process per no-op, so the one-liner is the cheaper pyinfra;
+its `launchd.service` starts and stops a loaded job but does not bootstrap a plist, and
+ansible-core has neither (ansible.posix.sysctl writes /etc/sysctl.conf, community.general's
+launchd is not in ansible-core). Each tool runs as its CLI, as a user runs it, every host in
+parallel (orch --concurrency N, pyinfra --parallel N, Ansible forks = N). Ansible is tuned
+the usual way: pipelining, ControlMaster/ControlPersist, gather_facts off; every tool's SSH
+uses the same curve25519 key exchange (what the simulated Mac's own ssh_argv uses).
 
 Each repetition, for every tool in turn (the order rotates, so no tool always goes first):
 reset the hosts to bare (files, sysctl and the launchd job gone; orch's agent cache kept: the

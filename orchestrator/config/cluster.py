@@ -115,11 +115,29 @@ class DirectoryTask:
 
 
 @dataclass(frozen=True)
+class SysctlTask:
+    name: str
+    value: str  # as `sysctl -n` prints it
+    persist: bool = False
+
+
+@dataclass(frozen=True)
+class LaunchdTask:
+    plist: str
+    domain: Literal["user", "system"] = "user"
+    label: str | None = None  # None: the Label of the plist the cluster writes there
+
+
+TaskAction = (CommandTask | TemplateTask | CopyTask | DirectoryTask | SysctlTask
+              | LaunchdTask)
+
+
+@dataclass(frozen=True)
 class Task:
     """A user's own playbook task, resolved: the template path is absolute."""
 
     name: str
-    action: CommandTask | TemplateTask | CopyTask | DirectoryTask
+    action: TaskAction
     hosts: tuple[str, ...] | None = None  # host or group names; None = every node
     vars: dict[str, Any] = field(default_factory=dict)
     origin: str = ""  # "FILE:LINE" where the task was written, for messages

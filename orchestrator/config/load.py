@@ -20,11 +20,14 @@ from orchestrator.config.cluster import (
     CopyTask,
     DirectoryTask,
     Host,
+    LaunchdTask,
     ModelSpec,
     PlacementSpec,
     Runtime,
     SSHSettings,
+    SysctlTask,
     Task,
+    TaskAction,
     TemplateTask,
 )
 from orchestrator.config.diagnose import validate
@@ -377,6 +380,8 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
             sources.append((loaded[0], ("tasks",), loaded[1].tasks, file.parent))
 
     tasks: list[Task] = []
+    # (where it was written, the task) for each launchd task, checked once every task is read
+    launchd_tasks: list[tuple[Document, DataPath, int, LaunchdTask]] = []
     for task_doc, root, task_list, task_base in sources:
         for i, task in enumerate(task_list):
             path = (*root, i)
@@ -385,7 +390,7 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                     errors.append(task_doc.source.diag(
                         (*path, "hosts", j), f"task target {target!r} is neither a host nor a "
                         "group of the inventory", at_key=False))
-            action: CommandTask | TemplateTask | CopyTask | DirectoryTask
+            action: TaskAction
             mark = task_doc.source.value(path)
             origin = f"{task_doc.source.file}:{mark.line}"
             if task.command is not None:
@@ -409,10 +414,42 @@ def _tasks(spec: models.ClusterFile, doc: Document, base: Path, targets: set[str
                         f"exist (looked for {src}); expected a file or directory relative to "
                         f"{task_doc.source.file.name}", at_key=False))
                 action = CopyTask(src, task.copy_.dest, int(task.copy_.mode, 8))
-            else:
-                assert task.directory is not None
+            elif task.directory is not None:
                 action = DirectoryTask(task.directory.path, int(task.directory.mode, 8))
+            elif task.sysctl is not None:
+                action = SysctlTask(task.sysctl.name, str(task.sysctl.value),
+                                    task.sysctl.persist)
+            else:
+                assert task.launchd is not None
+                action = LaunchdTask(task.launchd.plist, task.launchd.domain,
+                                     task.launchd.label)
+                launchd_tasks.append((task_doc, path, len(tasks), action))
             tasks.append(Task(name=task.name, action=action,
                               hosts=tuple(task.hosts) if task.hosts is not None else None,
                               vars=dict(task.vars), origin=origin))
+    errors.extend(_check_launchd_plists(tasks, launchd_tasks))
     return tuple(tasks)
+
+
+def _check_launchd_plists(tasks: list[Task],
+                          launchd_tasks: list[tuple[Document, DataPath, int, LaunchdTask]],
+                          ) -> list[Diagnostic]:
+    """A launchd task's plist, when the cluster writes it, is written by an earlier task: the
+    plan reloads the job after the write (a write after the load would leave the old job
+    running), and a task without `label` reads it from that plist."""
+    problems: list[Diagnostic] = []
+    for task_doc, path, index, action in launchd_tasks:
+        writers = [i for i, t in enumerate(tasks)
+                   if isinstance(t.action, TemplateTask | CopyTask)
+                   and t.action.dest == action.plist]
+        later = [tasks[i].name for i in writers if i > index]
+        if later:
+            problems.append(task_doc.source.diag(
+                (*path, "launchd", "plist"), f"{action.plist} is written by task "
+                f"{later[0]!r} after this one; expected the task that writes a plist before "
+                "the launchd task that loads it", at_key=False))
+        elif not writers and action.label is None:
+            problems.append(task_doc.source.diag(
+                (*path, "launchd"), f"no `label`, and no earlier template or copy task "
+                f"writes {action.plist} to read it from; expected `label: JOB_LABEL`"))
+    return problems

@@ -195,8 +195,39 @@ class DirectoryTask(_Strict):
     mode: Annotated[str, Field(pattern=r"^0?[0-7]{3,4}$")] = "0755"
 
 
+SYSCTL_NAME = r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_-]+)+$"
+
+
+class SysctlTask(_Strict):
+    """A kernel setting, read in the facts call's one `sysctl` run and written with
+    `sudo -n sysctl -w NAME=VALUE` only when it differs."""
+
+    name: Annotated[str, Field(pattern=SYSCTL_NAME)] = Field(
+        description="the sysctl, e.g. iogpu.wired_limit_mb")
+    value: int | Annotated[str, Field(pattern=r"^[^\n\r]+$")] = Field(
+        description="what `sysctl -n NAME` must print (an integer, or a one-line string)")
+    persist: bool = Field(
+        False, description="also set it at every boot, with a root LaunchDaemon "
+                           "(com.orch.sysctl.NAME); false: until the next reboot, as "
+                           "`sysctl -w` (a reboot shows as drift in `orch plan`)")
+
+
+class LaunchdTask(_Strict):
+    """A launchd job loaded from a plist on the node; reloaded when the plan rewrites it."""
+
+    plist: str = Field(description="the job's plist on the node, e.g. "
+                                   "~/Library/LaunchAgents/com.example.job.plist")
+    domain: Literal["user", "system"] = Field(
+        "user", description="user: user/<uid> (a LaunchAgent); system: a LaunchDaemon, "
+                            "through `sudo -n launchctl`")
+    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = Field(
+        None, description="the job's Label; default: read from the plist, which an earlier "
+                          "template or copy task must then write")
+
+
 class Task(_Strict):
-    """One Ansible-style task: exactly one of `command`, `template`, `copy`, `directory`."""
+    """One Ansible-style task: exactly one of `command`, `template`, `copy`, `directory`,
+    `sysctl`, `launchd`."""
 
     name: str
     hosts: list[HostName] | None = Field(None, description="hosts or groups (default: all nodes)")
@@ -206,15 +237,17 @@ class Task(_Strict):
     template: TemplateTask | None = None
     copy_: CopyTask | None = Field(None, alias="copy")
     directory: DirectoryTask | None = None
+    sysctl: SysctlTask | None = None
+    launchd: LaunchdTask | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Task:
-        kinds = [k for k in ("command", "template", "copy_", "directory")
+        kinds = [k for k in ("command", "template", "copy_", "directory", "sysctl", "launchd")
                  if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("a task needs exactly one of `command`, `template`, `copy`, "
-                             "`directory`")
+                             "`directory`, `sysctl`, `launchd`")
         if (self.creates or self.unless) and self.command is None:
             raise ValueError("`creates` and `unless` guard a `command` task only")
         return self

@@ -7,6 +7,8 @@ plan removes what orch put there earlier (through the managed record).
 
 from __future__ import annotations
 
+import hashlib
+import plistlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,13 @@ from orchestrator.config import (
     CopyTask,
     DirectoryTask,
     Host,
+    LaunchdTask,
+    SysctlTask,
     Task,
     TemplateTask,
 )
 from orchestrator.config.templates import render_template as render_user_template
-from orchestrator.errors import HostError
+from orchestrator.errors import ConfigError, Diagnostic, HostError
 from orchestrator.facts import HostFacts, Interpreter
 from orchestrator.placement.intent import Intent
 from orchestrator.resources.base import Resource
@@ -29,7 +33,10 @@ from orchestrator.resources.command import Command
 from orchestrator.resources.copy import Copy
 from orchestrator.resources.files import Directory, File
 from orchestrator.resources.interpreter import choose_python
+from orchestrator.resources.loaded_job import LoadedJob
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
+from orchestrator.resources.sysctl import Sysctl
+from orchestrator.resources.sysctl_setting import SysctlSetting
 from orchestrator.resources.wheelhouse import Wheelhouse
 from orchestrator.resources.worker import WorkerSettings, model_inputs, worker_resources
 
@@ -57,8 +64,18 @@ def _targets(task: Task, cluster: Cluster, host: Host) -> bool:
     return host.name in task.hosts or any(g in task.hosts for g in host.groups)
 
 
-def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
+def task_resource(task: Task, cluster: Cluster, host: Host,
+                  written: Mapping[str, bytes] | None = None) -> Resource:
+    """The resource a task declares on `host`; `written`: the content earlier tasks write on
+    it, by destination (what a launchd task reads its plist from)."""
     action = task.action
+    if isinstance(action, SysctlTask):
+        return SysctlSetting(action.name, action.value, action.persist,
+                             staging_dir=f"~/{cluster.runtime.dir}/system")
+    if isinstance(action, LaunchdTask):
+        content = (written or {}).get(action.plist)
+        return LoadedJob(_job_label(task, action, content), action.plist, action.domain,
+                         None if content is None else hashlib.sha256(content).hexdigest())
     if isinstance(action, CommandTask):
         return Command(task.name, action.argv, action.creates, action.unless)
     if isinstance(action, TemplateTask):
@@ -69,6 +86,42 @@ def task_resource(task: Task, cluster: Cluster, host: Host) -> Resource:
         return Copy.of(action.src, action.dest, action.mode)
     assert isinstance(action, DirectoryTask)
     return Directory(action.path, action.mode)
+
+
+def _task_error(task: Task, message: str) -> ConfigError:
+    file, _, line = task.origin.rpartition(":")
+    return ConfigError([Diagnostic(Path(file), int(line) if line.isdigit() else 1, 1,
+                                   f"task {task.name!r}: {message}")])
+
+
+def check_not_orchs(task: Task, resource: Resource, own_sysctls: set[str], host: str) -> None:
+    """A `sysctl` task for a setting orch itself sets on this node (the wired limit its share
+    of the model needs) is refused: two owners of one value would undo each other."""
+    if isinstance(resource, SysctlSetting) and resource.name in own_sysctls:
+        raise _task_error(task, f"orch sets {resource.name} itself on {host}, whose share of "
+                                "the model needs it; expected no task for it on that node")
+
+
+def _job_label(task: Task, action: LaunchdTask, content: bytes | None) -> str:
+    """The given label, else the plist's own: launchd knows a job by the Label inside it, so
+    a label given beside a plist that says otherwise would name a job that never loads."""
+    if content is None:
+        if action.label is None:  # load_cluster requires a writer; this host has none
+            raise _task_error(task, f"no task writes {action.plist} on this host to read the "
+                                    "job's Label from; expected `label:`")
+        return action.label
+    try:
+        label = plistlib.loads(content).get("Label")
+    except (plistlib.InvalidFileException, ValueError, AttributeError) as exc:
+        raise _task_error(task, f"{action.plist} as the cluster writes it is not a plist "
+                                f"dictionary ({exc})") from None
+    if not isinstance(label, str) or not label or "/" in label:
+        raise _task_error(task, f"{action.plist} as the cluster writes it has no usable "
+                                f"Label ({label!r})")
+    if action.label is not None and action.label != label:
+        raise _task_error(task, f"label {action.label!r}, but {action.plist} says Label "
+                                f"{label!r}; expected them equal (launchd loads the plist's)")
+    return label
 
 
 def serving_nodes(cluster: Cluster, intent: Intent) -> list[str]:
@@ -131,7 +184,17 @@ def desired_state(
                     python=python.path if python else None)
             # A cluster that serves no model installs no Python environment (issue #14): its
             # hosts get their tasks only, and nothing another cluster's workers use.
-            resources.extend(task_resource(t, cluster, host) for t in cluster.tasks
-                             if _targets(t, cluster, host))
+            written: dict[str, bytes] = {}
+            own_sysctls = {r.name for r in resources if isinstance(r, Sysctl)}
+            for task in cluster.tasks:
+                if not _targets(task, cluster, host):
+                    continue
+                resource = task_resource(task, cluster, host, written)
+                check_not_orchs(task, resource, own_sysctls, name)
+                resources.append(resource)
+                if isinstance(resource, File):
+                    written[resource.path] = resource.content.encode()
+                elif isinstance(resource, Copy) and not resource.directory:
+                    written[resource.dest] = Path(resource.files[0].path).read_bytes()
         result[name] = resources
     return result

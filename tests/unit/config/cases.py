@@ -149,4 +149,25 @@ CASES = [
          "group member 'q' is not a host"),
     Case("repo-malformed", _c(cluster_yml=CLUSTER.replace(
         "repo: mlx-community/tiny", "repo: »not a repo")), "should match pattern", schema=True),
+    Case("sysctl-value-bool", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    sysctl: "
+                                 "{name: iogpu.wired_limit_mb, value: »true}\n"),
+         "expected an integer, got bool True", schema=True),
+    Case("sysctl-name-not-a-sysctl", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n"
+                                        "    sysctl: {name: »-w, value: 1}\n"),
+         "should match pattern", schema=True),
+    Case("sysctl-key-misspelt", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    sysctl: "
+                                   "{name: kern.maxfiles, value: 1, »persistent: true}\n"),
+         "did you mean 'persist'", schema=True),
+    Case("launchd-domain-gui", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n    launchd: "
+                                  "{plist: a.plist, label: a, domain: »gui}\n"),
+         "'user' or 'system'", schema=True),
+    Case("launchd-no-label", _c(cluster_yml=CLUSTER + "tasks:\n  - name: t\n"
+                                "    »launchd: {plist: ~/Library/LaunchAgents/a.plist}\n"),
+         "no `label`, and no earlier template or copy task writes"),
+    Case("launchd-plist-written-after", _c(
+        cluster_yml=CLUSTER + "tasks:\n  - name: job\n"
+        "    launchd: {plist: »~/a.plist, label: a}\n"
+        "  - name: its plist\n    template: {src: motd.j2, dest: ~/a.plist}\n",
+        motd_j2="x\n"),
+         "is written by task 'its plist' after this one"),
 ]
