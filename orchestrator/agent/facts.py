@@ -14,12 +14,9 @@ import pwd
 import re
 import stat
 import sys
-from typing import IO, Any
 
 from .common import (
     AgentError,
-    Request,
-    Response,
     capture,
     check_argv,
     expand,
@@ -32,6 +29,12 @@ from .common import (
 )
 from .hashcache import HashCache
 from .managed import record_path
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def file_fact(path: str, cache: HashCache) -> dict[str, Any]:

@@ -13,9 +13,14 @@ from __future__ import annotations
 # ruff: noqa: PTH118, PTH120
 import os
 import re
-from typing import IO, Any
 
-from .common import AgentError, Request, Response, dump_json_atomic, fields, orch_dir
+from .common import AgentError, dump_json_atomic, fields, orch_dir
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def state_dir(directory: Any) -> str:

@@ -37,12 +37,17 @@ import os
 import select
 import struct
 import sys
-from collections.abc import Callable
-from typing import IO, Any
 
-from .common import CHUNK, AgentError, Request, Response, fields, own_version
+from .common import CHUNK, AgentError, fields, own_version
 
-Op = Callable[[Request, IO[bytes]], Response]
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import IO, Any
+
+    from .common import Request, Response
+
+    Op = Callable[[Request, IO[bytes]], Response]
 
 HEADER = struct.Struct(">II")  # a request frame: header length, payload length
 BODY = struct.Struct(">I")  # a response frame: body length
@@ -181,7 +186,9 @@ def read_exact(stream: IO[bytes], size: int) -> bytes:
 
 
 def write_frame(out: IO[bytes], value: Response) -> None:
-    body = json.dumps(value, sort_keys=True).encode("ascii")
+    # json.dumps escapes every non-ASCII character, so this is ASCII; "utf-8" is the codec
+    # the interpreter has loaded already ("ascii" would import encodings.ascii at every start).
+    body = json.dumps(value, sort_keys=True).encode("utf-8")
     out.write(BODY.pack(len(body)) + body)
     out.flush()
 
