@@ -1,0 +1,162 @@
+"""What an agent start costs the node: a no-op session imports only what it uses.
+
+A no-op apply starts one agent per host (facts, lock, unlock over one session); every stdlib
+module it imports is CPU on the node at every run. These tests run the compiled agent exactly as
+RUN_SCRIPT starts it (its -c bootstrap, bytecode, -I -S -B), with ``-X importtime`` to list what
+was imported, and check the os-only stand-ins for shutil.which and tempfile.mkstemp against the
+originals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.agent import agent_file_id, agent_source_hash
+from orchestrator.agent.common import temp_beside, which_on
+from orchestrator.executor import LocalConnection
+from orchestrator.executor.agentcall import DIR_BOOTSTRAP, RUN_SCRIPT
+
+# Imported by the agent before (runpy, typing, hashlib, shutil, tempfile at every start) and
+# used by no op of a no-op run's session.
+NOT_FOR_A_NO_OP = ("runpy", "importlib.util", "typing", "hashlib", "shutil", "tempfile",
+                   "random", "bz2", "lzma", "orch_agent.files", "orch_agent.command",
+                   "orch_agent.launchd", "orch_agent.peer", "orch_agent.transfer")
+FAKE_SYSCTL = "#!/bin/sh\nprintf 'hw.memsize: 68719476736\\nkern.osproductversion: 14.5\\n'\n"
+
+
+def python_for(version: str) -> str:
+    if version == "this":
+        return sys.executable
+    found = sorted(Path("~/.pyenv/versions").expanduser().glob(f"{version}.*/bin/python"))
+    python = str(found[0]) if found else shutil.which(f"python{version}") or ""
+    assert python, f"no python{version} on this machine (a stock Mac runs the agent on 3.9)"
+    return python
+
+
+def frame(op: str, request: dict[str, Any]) -> bytes:
+    header = json.dumps({"op": op, "request": request}).encode()
+    return struct.pack(">II", len(header), 0) + header
+
+
+def answers(out: bytes) -> list[dict[str, Any]]:
+    found, pos = [], 0
+    while pos < len(out):
+        (size,) = struct.unpack(">I", out[pos : pos + 4])
+        found.append(json.loads(out[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+    return found
+
+
+@pytest.mark.parametrize("version", ["3.9", "this"])
+def test_a_no_op_session_imports_only_what_it_uses(tmp_path: Path, version: str) -> None:
+    python = python_for(version)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    async def upload() -> None:  # as a first run does: upload, unpack, compile
+        conn = LocalConnection(home, name="n1", agent_python=python)
+        try:
+            await conn.agent("facts", {})
+        finally:
+            await conn.close()
+
+    asyncio.run(upload())
+    unpacked = home / ".orch" / "agent" / agent_file_id()
+    assert (unpacked / "VERSION").read_text() == agent_source_hash() + "\n"
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "sysctl").write_text(FAKE_SYSCTL)
+    (tools / "sysctl").chmod(0o755)
+    (home / "conf").write_text("x")
+    os.utime(home / "conf", (1e9, 1e9))  # converged long ago: the hash cache vouches for it
+    no_op = [
+        frame("facts", {"files": ["~/conf", "~/missing"], "guards": [
+            {"id": "g", "argv": ["sh", "-c", "exit 3"]}], "cluster": "c"}),
+        frame("lock_acquire", {"path": "~/.orch/lock", "holder": {"nonce": "n", "who": "t"}}),
+        frame("lock_release", {"path": "~/.orch/lock", "nonce": "n"}),
+    ]
+    env = {"HOME": str(home), "PATH": f"{tools}:/usr/bin:/bin"}
+    for _ in range(2):  # the second: with the hash cache the first one saved
+        proc = subprocess.run(
+            [python, "-I", "-S", "-B", "-X", "importtime", "-c", DIR_BOOTSTRAP, str(unpacked),
+             "session"],
+            input=b"".join(no_op), capture_output=True, env=env, cwd=home, check=True)
+    hello, facts, acquired, released = answers(proc.stdout)
+    assert hello["version"] == facts["agent"]["version"] == agent_source_hash()
+    assert facts["memory_bytes"] == 68719476736 and facts["guards"] == {"g": 3}
+    assert facts["counters"]["hash_cache_hits"] == 1 and facts["counters"]["files_hashed"] == 0
+    assert acquired["acquired"] and released == {"released": True}
+    assert not (home / ".orch" / "lock").exists()
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:")}
+    assert "orch_agent.facts" in imported and "orch_agent.lock" in imported  # it did measure
+    assert sorted(imported & set(NOT_FOR_A_NO_OP)) == []
+
+
+def test_run_script_starts_the_compiled_directory_through_the_bootstrap(tmp_path: Path) -> None:
+    """RUN_SCRIPT's sh passes DIR_BOOTSTRAP literally: the agent answers from the directory."""
+    home = tmp_path / "home"
+    home.mkdir()
+
+    async def upload() -> None:
+        conn = LocalConnection(home, name="n1")
+        try:
+            await conn.agent("facts", {})
+        finally:
+            await conn.close()
+
+    asyncio.run(upload())
+    proc = subprocess.run(
+        ["sh", "-c", RUN_SCRIPT, "sh", agent_file_id(), "lock_release", sys.executable],
+        input=b'{"path": "~/no-lock", "nonce": "n"}\n', capture_output=True,
+        env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, check=False)
+    assert (proc.returncode, json.loads(proc.stdout)) == (0, {"released": False}), proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tool", "sub/tool", "./tool", "missing", "dir", "plain"])
+@pytest.mark.parametrize("path", ["", "{bin}", "{bin}:{other}", "{other}:{bin}",
+                                  ":{bin}", "{other}::{bin}", "{bin}:{bin}"])
+def test_which_on_finds_what_shutil_which_finds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, path: str) -> None:
+    for where in ("bin", "other", "sub", "."):
+        directory = tmp_path / where
+        directory.mkdir(exist_ok=True)
+        (directory / "tool").write_text("#!/bin/sh\n")
+        (directory / "tool").chmod(0o755)
+    (tmp_path / "other" / "tool").chmod(0o644)  # not executable: skipped
+    (tmp_path / "bin" / "dir").mkdir()  # a directory is never the tool
+    (tmp_path / "bin" / "plain").write_text("")
+    monkeypatch.chdir(tmp_path)  # an empty PATH entry is the current directory
+    search = path.format(bin=tmp_path / "bin", other=tmp_path / "other")
+    assert which_on(name, search) == shutil.which(name, path=search)
+
+
+def test_which_on_without_path_uses_the_system_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PATH", raising=False)
+    assert which_on("sh", None) == shutil.which("sh") is not None
+
+
+def test_temp_beside_makes_a_private_new_file_each_time(tmp_path: Path) -> None:
+    made = [temp_beside(str(tmp_path)) for _ in range(20)]
+    for fd, path in made:
+        os.close(fd)
+        assert Path(path).parent == tmp_path and Path(path).name.startswith(".orch-")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert len({path for _, path in made}) == 20
+    target = tmp_path / "target"
+    target.write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    fd, path = temp_beside(str(tmp_path))
+    os.close(fd)
+    assert target.read_text() == "mine"  # never opened through a link
