@@ -58,6 +58,7 @@ NODE_MODULES = (
     "managed",
     "peer",
     "protocol",
+    "spawn",
     "transfer",
 )
 STREAM_EXCLUDED = ("transfer",)  # only fetch and serve import it; they never run read-only

@@ -19,7 +19,8 @@ everything a plan needs in one SSH round trip.
 The modules, one concern each: common (request checking, paths, atomic files), hashcache,
 facts, files (write/mkdir/remove/rmdir/read/prune/sizes/install_system), command (``run``),
 launchd, lock, managed (the managed record), peer (fetch/serve; the HTTP code is transfer.py,
-imported only by them), protocol (one-shot, session, batch).
+imported only by them), protocol (one-shot, session, batch), spawn (the facts call's probes,
+without subprocess).
 
 Every path in a request may start with ``~/``; it is expanded with ``$HOME`` on the node.
 Requests are strict: an unknown key is an error, so controller/agent skew fails loudly.

@@ -128,21 +128,15 @@ def capture(argv: list[str], timeout: float = 30.0, *, any_status: bool = False)
     tool = which(argv[0])
     if tool is None:
         return None
-    import subprocess
+    from .spawn import TimedOut, run
 
     try:
-        proc = subprocess.run(
-            [tool, *argv[1:]],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        returncode, out = run([tool, *argv[1:]], timeout, capture=True)
+    except (OSError, TimedOut):
         return None
-    if proc.returncode != 0 and not any_status:
+    if returncode != 0 and not any_status:
         return None
-    return proc.stdout.decode("utf-8", "replace").strip() or None
+    return out.decode("utf-8", "replace").strip() or None
 
 
 def status_of(returncode: int) -> int:
@@ -227,6 +221,17 @@ def dump_json_atomic(path: str, value: Any, mode: int = 0o600) -> bool:
 
 def run_status(argv: list[str], cwd: str | None, env: dict[str, str] | None, timeout: Any) -> int:
     """Exit status of a command whose output nobody reads (127 absent, 124 timed out)."""
+    if cwd is None and env is None:  # a facts probe or guard: no subprocess import (spawn.py)
+        from .spawn import TimedOut, run
+
+        try:
+            return status_of(run(argv, timeout)[0])
+        except FileNotFoundError:
+            return 127
+        except PermissionError:
+            return 126
+        except TimedOut:
+            return 124
     import subprocess
 
     try:

@@ -3,8 +3,8 @@
 A no-op apply starts one agent per host (facts, lock, unlock over one session); every stdlib
 module it imports is CPU on the node at every run. These tests run the compiled agent exactly as
 RUN_SCRIPT starts it (its -c bootstrap, bytecode, -I -S -B), with ``-X importtime`` to list what
-was imported, and check the os-only stand-ins for shutil.which and tempfile.mkstemp against the
-originals.
+was imported, and check what replaced subprocess (spawn.py), shutil.which and tempfile.mkstemp
+against the originals.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.agent import agent_file_id, agent_source_hash
-from orchestrator.agent.common import temp_beside, which_on
+from orchestrator.agent import agent_file_id, agent_source_hash, spawn
+from orchestrator.agent.common import capture, run_status, status_of, temp_beside, which_on
 from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import DIR_BOOTSTRAP, RUN_SCRIPT
 
@@ -31,7 +31,7 @@ from orchestrator.executor.agentcall import DIR_BOOTSTRAP, RUN_SCRIPT
 # used by no op of a no-op run's session.
 NOT_FOR_A_NO_OP = ("runpy", "importlib.util", "typing", "hashlib", "shutil", "tempfile",
                    "random", "bz2", "lzma", "orch_agent.files", "orch_agent.command",
-                   "orch_agent.launchd", "orch_agent.peer", "orch_agent.transfer")
+                   "orch_agent.launchd", "orch_agent.peer", "orch_agent.transfer", "subprocess")
 FAKE_SYSCTL = "#!/bin/sh\nprintf 'hw.memsize: 68719476736\\nkern.osproductversion: 14.5\\n'\n"
 
 
@@ -160,3 +160,50 @@ def test_temp_beside_makes_a_private_new_file_each_time(tmp_path: Path) -> None:
     fd, path = temp_beside(str(tmp_path))
     os.close(fd)
     assert target.read_text() == "mine"  # never opened through a link
+
+
+# ------------------------------------------------------------ spawn: subprocess.run's contract
+
+
+@pytest.mark.parametrize("argv", [
+    ["sh", "-c", "exit 3"],
+    ["sh", "-c", "echo out; echo err >&2"],
+    ["sh", "-c", "cat; echo read"],  # stdin is /dev/null: cat ends at once
+    ["sh", "-c", "kill -TERM $$"],
+    [sys.executable, "-c", "import signal, sys; sys.exit(signal.getsignal(signal.SIGPIPE)"
+                           " != signal.SIG_DFL or signal.getsignal(signal.SIGXFSZ) != "
+                           "signal.SIG_DFL)"],  # restore_signals, as subprocess does
+    [sys.executable, "-c", "import os; os.fstat(3)"],  # no descriptor of the agent's leaks
+])
+def test_spawn_runs_as_subprocess_runs(argv: list[str]) -> None:
+    extra = os.open(os.devnull, os.O_RDONLY)  # non-inheritable, as Python opens every fd
+    try:
+        expected = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, timeout=30, check=False)
+        assert spawn.run(argv, 30, capture=True) == (expected.returncode, expected.stdout)
+        assert spawn.run(argv, None) == (expected.returncode, b"")
+        assert run_status(argv, None, None, 30) == status_of(expected.returncode)
+    finally:
+        os.close(extra)
+
+
+def test_spawn_reports_what_cannot_start(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("#!/bin/sh\n")
+    with pytest.raises(FileNotFoundError):
+        spawn.run(["no-such-tool-here"], 5)
+    assert run_status([str(tmp_path / "missing")], None, None, 5) == 127
+    assert run_status([str(plain)], None, None, 5) == 126
+    assert capture([str(plain)]) is None
+
+
+def test_spawn_kills_and_reaps_what_outlives_its_timeout(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    script = f'echo $$ > "{pid_file}"; exec sleep 60'
+    assert run_status(["sh", "-c", script], None, None, 0.5) == 124
+    pid = int(pid_file.read_text())
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped: not even a zombie
+    pid_file.unlink()
+    with pytest.raises(spawn.TimedOut):
+        spawn.run(["sh", "-c", script], 0.5, capture=True)
+    assert not Path(f"/proc/{int(pid_file.read_text())}").exists()
