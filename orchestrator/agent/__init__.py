@@ -53,6 +53,7 @@ NODE_MODULES = (
     "files",
     "hashcache",
     "interpreters",
+    "jsonc",
     "launchd",
     "lock",
     "managed",

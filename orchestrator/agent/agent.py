@@ -20,7 +20,7 @@ The modules, one concern each: common (request checking, paths, atomic files), h
 facts, files (write/mkdir/remove/rmdir/read/prune/sizes/install_system), command (``run``),
 launchd, lock, managed (the managed record), peer (fetch/serve; the HTTP code is transfer.py,
 imported only by them), protocol (one-shot, session, batch), spawn (the facts call's probes,
-without subprocess).
+without subprocess), jsonc (JSON through the C accelerator, without json's imports).
 
 Every path in a request may start with ``~/``; it is expanded with ``$HOME`` on the node.
 Requests are strict: an unknown key is an error, so controller/agent skew fails loudly.
@@ -43,9 +43,8 @@ if __name__ == "__main__":  # run as a file, or as the zip's __main__.py: become
 
 # The package's own modules, imported only once it is a package (above). The test is __name__,
 # not __package__: Python 3.9's zipimport leaves __package__ unset while a module runs.
-import json
-
 from .common import AgentError
+from .jsonc import dumps, loads
 from .protocol import ProtocolError, answer, run_batch, serve_session
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
@@ -118,7 +117,7 @@ OPS: dict[str, Op] = {
 
 
 def emit(value: Response) -> None:
-    sys.stdout.buffer.write(json.dumps(value, sort_keys=True).encode("utf-8") + b"\n")  # ASCII
+    sys.stdout.buffer.write(dumps(value).encode("utf-8") + b"\n")  # ASCII
     sys.stdout.buffer.flush()
 
 
@@ -132,7 +131,7 @@ def main(argv: list[str]) -> int:
     stdin = sys.stdin.buffer
     try:
         line = stdin.readline()
-        req = json.loads(line.decode("utf-8")) if line.strip() else {}
+        req = loads(line.decode("utf-8")) if line.strip() else {}
         if not isinstance(req, dict):
             raise AgentError("the request must be a JSON object")
         response = answer(OPS, argv[1], req, stdin)

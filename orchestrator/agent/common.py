@@ -9,13 +9,14 @@ from __future__ import annotations
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
 # ruff: noqa: PTH100, PTH101, PTH103, PTH105, PTH108, PTH110, PTH111, PTH112, PTH113
 # ruff: noqa: PTH117, PTH118, PTH120, PTH123
-# Only what every session uses is imported at the top (json, os, sys: its frames, its paths).
+# Only what every session uses is imported at the top (os, sys; JSON through jsonc.py).
 # hashlib, subprocess and the rest are imported inside the functions that need them, and
 # typing only for the type checker: a no-op run's session (facts, lock, unlock) starts one
 # interpreter per host, and at ~2-5 ms of CPU each, those imports were a third of its start.
-import json
 import os
 import sys
+
+from .jsonc import dumps, loads
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, for the type checker alone (see above)
 if TYPE_CHECKING:
@@ -201,14 +202,14 @@ def temp_beside(directory: str) -> tuple[int, str]:
 def json_file(path: str, default: Any) -> Any:
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+            return loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         return default
 
 
 def dump_json_atomic(path: str, value: Any, mode: int = 0o600) -> bool:
     """Atomically replace path with value as JSON; False (and no write) when unchanged."""
-    data = (json.dumps(value, sort_keys=True, indent=1) + "\n").encode("utf-8")
+    data = (dumps(value, indent=1) + "\n").encode("utf-8")
     try:
         with open(path, "rb") as f:
             if f.read() == data:

@@ -11,7 +11,6 @@ from __future__ import annotations
 # ruff: noqa: PTH116, PTH118, PTH123, PTH208
 import os
 import pwd
-import re
 import stat
 import sys
 
@@ -55,6 +54,8 @@ def file_fact(path: str, cache: HashCache) -> dict[str, Any]:
 
 def normalize_name(name: str) -> str:
     """PEP 503 normalization, so `MLX_LM` and `mlx-lm` are the same package."""
+    import re  # here: only venv facts need it (a no-op session imports no re at all)
+
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

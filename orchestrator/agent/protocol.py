@@ -32,13 +32,13 @@ the user's back.
 from __future__ import annotations
 
 import io
-import json
 import os
 import select
 import struct
 import sys
 
 from .common import CHUNK, AgentError, fields, own_version
+from .jsonc import dumps, loads
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
 if TYPE_CHECKING:
@@ -186,9 +186,9 @@ def read_exact(stream: IO[bytes], size: int) -> bytes:
 
 
 def write_frame(out: IO[bytes], value: Response) -> None:
-    # json.dumps escapes every non-ASCII character, so this is ASCII; "utf-8" is the codec
+    # jsonc.dumps escapes every non-ASCII character, so this is ASCII; "utf-8" is the codec
     # the interpreter has loaded already ("ascii" would import encodings.ascii at every start).
-    body = json.dumps(value, sort_keys=True).encode("utf-8")
+    body = dumps(value).encode("utf-8")
     out.write(BODY.pack(len(body)) + body)
     out.flush()
 
@@ -220,7 +220,7 @@ def serve_session(ops: dict[str, Op]) -> int:
                 raise ProtocolError("the stream ended inside a request header")
             reader = payload(inp, payload_size)
             try:
-                header = json.loads(raw.decode("utf-8"))
+                header = loads(raw.decode("utf-8"))
                 op, req = header["op"], header["request"]
             except (ValueError, KeyError, TypeError):
                 result: Response = {"error": "a request frame must hold {op, request}"}

@@ -31,7 +31,8 @@ from orchestrator.executor.agentcall import DIR_BOOTSTRAP, RUN_SCRIPT
 # used by no op of a no-op run's session.
 NOT_FOR_A_NO_OP = ("runpy", "importlib.util", "typing", "hashlib", "shutil", "tempfile",
                    "random", "bz2", "lzma", "orch_agent.files", "orch_agent.command",
-                   "orch_agent.launchd", "orch_agent.peer", "orch_agent.transfer", "subprocess")
+                   "orch_agent.launchd", "orch_agent.peer", "orch_agent.transfer", "subprocess",
+                   "json", "re", "enum")
 FAKE_SYSCTL = "#!/bin/sh\nprintf 'hw.memsize: 68719476736\\nkern.osproductversion: 14.5\\n'\n"
 
 
@@ -207,3 +208,64 @@ def test_spawn_kills_and_reaps_what_outlives_its_timeout(tmp_path: Path) -> None
     with pytest.raises(spawn.TimedOut):
         spawn.run(["sh", "-c", script], 0.5, capture=True)
     assert not Path(f"/proc/{int(pid_file.read_text())}").exists()
+
+
+# ---------------------------------------------------------------------- jsonc: json's own text
+
+JSONC_CHECK = r'''
+import math, sys
+sys.path.insert(0, sys.argv[1])
+import jsonc
+assert jsonc._C is not None, "no C accelerator: jsonc would only be json itself"
+assert "json" not in sys.modules and "re" not in sys.modules, sorted(sys.modules)
+texts = ["{not json", "[1,", '{"a" 1}', '"\\x"', "[1] x", "", " ", "\ufeff[]", "tru", "1 2",
+         '"\\ud800"', '{"a":1,"a":2}', '"x\ny"', "-", "01", "[1.]", " \n[1]\t ", "[NaN]"]
+first = []
+for text in texts:  # before json is imported: errors must still be json's own
+    try:
+        first.append(("ok", repr(jsonc.loads(text))))
+    except Exception as exc:
+        first.append((type(exc).__name__, str(exc)))
+import json
+for text, got in zip(texts, first):
+    try:
+        expected = ("ok", repr(json.loads(text)))
+    except Exception as exc:
+        expected = (type(exc).__name__, str(exc))
+    assert got == expected, (text, got, expected)
+values = [{}, [], {"a": {}}, {"a": []}, "s", 1, 1.1, None, True, 2**80, -0.0, 1e300,
+          {"z": 1, "a": [1, 2.5, None, True, False, "\u00e9\u2028\n\"\\\x00", "\U0001f600"]},
+          {"n": {"b": [{"c": [[], {}]}, [1, [2, [3]]]]}}, ("t", "u"), {"k": ("a", 1)},
+          [float("inf"), float("-inf")], {1: "x"}, {"a": {2: 3}}, {"holder": {"nonce": "n"}}]
+for value in values:
+    for indent in (None, 1, 2):
+        text = jsonc.dumps(value, indent)
+        assert text == json.dumps(value, sort_keys=True, indent=indent), (value, indent, text)
+        assert repr(jsonc.loads(text)) == repr(json.loads(text))
+class Odd: pass
+for value in (Odd(), {"a": Odd()}, {"a": {1, 2}}):
+    errors = []
+    for dumps in (jsonc.dumps, lambda v: json.dumps(v, sort_keys=True)):
+        try:
+            dumps(value)
+        except TypeError as exc:
+            errors.append(str(exc))
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+loop = []
+loop.append(loop)
+try:
+    jsonc.dumps(loop)
+except ValueError as exc:
+    assert "Circular reference" in str(exc)
+assert jsonc.dumps([1]) == "[1]"  # a fresh encoder after the errors
+assert math.isnan(jsonc.loads("NaN"))
+print("same")
+'''
+
+
+@pytest.mark.parametrize("version", ["3.9", "this"])
+def test_jsonc_reads_and_writes_what_json_does(version: str) -> None:
+    agent_dir = Path(__file__).parents[2] / "orchestrator" / "agent"
+    proc = subprocess.run([python_for(version), "-I", "-S", "-c", JSONC_CHECK, str(agent_dir)],
+                          capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stdout) == (0, "same\n"), proc.stderr
