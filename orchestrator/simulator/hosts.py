@@ -20,7 +20,8 @@ Layout under ``base_dir`` (shared by the hosts of one sandbox)::
         Library/LaunchDaemons/   the system domain's plists, loaded at every boot
         etc/             sshd_config, host key, authorized_keys
         var/root/        HOME of system-domain jobs ("root" on the simulated Mac)
-        run/             volatile state (pids, launchd socket, sysctl values): wiped at boot
+        run/             volatile state (pids, launchd socket, sysctl values, the stand-ins'
+                         marshal copy of host.json): wiped at boot
         tmp/             TMPDIR, wiped at boot
         log/             sshd.log, launchd.log
 
