@@ -53,11 +53,13 @@ NODE_MODULES = (
     "files",
     "hashcache",
     "interpreters",
+    "jsonc",
     "launchd",
     "lock",
     "managed",
     "peer",
     "protocol",
+    "spawn",
     "transfer",
 )
 STREAM_EXCLUDED = ("transfer",)  # only fetch and serve import it; they never run read-only

@@ -4,8 +4,9 @@
 Shipped by the controller as one zip of this package's node-side modules (this file is also
 the zip's ``__main__.py``), cached on the node as ``~/.orch/agent/<sha256-prefix>.pyz``, which
 the upload also unpacks beside it (``<sha256-prefix>/``) and compiles with the node's Python;
-run as ``python3 -I -S -B <that directory> OP`` (one call) or ``... session`` (every call of a
-run over one channel), or from the zip itself where no compiled directory is; protocol.py
+run from that directory's bytecode (RUN_SCRIPT's bootstrap in orchestrator/executor/agentcall.py
+makes it the package and calls ``main``) for one call (OP) or for every call of a run over one
+channel (``session``), or from the zip itself where no compiled directory is; protocol.py
 describes both. Read-only runs that find no
 cached agent stream the modules instead and import them from memory (see
 orchestrator/executor/agentcall.py): nothing is written on the node.
@@ -18,7 +19,8 @@ everything a plan needs in one SSH round trip.
 The modules, one concern each: common (request checking, paths, atomic files), hashcache,
 facts, files (write/mkdir/remove/rmdir/read/prune/sizes/install_system), command (``run``),
 launchd, lock, managed (the managed record), peer (fetch/serve; the HTTP code is transfer.py,
-imported only by them), protocol (one-shot, session, batch).
+imported only by them), protocol (one-shot, session, batch), spawn (the facts call's probes,
+without subprocess), jsonc (JSON through the C accelerator, without json's imports).
 
 Every path in a request may start with ``~/``; it is expanded with ``$HOME`` on the node.
 Requests are strict: an unknown key is an error, so controller/agent skew fails loudly.
@@ -41,12 +43,16 @@ if __name__ == "__main__":  # run as a file, or as the zip's __main__.py: become
 
 # The package's own modules, imported only once it is a package (above). The test is __name__,
 # not __package__: Python 3.9's zipimport leaves __package__ unset while a module runs.
-import importlib
-import json
-from typing import IO, Any
+from .common import AgentError
+from .jsonc import dumps, loads
+from .protocol import ProtocolError, answer, run_batch, serve_session
 
-from .common import AgentError, Request, Response
-from .protocol import Op, ProtocolError, answer, run_batch, serve_session
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
+    from .protocol import Op
 
 __all__ = ["OPS", "main"]
 
@@ -81,7 +87,11 @@ PACKAGE = __name__.rpartition(".")[0]  # orch_agent on a node, orchestrator.agen
 
 
 def sibling(module: str) -> Any:
-    return importlib.import_module(f"{PACKAGE}.{module}")
+    """importlib.import_module, without importing importlib (a no-op's session has no use
+    for it otherwise)."""
+    name = f"{PACKAGE}.{module}"
+    __import__(name)
+    return sys.modules[name]
 
 
 def lazy_op(module: str, function: str) -> Op:
@@ -107,7 +117,7 @@ OPS: dict[str, Op] = {
 
 
 def emit(value: Response) -> None:
-    sys.stdout.buffer.write(json.dumps(value, sort_keys=True).encode("ascii") + b"\n")
+    sys.stdout.buffer.write(dumps(value).encode("utf-8") + b"\n")  # ASCII
     sys.stdout.buffer.flush()
 
 
@@ -121,7 +131,7 @@ def main(argv: list[str]) -> int:
     stdin = sys.stdin.buffer
     try:
         line = stdin.readline()
-        req = json.loads(line.decode("utf-8")) if line.strip() else {}
+        req = loads(line.decode("utf-8")) if line.strip() else {}
         if not isinstance(req, dict):
             raise AgentError("the request must be a JSON object")
         response = answer(OPS, argv[1], req, stdin)

@@ -6,20 +6,14 @@ from __future__ import annotations
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
 import os
 import subprocess
-from typing import IO
 
-from .common import (
-    RUN_TIMEOUT,
-    AgentError,
-    Request,
-    Response,
-    check_argv,
-    expand,
-    fields,
-    run_status,
-    status_of,
-    tail,
-)
+from .common import RUN_TIMEOUT, AgentError, check_argv, expand, fields, run_status, status_of, tail
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO
+
+    from .common import Request, Response
 
 
 def op_run(req: Request, stdin: IO[bytes]) -> Response:

@@ -11,15 +11,11 @@ from __future__ import annotations
 # ruff: noqa: PTH116, PTH118, PTH123, PTH208
 import os
 import pwd
-import re
 import stat
 import sys
-from typing import IO, Any
 
 from .common import (
     AgentError,
-    Request,
-    Response,
     capture,
     check_argv,
     expand,
@@ -32,6 +28,12 @@ from .common import (
 )
 from .hashcache import HashCache
 from .managed import record_path
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def file_fact(path: str, cache: HashCache) -> dict[str, Any]:
@@ -52,6 +54,8 @@ def file_fact(path: str, cache: HashCache) -> dict[str, Any]:
 
 def normalize_name(name: str) -> str:
     """PEP 503 normalization, so `MLX_LM` and `mlx-lm` are the same package."""
+    import re  # here: only venv facts need it (a no-op session imports no re at all)
+
     return re.sub(r"[-_.]+", "-", name).lower()
 
 

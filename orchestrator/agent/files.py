@@ -14,21 +14,16 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
-from typing import IO, Any
 
-from .common import (
-    CHUNK,
-    AgentError,
-    Request,
-    Response,
-    check_mode,
-    expand,
-    fields,
-    string_list,
-    write_temp,
-)
+from .common import CHUNK, AgentError, check_mode, expand, fields, string_list, write_temp
 from .hashcache import HashCache
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def op_install_system(req: Request, _stdin: IO[bytes]) -> Response:

@@ -8,14 +8,15 @@ from __future__ import annotations
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
 # ruff: noqa: PTH103
 # ruff: noqa: PTH116, PTH118, PTH123
-import fcntl
-import hashlib
 import os
 import stat
 import time
-from typing import Any
 
 from .common import CACHE_VERSION, CHUNK, RACY_SECONDS, dump_json_atomic, json_file, orch_dir
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class HashCache:
@@ -53,6 +54,8 @@ class HashCache:
         if entry is not None and entry[:3] == self.key(st):
             self.hits += 1
             return str(entry[3])
+        import hashlib  # here: a converged facts call hashes nothing (~3 ms to import)
+
         started = time.time()
         digest = hashlib.sha256()
         with open(path, "rb") as f:
@@ -83,6 +86,8 @@ class HashCache:
     def save(self) -> None:
         if not self.dirty:
             return
+        import fcntl
+
         os.makedirs(orch_dir(), mode=0o700, exist_ok=True)
         with open(self.path + ".lock", "ab") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed

@@ -19,9 +19,12 @@ import os
 import platform
 import re
 import subprocess
-from typing import Any
 
 from .common import expand, run_status, which
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 PYTHON_DIRS = ("/opt/homebrew/bin", "/usr/local/bin", "~/.local/bin")
 UV_PYTHONS = "~/.local/share/uv/python"  # uv's managed installs: <name>/bin/python3.X

@@ -11,9 +11,14 @@ import os
 import re
 import subprocess
 import time
-from typing import IO, Any
 
-from .common import AgentError, Request, Response, expand, fields, which
+from .common import AgentError, expand, fields, which
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def parse_launchctl_print(text: str) -> dict[str, Any]:

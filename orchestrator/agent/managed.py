@@ -12,10 +12,18 @@ from __future__ import annotations
 # ruff: noqa: PTH103, PTH111
 # ruff: noqa: PTH118, PTH120
 import os
-import re
-from typing import IO, Any
 
-from .common import AgentError, Request, Response, dump_json_atomic, fields, orch_dir
+from .common import AgentError, dump_json_atomic, fields, orch_dir
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
+
+
+# [A-Za-z0-9][A-Za-z0-9._-]* without re, which a no-op session otherwise never imports.
+NAME_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
 def state_dir(directory: Any) -> str:
@@ -30,7 +38,8 @@ def state_dir(directory: Any) -> str:
 
 def record_path(cluster: Any, directory: Any = None) -> str:
     """One managed record per cluster: two clusters sharing a Mac never remove each other's."""
-    if not isinstance(cluster, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", cluster):
+    if not isinstance(cluster, str) or not cluster or cluster[0] not in NAME_START \
+            or not all(c in NAME_START or c in "._-" for c in cluster):
         raise AgentError(f"bad cluster name {cluster!r}")
     return os.path.join(state_dir(directory), "managed", cluster + ".json")
 

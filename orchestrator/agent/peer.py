@@ -19,13 +19,10 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Any
 
 from .common import (
     RUN_TIMEOUT,
     AgentError,
-    Request,
-    Response,
     dump_json_atomic,
     expand,
     fields,
@@ -34,6 +31,12 @@ from .common import (
     string_map,
 )
 from .hashcache import HashCache, cached_sha256
+
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from .common import Request, Response
 
 
 def load_transfer() -> Any:

@@ -32,17 +32,22 @@ the user's back.
 from __future__ import annotations
 
 import io
-import json
 import os
 import select
 import struct
 import sys
-from collections.abc import Callable
-from typing import IO, Any
 
-from .common import CHUNK, AgentError, Request, Response, fields, own_version
+from .common import CHUNK, AgentError, fields, own_version
+from .jsonc import dumps, loads
 
-Op = Callable[[Request, IO[bytes]], Response]
+TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import IO, Any
+
+    from .common import Request, Response
+
+    Op = Callable[[Request, IO[bytes]], Response]
 
 HEADER = struct.Struct(">II")  # a request frame: header length, payload length
 BODY = struct.Struct(">I")  # a response frame: body length
@@ -181,7 +186,9 @@ def read_exact(stream: IO[bytes], size: int) -> bytes:
 
 
 def write_frame(out: IO[bytes], value: Response) -> None:
-    body = json.dumps(value, sort_keys=True).encode("ascii")
+    # jsonc.dumps escapes every non-ASCII character, so this is ASCII; "utf-8" is the codec
+    # the interpreter has loaded already ("ascii" would import encodings.ascii at every start).
+    body = dumps(value).encode("utf-8")
     out.write(BODY.pack(len(body)) + body)
     out.flush()
 
@@ -213,7 +220,7 @@ def serve_session(ops: dict[str, Op]) -> int:
                 raise ProtocolError("the stream ended inside a request header")
             reader = payload(inp, payload_size)
             try:
-                header = json.loads(raw.decode("utf-8"))
+                header = loads(raw.decode("utf-8"))
                 op, req = header["op"], header["request"]
             except (ValueError, KeyError, TypeError):
                 result: Response = {"error": "a request frame must hold {op, request}"}

@@ -20,7 +20,8 @@ Layout under ``base_dir`` (shared by the hosts of one sandbox)::
         Library/LaunchDaemons/   the system domain's plists, loaded at every boot
         etc/             sshd_config, host key, authorized_keys
         var/root/        HOME of system-domain jobs ("root" on the simulated Mac)
-        run/             volatile state (pids, launchd socket, sysctl values): wiped at boot
+        run/             volatile state (pids, launchd socket, sysctl values, the stand-ins'
+                         marshal copy of host.json): wiped at boot
         tmp/             TMPDIR, wiped at boot
         log/             sshd.log, launchd.log
 
@@ -62,7 +63,9 @@ __all__ = [
 ]
 
 MACOS_DIR = Path(__file__).parent / "macos"
-STANDIN_SUPPORT = "standin_cpu.py"
+# Not commands: modules the stand-ins import from their own directory (bench CPU bookkeeping;
+# host.json read without json).
+STANDIN_SUPPORT = ("standin_cpu.py", "standin_host.py")
 COMMANDS = ("ibv_devices", "launchctl", "sudo", "sw_vers", "sysctl", "system_profiler",
             "xcode-select")
 CLT_STUB = "clt-stub"  # HostSpec.python3: /usr/bin/python3 of a Mac without Command Line Tools
@@ -418,9 +421,8 @@ def _prepare_shared(base: Path, python: Path | None) -> _Shared:
                 text = shebang + text.split("\n", 1)[1]
             target.write_text(text, encoding="utf-8")
             target.chmod(0o755)
-    # Not a command: the stand-ins' shared bench bookkeeping, imported from their directory.
-    (bin_dir / STANDIN_SUPPORT).write_text((MACOS_DIR / STANDIN_SUPPORT).read_text("utf-8"),
-                                           encoding="utf-8")
+    for support in STANDIN_SUPPORT:
+        (bin_dir / support).write_text((MACOS_DIR / support).read_text("utf-8"), encoding="utf-8")
     python_dir.mkdir(exist_ok=True)
     python3 = python_dir / "python3"
     python3.unlink(missing_ok=True)

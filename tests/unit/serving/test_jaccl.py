@@ -233,7 +233,7 @@ def test_the_agent_reads_the_ibv_devices_stand_in_as_mlx_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("ibv_devices", STANDIN_SUPPORT):  # installed as a simulated host has it
+    for name in ("ibv_devices", *STANDIN_SUPPORT):  # installed as a simulated host has it
         shutil.copy(MACOS_DIR / name, bin_dir)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("ORCH_HOST_ROOT", str(tmp_path))
