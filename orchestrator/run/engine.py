@@ -34,8 +34,6 @@ from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
 from orchestrator.run.report import LockLeft, RingCheck
 from orchestrator.run.transfers import for_plan
-from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
-from orchestrator.verify.ring import verify_ring
 
 log = structlog.get_logger(__name__)
 
@@ -161,7 +159,10 @@ async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
                       download: bool) -> Wheelhouse | NodePlatform | None:
     """Packages for the nodes' platform (the Python version of each node's chosen
     interpreter), from this controller's cache; downloaded once when `download`, else the
-    platform it would be downloaded for (None: no node answered)."""
+    platform it would be downloaded for (None: no node answered). Imported here, as `_verify`
+    imports the health checks: only a cluster that serves a model needs them."""
+    from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
+
     known = [f for n in nodes if isinstance(f := facts.get(n), HostFacts)]
     if not known:
         return None
@@ -365,6 +366,8 @@ async def _verify(cluster: Cluster, placement: Placement,
                   conns: Mapping[str, Connection | HostError], report: ApplyReport,
                   changed: bool) -> ApplyReport:
     """Health after apply: every rank up, the ring of the right size, a real completion."""
+    from orchestrator.verify.ring import verify_ring
+
     health = await verify_ring(cluster, placement, conns,
                                timeout=VERIFY_TIMEOUT if changed else VERIFY_TIMEOUT / 4)
     return replace(report, health=RingCheck(health.ok, health.message(),
