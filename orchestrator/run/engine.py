@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -71,9 +71,19 @@ async def connected(cluster: Cluster, hosts: Sequence[str],
     try:
         yield conns
     finally:
-        for conn in conns.values():
-            if not isinstance(conn, HostError):
-                await conn.close()
+        await close_all(conns.values())
+
+
+async def close_all(conns: Iterable[Connection | HostError]) -> None:
+    """Close every connection at once. Each close waits for its agent to exit (a round trip to
+    the host, which the exit status needs): one host after another, that wait was paid N
+    times at the end of every run (0.35 s of a 25-host no-op). Every connection is closed even
+    if one close fails; the first failure is raised after."""
+    live = [c for c in conns if not isinstance(c, HostError)]
+    failures = [r for r in await asyncio.gather(*(c.close() for c in live),
+                                                return_exceptions=True) if r is not None]
+    if failures:
+        raise failures[0]
 
 
 async def redial(cluster: Cluster, name: str, options: SSHOptions) -> Connection | HostError:
