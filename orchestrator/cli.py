@@ -14,6 +14,8 @@ one core, before the first host is dialled.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import signal
@@ -136,6 +138,7 @@ class OrchGroup(click.Group):
              windows_expand_args: bool = True, **extra: Any) -> Any:
         """Run the command line and exit with the code its outcome maps to."""
         run = super().main
+        _no_final_collection()
         if not standalone_mode:  # an embedding caller handles exceptions itself
             return run(args, prog_name, complete_var, standalone_mode=False,
                        windows_expand_args=windows_expand_args, **extra)
@@ -147,6 +150,15 @@ class OrchGroup(click.Group):
                 click.echo(line, err=True)
             sys.exit(exit_code_for(exc))
         sys.exit(int(outcome) if isinstance(outcome, ExitCode) else int(ExitCode.OK))
+
+
+def _no_final_collection() -> None:
+    """At interpreter exit, skip the cyclic GC's last pass over every object. A run's ~550
+    modules (asyncssh, pydantic, the plan) made that pass 0.1 s of CPU after the report was
+    printed, for memory the process is about to give back; atexit handlers, module teardown
+    and the flush of stdout and stderr still run. Registered once, however often `main` is."""
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
 
 
 @click.group("orch", cls=OrchGroup, context_settings={"help_option_names": ["-h", "--help"]})
