@@ -18,11 +18,11 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncssh
 import structlog
 
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 
+from ._asyncssh import asyncssh
 from .agentcall import ONE_SHOT_OPS, call_agent
 from .base import (
     AgentStep,
