@@ -7,11 +7,34 @@ stays machine-readable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Literal
 
-import structlog
+
+@contextlib.contextmanager
+def _hidden(module: str) -> Iterator[None]:
+    """Inside the block `import module` fails, as if it were not installed (unless it is
+    loaded already): a None entry in sys.modules is how the import system spells that."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+# structlog imports rich when it can (its dev and tracebacks modules, eagerly, from its
+# __init__), only to draw exception tracebacks, which orch's events never carry; with pygments
+# and attrs that was ~60 ms of every run's startup. The CLI imports this module before any
+# other that logs, so the one structlog of the process comes without it. rich stays usable:
+# the live views import it themselves.
+with _hidden("rich"):
+    import structlog
 
 LogFormat = Literal["console", "json"]
 

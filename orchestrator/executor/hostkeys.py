@@ -14,10 +14,11 @@ import shlex
 from enum import Enum
 from pathlib import Path
 
-import asyncssh
 import structlog
 
 from orchestrator.errors import HostKeyRejected
+
+from ._asyncssh import asyncssh
 
 __all__ = ["HostKeyPolicy", "Rejection", "rejection_error"]
 

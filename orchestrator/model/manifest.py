@@ -31,11 +31,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from orchestrator.errors import ModelError
-from orchestrator.model.cache import HashStore, fetch_blob, sha256_file
-from orchestrator.model.hub import HubClient
+
+if TYPE_CHECKING:
+    from orchestrator.model.hub import HubClient
 
 __all__ = [
     "METADATA_PATTERNS",
@@ -141,6 +142,9 @@ def needed_files(manifest: Manifest, weight_files: Iterable[str]) -> frozenset[s
 
 
 # ------------------------------------------------------------------------------------ loaders
+# The loaders import the Hub client and the hash cache themselves: every plan reads a
+# manifest's types, only a cluster that serves a model builds one (urllib, http.client and
+# email are a noticeable part of a run's startup otherwise).
 
 
 def hub_manifest(client: HubClient, repo: str, revision: str | None, *,
@@ -150,6 +154,8 @@ def hub_manifest(client: HubClient, repo: str, revision: str | None, *,
     Small files kept in git (the tree gives no sha256 for them) that nodes need are fetched
     once into ``cache/blobs/<git blob id>`` (verified against it, resumable) and hashed.
     """
+    from orchestrator.model.cache import fetch_blob, sha256_file
+
     wanted = revision or "main"
     commit = wanted if _SHA1.fullmatch(wanted) else client.revision_sha(repo, wanted)
     files: dict[str, Entry] = {}
@@ -178,6 +184,8 @@ def local_manifest(directory: Path, *, cache: Path) -> Manifest:
     Hashes are kept in ``cache/hashes.json`` keyed by (path, size, mtime_ns, inode), so a
     directory hashed once is never read again while it is unchanged.
     """
+    from orchestrator.model.cache import HashStore
+
     root = Path(directory).expanduser().absolute()
     if not root.is_dir():
         raise ModelError(f"model directory {root} does not exist")

@@ -8,15 +8,18 @@ from it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from orchestrator.config import Cluster, ModelSpec
 from orchestrator.errors import ModelError
-from orchestrator.model.hub import HubClient, Transport, load_hub_meta, urllib_transport
 from orchestrator.model.meta import ModelMeta, load_local_meta
 from orchestrator.model.token import hub_token
 from orchestrator.placement.choose import Placement
 from orchestrator.placement.parallel import place_model
 from orchestrator.placement.policy import GUIDE_OVERHEAD, NodeSpec, PlacementPolicy
+
+if TYPE_CHECKING:
+    from orchestrator.model.hub import Transport
 
 # The link a backend implies when `placement.link` is not set (the ring: the policy's default).
 BACKEND_LINKS = {"jaccl": "rdma", "jaccl-ring": "rdma"}
@@ -62,7 +65,10 @@ def load_model_meta(spec: ModelSpec, *, environ: Mapping[str, str] | None = None
 
     Reads only config, index and safetensors headers. The Hub token is `hub_token`'s (the
     same one the sync uses: ``HF_TOKEN``, else the file ``hf auth login`` writes).
+    The Hub client is imported here: a cluster without a model never needs it.
     """
+    from orchestrator.model.hub import HubClient, load_hub_meta, urllib_transport
+
     if spec.path is not None:
         return load_local_meta(spec.path)
     if spec.repo is None:

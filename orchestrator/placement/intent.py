@@ -11,10 +11,7 @@ from dataclasses import dataclass, replace
 
 from orchestrator.config import Cluster
 from orchestrator.errors import ModelError
-from orchestrator.model.cache import cache_dir
-from orchestrator.model.hub import HubClient
-from orchestrator.model.manifest import Manifest, hub_manifest, local_manifest, model_directory
-from orchestrator.model.token import hub_token
+from orchestrator.model.manifest import Manifest, model_directory
 from orchestrator.placement import load_model_meta, plan_placement, require_fit
 from orchestrator.placement.choose import Placement
 
@@ -47,10 +44,18 @@ def place(cluster: Cluster) -> Placement:
 
 
 def resolve_intent(cluster: Cluster) -> Intent:
-    """Place the model and list its files; PlacementError (with numbers) when it cannot fit."""
+    """Place the model and list its files; PlacementError (with numbers) when it cannot fit.
+
+    What reads the model (the Hub client, the hash cache) is imported only when there is one.
+    """
     model = cluster.model
     if model is None:
         return Intent()
+    from orchestrator.model.cache import cache_dir
+    from orchestrator.model.hub import HubClient
+    from orchestrator.model.manifest import hub_manifest, local_manifest
+    from orchestrator.model.token import hub_token
+
     placement = place(cluster)
     if model.path is not None:
         manifest = local_manifest(model.path, cache=cache_dir())

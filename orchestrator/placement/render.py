@@ -10,21 +10,26 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.placement.choose import Placement, gb, refusal_message
 from orchestrator.placement.estimate import DECODE_FORMULA, TENSOR_DECODE_FORMULA
 from orchestrator.placement.policy import DEFAULT_RESERVE_FRACTION, GB
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _SHARD = re.compile(r"^model-(\d+)-of-(\d+)\.safetensors$")
 
 
 def render_table(placement: Placement, width: int = 132) -> str:
     """The human view: model line; the chosen split's table and verdict; the other split's;
-    then which was chosen and why."""
+    then which was chosen and why.
+
+    rich is imported here, not with the package: every run that plans imports placement, and
+    only `orch place` draws this table."""
+    from rich.console import Console
+
     meta = placement.meta
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, highlight=False)
@@ -51,6 +56,8 @@ def render_table(placement: Placement, width: int = 132) -> str:
 
 
 def _table(console: Console, placement: Placement) -> None:
+    from rich.table import Table
+
     if not placement.nodes:
         return
     table = Table(title=None, show_edge=False, pad_edge=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -34,8 +34,6 @@ from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
 from orchestrator.run.lock import ClusterLock, force_unlock, new_holder
 from orchestrator.run.report import LockLeft, RingCheck
 from orchestrator.run.transfers import for_plan
-from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
-from orchestrator.verify.ring import verify_ring
 
 log = structlog.get_logger(__name__)
 
@@ -73,9 +71,19 @@ async def connected(cluster: Cluster, hosts: Sequence[str],
     try:
         yield conns
     finally:
-        for conn in conns.values():
-            if not isinstance(conn, HostError):
-                await conn.close()
+        await close_all(conns.values())
+
+
+async def close_all(conns: Iterable[Connection | HostError]) -> None:
+    """Close every connection at once. Each close waits for its agent to exit (a round trip to
+    the host, which the exit status needs): one host after another, that wait was paid N
+    times at the end of every run (0.35 s of a 25-host no-op). Every connection is closed even
+    if one close fails; the first failure is raised after."""
+    live = [c for c in conns if not isinstance(c, HostError)]
+    failures = [r for r in await asyncio.gather(*(c.close() for c in live),
+                                                return_exceptions=True) if r is not None]
+    if failures:
+        raise failures[0]
 
 
 async def redial(cluster: Cluster, name: str, options: SSHOptions) -> Connection | HostError:
@@ -202,7 +210,10 @@ async def _wheelhouse(cluster: Cluster, nodes: Sequence[str],
                       download: bool) -> Wheelhouse | NodePlatform | None:
     """Packages for the nodes' platform (the Python version of each node's chosen
     interpreter), from this controller's cache; downloaded once when `download`, else the
-    platform it would be downloaded for (None: no node answered)."""
+    platform it would be downloaded for (None: no node answered). Imported here, as `_verify`
+    imports the health checks: only a cluster that serves a model needs them."""
+    from orchestrator.run.wheelhouse import cached_wheelhouse, ensure_wheelhouse
+
     known = [f for n in nodes if isinstance(f := facts.get(n), HostFacts)]
     if not known:
         return None
@@ -412,6 +423,8 @@ async def _verify(cluster: Cluster, placement: Placement,
                   conns: Mapping[str, Connection | HostError], report: ApplyReport,
                   changed: bool) -> ApplyReport:
     """Health after apply: every rank up, the ring of the right size, a real completion."""
+    from orchestrator.verify.ring import verify_ring
+
     health = await verify_ring(cluster, placement, conns,
                                timeout=VERIFY_TIMEOUT if changed else VERIFY_TIMEOUT / 4)
     return replace(report, health=RingCheck(health.ok, health.message(),

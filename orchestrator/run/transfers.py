@@ -50,7 +50,6 @@ import structlog
 from orchestrator.config import Cluster
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import Connection
-from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import HubOrigin, Manifest
 from orchestrator.model.token import hub_token, redact
 from orchestrator.plan import Plan
@@ -450,6 +449,8 @@ class TransferContext:
                 answer = await run_step(conn, write, timeout=timeout)
                 return {"bytes_downloaded": step.size if answer.get("changed") else 0}
             if isinstance(source, FromHub):
+                from orchestrator.model.hub import HubClient  # only a Hub model's plan needs it
+
                 hub = self.manifest.origin
                 assert isinstance(hub, HubOrigin)
                 url = HubClient(hub.endpoint).resolve_url(hub.repo, hub.commit, rel)

@@ -190,6 +190,47 @@ def test_accept_new_records_the_key(test_hosts: list[RunningHost], tmp_path: Pat
     assert sorted(known.read_text().splitlines()) == sorted(h.known_hosts_line for h in test_hosts)
 
 
+def test_known_hosts_is_parsed_once_per_run_and_again_when_it_changes(
+    test_hosts: list[RunningHost], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncssh given paths parses the file for every connection (N² key decodes per run);
+    the executor parses it once, and again only after a key was recorded in it."""
+    parsed: list[list[str]] = []
+    read = asyncssh.read_known_hosts
+
+    def counting(files: list[str]) -> asyncssh.SSHKnownHosts:
+        parsed.append(files)
+        return read(files)
+
+    monkeypatch.setattr(asyncssh, "read_known_hosts", counting)
+    known = tmp_path / "known_hosts"
+    known.write_text("".join(h.known_hosts_line + "\n" for h in test_hosts[1:]))
+    executor = SSHExecutor(SSHOptions(known_hosts=known, accept_new_host_keys=True))
+
+    async def scenario() -> None:
+        conns = await executor.connect_all(target(h) for h in test_hosts[1:])
+        assert not [c for c in conns.values() if isinstance(c, HostError)], conns
+        assert parsed == [[str(known)]]
+        for conn in conns.values():
+            await conn.close()
+        first = await executor.open(target(test_hosts[0]))  # unknown: recorded (accept-new)
+        await first.close()
+        again = await executor.open(target(test_hosts[0]))  # now known, from the new file
+        await again.close()
+
+    run(scenario())
+    assert len(parsed) == 2  # once for every connection before the record, once after it
+    assert known.read_text().count("\n") == len(test_hosts)
+
+
+def test_an_unreadable_known_hosts_is_that_host_unreachable(tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("@bogus-marker host ssh-ed25519 AAAA\n")
+    executor = SSHExecutor(SSHOptions(known_hosts=known, connect_retries=0))
+    with pytest.raises(HostUnreachable, match="cannot read known_hosts: Invalid known hosts"):
+        run(executor.open(Target("a", "127.0.0.1", 1, "u", None)))
+
+
 def test_changed_key_is_refused_even_with_accept_new(
     test_hosts: list[RunningHost], tmp_path: Path
 ) -> None:

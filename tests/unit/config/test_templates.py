@@ -7,7 +7,9 @@ not given need the host's variables, so `plan` reports those, at the line that u
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import pytest
 from click.testing import CliRunner, Result
 
@@ -127,3 +129,30 @@ def test_plan_of_a_binary_template_is_an_error_not_a_traceback(tmp_path: Path) -
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1, result.output
     assert f"{tmp_path / 'motd.j2'}:1:1: byte 0x89 is not UTF-8 text" in result.stderr
+
+
+def test_a_template_is_compiled_once_per_run_and_again_when_its_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan renders each template once per host, twice per run: compiled once, it is jinja's
+    cache that renders the rest; an edited file (or an edited include) is compiled again."""
+    compiled: list[str | None] = []
+    compile_source = jinja2.Environment.compile
+
+    def counting(self: jinja2.Environment, source: str, name: str | None = None,
+                 *args: Any, **kwargs: Any) -> Any:
+        compiled.append(name)
+        return compile_source(self, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counting)
+    src = tmp_path / "motd.j2"
+    src.write_text("hello {{ host.name }}\n{% include 'part.j2' %}")
+    (tmp_path / "part.j2").write_text("part 1\n")
+    for name in ("a", "b", "c"):
+        host = {**HOST, "host": {"name": name, "groups": []}}
+        assert render_template(src, host, ORIGIN) == f"hello {name}\npart 1\n"
+    assert sorted(map(str, compiled)) == ["motd.j2", "part.j2"]
+    (tmp_path / "part.j2").write_text("part 2\n")  # same size: only the content tells
+    assert render_template(src, HOST, ORIGIN) == "hello a\npart 2\n"
+    src.write_text("bye {{ host.name }}\n")
+    assert render_template(src, HOST, ORIGIN) == "bye a\n"
+    assert sorted(map(str, compiled)) == ["motd.j2", "motd.j2", "part.j2", "part.j2"]
