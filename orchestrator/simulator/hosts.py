@@ -22,8 +22,16 @@ Layout under ``base_dir`` (shared by the hosts of one sandbox)::
         var/root/        HOME of system-domain jobs ("root" on the simulated Mac)
         run/             volatile state (pids, launchd socket, sysctl values, the stand-ins'
                          marshal copy of host.json): wiped at boot
-        tmp/             TMPDIR, wiped at boot
+        tmp/             TMPDIR, wiped at boot; its ``mlx/`` links to the kernel cache below
         log/             sshd.log, launchd.log
+
+MLX's CPU backend (the only one on Linux) compiles each fused kernel with ``g++`` the
+first time a process runs it, into ``$TMPDIR/mlx/<version>/cpu`` (about a second each, five
+for the sandbox's model), so every fresh or rebooted host compiled the same kernels again
+before its first answer. A Mac runs Metal kernels that ship compiled, so that cost is the
+simulation's, not orch's: every host's ``tmp/mlx`` links to one kernel directory per user
+(``~/.cache/orch/simulator/mlx``), which mlx fills safely from many processes at once (it
+compiles to a temporary name and renames into place).
 
 ``stop()`` kills every process the host started, found by its environment marker and as
 descendants of its daemons (see ``processes``), and checks that none is left and the port
@@ -43,9 +51,11 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.model.cache import cache_dir
 from orchestrator.simulator import processes
 from orchestrator.simulator.processes import SandboxError
 
@@ -152,6 +162,7 @@ class _Shared:
     sshd: Path
     sftp_server: Path
     user: str
+    mlx_kernels: Path  # MLX's compiled CPU kernels, shared by every host (module docstring)
 
 
 class RunningHost:
@@ -240,6 +251,7 @@ class RunningHost:
         for volatile in ("run", "tmp"):
             shutil.rmtree(self.root / volatile, ignore_errors=True)
             (self.root / volatile).mkdir(mode=0o700)
+        (self.root / "tmp" / "mlx").symlink_to(self._shared.mlx_kernels, target_is_directory=True)
         (self.root / "run" / "boot.json").write_text(json.dumps({"boot_time": time.time()}))
         env = {
             "PATH": _SYSTEM_PATH,
@@ -318,13 +330,22 @@ def start_hosts(
 
 
 def stop_hosts(hosts: Sequence[RunningHost]) -> None:
-    """Stop every host, even if some fail to stop; raise the first failure afterwards."""
-    errors: list[SandboxError] = []
-    for host in hosts:
+    """Stop every host, even if some fail to stop; raise the failures afterwards.
+
+    The hosts stop at once, one thread each, as Macs shut down side by side: a stop mostly
+    waits (for launchd to stop its jobs, then for the stragglers' grace periods), and one
+    after another those waits added up (the e2e tests' shared sandbox's teardown took 3 s on
+    a quiet machine, 19 s on a busy one)."""
+
+    def stop(host: RunningHost) -> SandboxError | None:
         try:
             host.stop()
         except SandboxError as exc:
-            errors.append(exc)
+            return exc
+        return None
+
+    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        errors = [e for e in pool.map(stop, hosts) if e is not None]
     if errors:
         raise SandboxError("; ".join(str(e) for e in errors))
 
@@ -430,6 +451,8 @@ def _prepare_shared(base: Path, python: Path | None) -> _Shared:
     identity = base / "client_key"
     if not identity.exists():
         _keygen(identity, "orch-sandbox-client")
+    mlx_kernels = cache_dir() / "simulator" / "mlx"
+    mlx_kernels.mkdir(parents=True, exist_ok=True)
     return _Shared(
         base=base,
         bin_dir=bin_dir,
@@ -440,6 +463,7 @@ def _prepare_shared(base: Path, python: Path | None) -> _Shared:
         sshd=Path(sshd),
         sftp_server=sftp_server,
         user=pwd.getpwuid(os.getuid()).pw_name,
+        mlx_kernels=mlx_kernels,
     )
 
 

@@ -241,13 +241,34 @@ class Lab:
                                        probe_timeout=15)
         return self.run(fn)
 
+    async def _job(self, conns: Mapping[str, Connection | HostError],
+                   name: str) -> tuple[JobState, int | None]:
+        conn = conns[name]
+        assert not isinstance(conn, HostError)
+        job = (await read_facts(conn, self.desired()[name][-1:], CLUSTER)).job(self.layout.job)
+        return job.state, job.pid
+
     def job(self, name: str) -> tuple[JobState, int | None]:
         async def fn(conns: Mapping[str, Connection | HostError]) -> tuple[JobState, int | None]:
-            conn = conns[name]
-            assert not isinstance(conn, HostError)
-            job = (await read_facts(conn, self.desired()[name][-1:], CLUSTER)).job(self.layout.job)
-            return job.state, job.pid
+            return await self._job(conns, name)
         return self.run(fn)
+
+    def wait_restarted(self, pids: Mapping[str, int | None], timeout: float) -> None:
+        """Until launchd runs every rank in ``pids`` again, as a new process. Polled over one
+        connection per host held for the whole wait: a new SSH login and agent per poll (twice
+        a second) took CPU from the very ranks being restarted."""
+        async def fn(conns: Mapping[str, Connection | HostError]) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                jobs = await asyncio.gather(*(self._job(conns, name) for name in pids))
+                if all(state is JobState.RUNNING and pid != pids[name]
+                       for name, (state, pid) in zip(pids, jobs, strict=True)):
+                    return
+                assert loop.time() < deadline, f"timed out waiting for launchd to restart " \
+                    f"every rank: {dict(zip(pids, jobs, strict=True))}"
+                await asyncio.sleep(0.5)
+        self.run(fn)
 
     def log(self, name: str) -> str:
         path = self.hosts[name].home / self.layout.log.removeprefix("~/")
@@ -261,13 +282,6 @@ class Lab:
                                / self.layout.status.removeprefix("~/")).read_text())
         return {"layers": status.layers, "param_bytes": status.param_bytes,
                 "pid": status.pid, "state": status.state.value}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def base_facts(hosts: Sequence[RunningHost]) -> dict[str, HostFacts]:
@@ -365,8 +379,7 @@ def test_ring_converges_serves_restarts_together_and_recovers(
         pids = {n: lab.job(n)[1] for n in NAMES}
         mark = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: all((j := lab.job(n))[0] is JobState.RUNNING and j[1] != pids[n]
-                             for n in NAMES), 120, "launchd to restart every rank")
+        lab.wait_restarted(pids, 120)
         health = lab.verify()
         timings["healed ready"] = time.monotonic() - mark
         assert health.ok, health.message()

@@ -23,6 +23,7 @@ from typing import Any
 import asyncssh
 import pytest
 
+from orchestrator.model.cache import cache_dir
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, reboot, running_hosts
 
 
@@ -198,9 +199,15 @@ def test_wired_limit_needs_sudo_and_survives_reboot_only_through_a_launchdaemon(
             "iogpu.wired_limit_mb: 0 -> 50000\n"
         )
         assert ok(host, "sysctl -n iogpu.wired_limit_mb") == "50000\n"
+        ok(host, 'touch "$TMPDIR/scratch"')
 
         reboot(host)
         assert ok(host, "sysctl -n iogpu.wired_limit_mb") == "0\n"  # volatile, like a Mac
+        # TMPDIR is wiped too, except MLX's compiled CPU kernels: every boot links tmp/mlx to
+        # the one kernel directory all simulated Macs share (see the simulator's docstring)
+        assert ssh(host, 'test -e "$TMPDIR/scratch"').returncode == 1
+        kernels = (cache_dir() / "simulator" / "mlx").resolve()
+        assert ok(host, 'cd "$TMPDIR/mlx" && pwd -P') == f"{kernels}\n"
 
         daemon = write_plist(
             host.launch_daemons_dir / "com.orch.wired-limit.plist",
