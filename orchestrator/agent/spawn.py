@@ -5,8 +5,9 @@ Why: a no-op run's agent session starts one interpreter per host, and ``import s
 short commands. `run` keeps what ``subprocess.run`` does for them: stdin from /dev/null,
 stdout captured or discarded, stderr discarded, the signals Python ignores (SIGPIPE, SIGXFSZ)
 back to their defaults in the child (``restore_signals``), no other descriptor inherited
-(Python opens every descriptor non-inheritable), and a timeout after which the child is
-killed. What it does not do (a working directory, an environment of its own) stays with
+(Python opens every descriptor non-inheritable; one this process inherited open, such as a
+``flock`` holder's lock, is closed in the child: ``close_fds``), and a timeout after which
+the child is killed. What it does not do (a working directory, an environment of its own) stays with
 subprocess, in its callers.
 """
 
@@ -39,6 +40,7 @@ def run(argv: list[str], timeout: float | None, *, capture: bool = False) -> tup
         actions.append((os.POSIX_SPAWN_DUP2, write_end, 1))
     else:
         actions.append((os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0))
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited()]
     spawn = os.posix_spawn if os.sep in argv[0] else os.posix_spawnp
     try:
         pid = spawn(argv[0], argv, os.environ, file_actions=actions,
@@ -68,6 +70,20 @@ def run(argv: list[str], timeout: float | None, *, capture: bool = False) -> tup
     finally:
         if capture:
             os.close(read_end)
+
+
+def _inherited() -> list[int]:
+    """This process's descriptors above stderr that a child would inherit (``/dev/fd`` lists
+    them on macOS and Linux alike; the one the listing itself uses is gone by the check)."""
+    found = []
+    for name in os.listdir("/dev/fd"):  # noqa: PTH208 (no pathlib: its import costs)
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found
 
 
 def _left(deadline: float | None) -> float | None:

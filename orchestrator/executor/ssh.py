@@ -125,6 +125,9 @@ class SSHConnection:
             process: asyncssh.SSHClientProcess[bytes] = await self._conn.create_process(
                 command, encoding=None, **kwargs)
         except asyncssh.ChannelOpenError as exc:
+            # A connection asyncssh has just found dead refuses channels at once, but marks
+            # itself closed in a callback it schedules: let that run before asking.
+            await asyncio.sleep(0)
             if self._conn.is_closed():
                 raise HostUnreachable(self.name, f"connection lost: {exc.reason}") from exc
             raise ActionFailed(self.name, f"could not open an SSH session: {exc.reason}") from exc

@@ -65,15 +65,17 @@ def _targets(task: Task, cluster: Cluster, host: Host) -> bool:
 
 
 def task_resource(task: Task, cluster: Cluster, host: Host,
-                  written: Mapping[str, bytes] | None = None) -> Resource:
+                  written: Mapping[str, bytes | Path] | None = None) -> Resource:
     """The resource a task declares on `host`; `written`: the content earlier tasks write on
-    it, by destination (what a launchd task reads its plist from)."""
+    it, by destination (what a launchd task reads its plist from), or the controller file a
+    copy sends there: read only when a launchd task names it (a copy may be gigabytes)."""
     action = task.action
     if isinstance(action, SysctlTask):
         return SysctlSetting(action.name, action.value, action.persist,
                              staging_dir=f"~/{cluster.runtime.dir}/system")
     if isinstance(action, LaunchdTask):
-        content = (written or {}).get(action.plist)
+        source = (written or {}).get(action.plist)
+        content = source.read_bytes() if isinstance(source, Path) else source
         return LoadedJob(_job_label(task, action, content), action.plist, action.domain,
                          None if content is None else hashlib.sha256(content).hexdigest())
     if isinstance(action, CommandTask):
@@ -184,7 +186,7 @@ def desired_state(
                     python=python.path if python else None)
             # A cluster that serves no model installs no Python environment (issue #14): its
             # hosts get their tasks only, and nothing another cluster's workers use.
-            written: dict[str, bytes] = {}
+            written: dict[str, bytes | Path] = {}
             own_sysctls = {r.name for r in resources if isinstance(r, Sysctl)}
             for task in cluster.tasks:
                 if not _targets(task, cluster, host):
@@ -195,6 +197,6 @@ def desired_state(
                 if isinstance(resource, File):
                     written[resource.path] = resource.content.encode()
                 elif isinstance(resource, Copy) and not resource.directory:
-                    written[resource.dest] = Path(resource.files[0].path).read_bytes()
+                    written[resource.dest] = Path(resource.files[0].path)
         result[name] = resources
     return result
