@@ -27,6 +27,13 @@ from orchestrator.resources.steps import (
 DAEMONS_DIR = "/Library/LaunchDaemons"
 
 
+def boot_plist(label: str, name: str, value: str) -> str:
+    """A LaunchDaemon that runs `sysctl -w NAME=VALUE` once at load (no KeepAlive): what makes
+    a setting outlive a reboot."""
+    return render_plist(label, ["/usr/sbin/sysctl", "-w", f"{name}={value}"],
+                        env={}, keep_alive=False, background=False)
+
+
 @dataclass(frozen=True)
 class Sysctl:
     name: str
@@ -45,8 +52,7 @@ class Sysctl:
 
     @property
     def plist(self) -> str:
-        return render_plist(self.label, ["/usr/sbin/sysctl", "-w", f"{self.name}={self.value}"],
-                            env={}, keep_alive=False, background=False)
+        return boot_plist(self.label, self.name, str(self.value))
 
     def facts_needed(self) -> FactRequest:
         return FactRequest(files=frozenset({self.daemon_path}), sysctl=frozenset({self.name}),

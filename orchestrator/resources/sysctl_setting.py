@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from orchestrator.facts import FactRequest, FileKind, HostFacts
 from orchestrator.resources.base import Action, Change, FieldChange
-from orchestrator.resources.launchd import render_plist
 from orchestrator.resources.steps import (
     InstallSystem,
     LaunchdBootout,
@@ -32,8 +31,8 @@ from orchestrator.resources.steps import (
     Text,
     Write,
 )
+from orchestrator.resources.sysctl import DAEMONS_DIR, boot_plist
 
-DAEMONS_DIR = "/Library/LaunchDaemons"
 LABEL_PREFIX = "com.orch.sysctl."  # com.orch.*: within the sudoers line orch prints
 
 
@@ -58,9 +57,7 @@ class SysctlSetting:
 
     @property
     def plist(self) -> str:
-        """The boot-time daemon: runs `sysctl -w` once at load (no KeepAlive)."""
-        return render_plist(self.label, ["/usr/sbin/sysctl", "-w", f"{self.name}={self.value}"],
-                            env={}, keep_alive=False, background=False)
+        return boot_plist(self.label, self.name, self.value)
 
     @property
     def staged(self) -> str:
