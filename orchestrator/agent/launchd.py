@@ -7,15 +7,18 @@ a job waits until ``print`` no longer finds it before it answers.
 from __future__ import annotations
 
 # os.path on purpose: paths travel as JSON strings, and this file must run on any Python >= 3.9.
+# No `re` and no `subprocess` at import: every facts call that asks for a job imports this
+# module to read one `launchctl print`, and those two imports were ~4 ms of that call's CPU
+# on each host (spawn.py says why `print` runs with posix_spawn); only the ops that change
+# a job import subprocess.
 import os
-import re
-import subprocess
 import time
 
 from .common import AgentError, expand, fields, which
 
 TYPE_CHECKING = False  # typing's, without importing typing at run time (see common.py)
 if TYPE_CHECKING:
+    import subprocess
     from typing import IO, Any
 
     from .common import Request, Response
@@ -63,12 +66,11 @@ def launchd_job(text: str) -> dict[str, Any]:
     state = "running" if scalars.get("state") == "running" else "waiting"
     pid_text = scalars.get("pid", "")
     pid = int(pid_text) if pid_text.isdigit() else None
-    exit_match = re.match(r"-?\d+", scalars.get("last exit code", ""))
+    last_exit = _leading_int(scalars.get("last exit code", ""))
     # "last terminating signal = Killed: 9": report it the way a shell would, 128 + N.
-    signal_match = re.search(r":\s*(\d+)$", scalars.get("last terminating signal", ""))
-    last_exit = int(exit_match.group(0)) if exit_match else None
-    if signal_match:
-        last_exit = 128 + int(signal_match.group(1))
+    signal = scalars.get("last terminating signal", "").rpartition(":")
+    if signal[1] and signal[2].strip().isdigit():
+        last_exit = 128 + int(signal[2].strip())
     env: dict[str, str] = {}
     for line in parsed["blocks"].get("environment", []):
         key, sep, value = line.partition(" => ")
@@ -80,6 +82,15 @@ def launchd_job(text: str) -> dict[str, Any]:
         "last_exit": last_exit,
         "env": env,
     }
+
+
+def _leading_int(text: str) -> int | None:
+    """The integer `text` starts with ("1", "-15", "78: Function not implemented"), or None
+    ("(never exited)")."""
+    sign = "-" if text.startswith("-") else ""
+    digits = text[len(sign):]
+    end = len(digits) - len(digits.lstrip("0123456789"))
+    return int(sign + digits[:end]) if end else None
 
 
 NOT_LOADED: Response = {"state": "not_loaded", "pid": None, "last_exit": None, "env": {}}
@@ -104,10 +115,9 @@ def launchctl(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run launchctl. System-domain changes always go through ``sudo -n``: it never prompts
     (a missing NOPASSWD rule fails instead of hanging), and it is harmless when already root."""
-    tool = which("launchctl")
-    if tool is None:
-        raise AgentError("launchctl not found on this host")
-    argv = [tool, *args]
+    import subprocess
+
+    argv = [_launchctl(), *args]
     if privileged:
         argv = ["sudo", "-n", *argv]
     return subprocess.run(
@@ -115,18 +125,29 @@ def launchctl(
     )
 
 
-def launchd_print(target: str) -> str | None:
-    proc = launchctl(["print", target])
-    if proc.returncode != 0:
-        return None
-    return proc.stdout.decode("utf-8", "replace")
+def _launchctl() -> str:
+    tool = which("launchctl")
+    if tool is None:
+        raise AgentError("launchctl not found on this host")
+    return tool
+
+
+def launchd_print(target: str, timeout: float = 60.0) -> str | None:
+    """``launchctl print TARGET``'s text; None when launchd has no such service (or domain)."""
+    from .spawn import TimedOut, run
+
+    try:
+        returncode, out = run([_launchctl(), "print", target], timeout, capture=True)
+    except TimedOut:
+        raise AgentError(f"launchctl print {target} did not answer in {timeout:g}s") from None
+    return out.decode("utf-8", "replace") if returncode == 0 else None
 
 
 def wait_gone(target: str, timeout: float) -> bool:
     """bootout returns before the job is gone; poll ``print`` until it is (or time runs out)."""
     deadline = time.monotonic() + timeout
     while True:
-        if launchctl(["print", target]).returncode != 0:
+        if launchd_print(target) is None:
             return True
         if time.monotonic() >= deadline:
             return False
@@ -136,7 +157,7 @@ def wait_gone(target: str, timeout: float) -> bool:
 def bootout(domain: Any, label: Any, timeout: float) -> bool:
     """Unload a job and wait until launchd has forgotten it; False when it was not loaded."""
     target = service_target(domain, label)
-    if launchctl(["print", target]).returncode != 0:
+    if launchd_print(target) is None:
         return False
     proc = launchctl(["bootout", target], privileged=domain == "system")
     if not wait_gone(target, timeout):
