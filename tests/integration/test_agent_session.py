@@ -26,7 +26,7 @@ from orchestrator.executor import SSHExecutor, SSHOptions, Target
 from orchestrator.executor.base import AgentStep, StepState
 from orchestrator.executor.ssh import SSHConnection
 from orchestrator.simulator.hosts import RunningHost
-from tests.integration.conftest import TreeHash
+from tests.integration.conftest import TreeHash, exec_channels_logged, sshd_log
 
 T = TypeVar("T")
 
@@ -39,17 +39,6 @@ async def connect(host: RunningHost, **kw: Any) -> SSHConnection:
     options = SSHOptions(known_hosts=host.known_hosts_file, **kw)
     target = Target(host.name, host.address, host.port, host.user, host.identity_file)
     return await SSHExecutor(options).open(target)
-
-
-def sshd_log(host: RunningHost) -> Path:
-    return host.root / "log" / "sshd.log"
-
-
-def exec_channels_logged(host: RunningHost, offset: int) -> int:
-    """Exec channels sshd started since `offset` (a byte offset into its log)."""
-    with sshd_log(host).open("rb") as f:
-        f.seek(offset)
-        return sum(1 for line in f if b"Starting session: " in line)
 
 
 async def ensure_agent(host: RunningHost) -> None:

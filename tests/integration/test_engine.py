@@ -15,19 +15,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from orchestrator.config import load_cluster
-from orchestrator.executor import SSHOptions
+from orchestrator.errors import HostError
+from orchestrator.executor import Connection, SSHOptions
+from orchestrator.run import engine
+from orchestrator.run.apply import HostStatus
 from orchestrator.run.engine import RunOptions, plan
 from orchestrator.simulator.cluster import inventory_yaml
 from orchestrator.simulator.hosts import HostSpec, RunningHost, start_hosts, stop_hosts
 from tests.fixtures import clusters
 from tests.fixtures.cli import orch
-from tests.integration.conftest import TreeHash
+from tests.integration.conftest import TreeHash, exec_channels_logged, sshd_log
 
 GIB = 1024**3
 ODD = "va lue 'q' \"dq\" $(touch /tmp/orch-pwned) ; echo x"
@@ -150,14 +153,42 @@ def test_removed_task_is_cleaned_up(
     assert orch("plan", cluster, "--detailed-exitcode", known_hosts=known).returncode == 0
 
 
-def test_converged_plan_costs_at_most_two_round_trips_per_host(
-    cluster: Path, known: Path
+def test_a_converged_apply_and_plan_open_one_ssh_channel_per_host(
+    cluster: Path, known: Path, test_hosts: list[RunningHost], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Lock, facts and unlock of a converged cluster's apply (a plan's facts) travel over one
+    exec channel per host, the agent session: counted by the executor and by each sshd."""
     assert orch("apply", cluster, "--yes", known_hosts=known).returncode == 0
+    one_each = {h.name: 1 for h in test_hosts}
+
+    def log_ends() -> dict[str, int]:
+        return {h.name: sshd_log(h).stat().st_size for h in test_hosts}
+
+    def channels_since(ends: dict[str, int]) -> dict[str, int]:
+        return {h.name: exec_channels_logged(h, ends[h.name]) for h in test_hosts}
+
+    for command in (["apply", "--yes"], ["plan", "--detailed-exitcode"]):  # as a user runs it
+        ends = log_ends()
+        assert orch(command[0], cluster, *command[1:], known_hosts=known).returncode == 0
+        assert channels_since(ends) == one_each, command
+
+    counted: dict[str, int] = {}
+    real_close_all = engine.close_all
+
+    async def counting_close_all(conns: Iterable[Connection | HostError]) -> None:
+        live = list(conns)
+        counted.update({c.name: c.round_trips for c in live if not isinstance(c, HostError)})
+        await real_close_all(live)
+
+    monkeypatch.setattr(engine, "close_all", counting_close_all)
     options = RunOptions(ssh=SSHOptions(known_hosts=known))
-    result, trips = asyncio.run(plan(load_cluster(cluster), options))
-    assert not result.has_changes
-    assert trips and all(n <= 2 for n in trips.values()), trips
+    ends = log_ends()
+    current, report = asyncio.run(engine.apply(load_cluster(cluster), options))
+    assert not current.has_changes and {o.status for o in report.outcomes} == {HostStatus.OK}
+    assert counted == one_each and channels_since(ends) == one_each
+    ends = log_ends()
+    assert asyncio.run(plan(load_cluster(cluster), options))[1] == one_each
+    assert channels_since(ends) == one_each
 
 
 def test_unknown_host_key_is_refused_with_how_to(cluster: Path, tmp_path: Path) -> None:
