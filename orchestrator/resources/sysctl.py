@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from orchestrator.facts import FactRequest, FileKind, HostFacts, LaunchdRef
+from orchestrator.facts import FactRequest, FileKind, HostFacts
 from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.launchd import render_plist
 from orchestrator.resources.steps import (
@@ -55,8 +55,10 @@ class Sysctl:
         return boot_plist(self.label, self.name, str(self.value))
 
     def facts_needed(self) -> FactRequest:
+        # The daemon's plist, not its launchd state: it runs once at boot and exits, so
+        # whether it is loaded now says nothing about the value (read with sysctl).
         return FactRequest(files=frozenset({self.daemon_path}), sysctl=frozenset({self.name}),
-                           launchd=frozenset({LaunchdRef("system", self.label)}), sudo=True)
+                           sudo=True)
 
     def diff(self, facts: HostFacts) -> Change | None:
         fields: list[FieldChange] = []
