@@ -1,10 +1,10 @@
 """The executor: the only code that talks to hosts.
 
-`SSHExecutor` opens one asyncssh connection per host (`Connection`), `LocalConnection` runs the
-same protocol on this machine for tests, and `for_each_host` runs per-host work concurrently
-with failures recorded per host. Agent calls on a connection share one agent process (see
-session.py); `Connection.agent_batch` runs `AgentStep`s in one request. Backend errors leave
-this package as orchestrator.errors types.
+`SSHExecutor` opens one asyncssh connection per host (`Connection`), and `for_each_host` runs
+per-host work concurrently with failures recorded per host. Agent calls on a connection share
+one agent process (see session.py); `Connection.agent_batch` runs `AgentStep`s in one request.
+Backend errors leave this package as orchestrator.errors types. Tests run the same protocol on
+this machine with `fake.LocalConnection`, which orch itself never imports.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from .base import (
     StepState,
     Target,
 )
-from .fake import LocalConnection
 from .pool import for_each_host
 from .ssh import SSHConnection, SSHExecutor
 
@@ -29,7 +28,6 @@ __all__ = [
     "CommandResult",
     "Connection",
     "FileStream",
-    "LocalConnection",
     "SSHConnection",
     "SSHExecutor",
     "SSHOptions",

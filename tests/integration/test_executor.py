@@ -28,12 +28,12 @@ from orchestrator.agent import agent_file_id
 from orchestrator.errors import ActionFailed, ExitCode, HostError, HostKeyRejected, HostUnreachable
 from orchestrator.executor import (
     Connection,
-    LocalConnection,
     SSHExecutor,
     SSHOptions,
     Target,
     for_each_host,
 )
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.simulator.hosts import GIB, HostSpec, RunningHost, start_hosts, stop_hosts
 
 T = TypeVar("T")

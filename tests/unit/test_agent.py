@@ -35,8 +35,8 @@ from orchestrator.agent import (
 )
 from orchestrator.agent import launchd as agent_launchd
 from orchestrator.errors import ActionFailed
-from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import agent_timeout
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.facts import FactRequest, JobState, parse_facts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "launchctl"

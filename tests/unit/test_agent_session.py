@@ -22,9 +22,9 @@ import pytest
 
 from orchestrator.agent import AGENT_FILE, agent_source_hash
 from orchestrator.errors import ActionFailed
-from orchestrator.executor import LocalConnection
 from orchestrator.executor import session as session_mod
 from orchestrator.executor.base import AgentStep, StepState
+from orchestrator.executor.fake import LocalConnection
 
 
 @pytest.fixture

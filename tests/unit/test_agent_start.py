@@ -24,8 +24,8 @@ import pytest
 
 from orchestrator.agent import agent_file_id, agent_source_hash, spawn
 from orchestrator.agent.common import capture, run_status, status_of, temp_beside, which_on
-from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import DIR_BOOTSTRAP, RUN_SCRIPT
+from orchestrator.executor.fake import LocalConnection
 
 # Imported by the agent before (runpy, typing, hashlib, shutil, tempfile at every start) and
 # used by no op of a no-op run's session.

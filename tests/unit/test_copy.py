@@ -7,7 +7,8 @@ import asyncio
 import os
 from pathlib import Path
 
-from orchestrator.executor import FileStream, LocalConnection
+from orchestrator.executor import FileStream
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.facts import HostFacts, parse_facts
 from orchestrator.resources.base import Action
 from orchestrator.resources.copy import Copy

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.executor import LocalConnection
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.plan import HostPlan, diff_host, fact_request
 from orchestrator.resources.base import Action, Resource
 from orchestrator.resources.command import Command

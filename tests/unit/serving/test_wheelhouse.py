@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import PlanError
-from orchestrator.executor import LocalConnection
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.resources.base import Action
 from orchestrator.resources.steps import ControllerFile, Mkdir, Remove, Write
 from orchestrator.resources.wheelhouse import (

@@ -18,8 +18,8 @@ import pytest
 
 from orchestrator.agent import agent_source, agent_source_hash
 from orchestrator.errors import ActionFailed
-from orchestrator.executor import LocalConnection
 from orchestrator.executor.agentcall import call_agent
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.simulator.faults import Faults
 from orchestrator.simulator.hub import TestHub
 from tests.unit.test_hub import until

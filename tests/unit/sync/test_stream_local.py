@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import ActionFailed
-from orchestrator.executor import FileStream, LocalConnection
+from orchestrator.executor import FileStream
+from orchestrator.executor.fake import LocalConnection
 
 SIZE = 256 << 20
 BOUND_KB = 96 << 10  # 96 MiB, well under the 256 MiB file (the agent peaks near 48 MiB)
@@ -25,7 +26,8 @@ BOUND_KB = 96 << 10  # 96 MiB, well under the 256 MiB file (the agent peaks near
 SCRIPT = r"""
 import asyncio, hashlib, json, os, resource, sys
 from pathlib import Path
-from orchestrator.executor import FileStream, LocalConnection
+from orchestrator.executor import FileStream
+from orchestrator.executor.fake import LocalConnection
 
 src, home, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 digest = hashlib.sha256()

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import HostError
-from orchestrator.executor import Connection, LocalConnection
+from orchestrator.executor import Connection
+from orchestrator.executor.fake import LocalConnection
 from orchestrator.facts import HostFacts
 from orchestrator.model.hub import HubClient
 from orchestrator.model.manifest import Manifest, hub_manifest
