@@ -308,8 +308,6 @@ async def _send_file(host: str, channel: AgentChannel, stream: FileStream) -> No
     if left or longer:
         raise ActionFailed(host, f"{stream.path} changed while it was being sent "
                                  f"(expected {stream.size} bytes)")
-        if await asyncio.to_thread(f.read, 1):
-            raise ActionFailed(host, f"{stream.path} grew while it was being sent")
 
 
 async def _read_frame(channel: AgentChannel) -> dict[str, Any]:
