@@ -122,7 +122,21 @@ class AgentSession:
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None  # where the channel and lock live
         self._channel: AgentChannel | None = None
+        self._started: AgentChannel | None = None  # spawned by `start`, its hello not yet read
         self.pid: int | None = None  # the agent's pid on the host, from its hello
+
+    async def start(self) -> None:
+        """Start the agent now, without waiting for it: open its exec channel, and leave its
+        hello to the first call. Why: the engine starts every host's agent as that host's
+        connection comes up, so the interpreter starts while other hosts are still dialled,
+        and the first call (the lock, on the first host alone) does not wait for it.
+
+        Raises what opening a channel raises (HostUnreachable, ActionFailed); a failure to
+        start is otherwise the first call's to report, as without `start`."""
+        self._bind_loop()
+        async with self._lock:
+            if self._channel is None and self._started is None:
+                self._started = await self._spawn(self._run_argv())
 
     async def call(
         self, op: str, request: Mapping[str, Any], stdin: bytes | FileStream | None
@@ -158,7 +172,8 @@ class AgentSession:
     async def close(self) -> None:
         """End the session: close the agent's stdin (it exits at the frame boundary), wait
         briefly, kill it if it lingers. Safe when no session is open."""
-        channel, self._channel, self.pid = self._channel, None, None
+        channel = self._channel or self._started
+        self._channel, self._started, self.pid = None, None, None
         if channel is None:
             return
         if self._loop is not asyncio.get_running_loop():  # opened under a loop now gone
@@ -208,9 +223,10 @@ class AgentSession:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._channel is not None:
-            self._channel.kill()
-        self._channel, self.pid = None, None
+        for channel in (self._channel, self._started):
+            if channel is not None:
+                channel.kill()
+        self._channel, self._started, self.pid = None, None, None
         self._lock = asyncio.Lock()
         self._loop = loop
 
@@ -246,8 +262,8 @@ class AgentSession:
 
     async def _open(self) -> AgentChannel:
         """Start ``agent.py session``: the cached zip, else upload it (or stream the sources)."""
-        argv = ["sh", "-c", RUN_SCRIPT, "sh", agent_file_id(), "session", self._python]
-        channel = await self._spawn(argv)
+        argv = self._run_argv()
+        channel, self._started = self._started or await self._spawn(argv), None
         status = await self._hello(channel)
         if status == AGENT_MISSING and self._install:
             await upload_agent(self.host, self._run, self._python)
@@ -267,6 +283,10 @@ class AgentSession:
             self.host,
             f"the orch agent did not start (exit {status})" + (f": {tail}" if tail else ""),
         )
+
+    def _run_argv(self) -> list[str]:
+        """The cached agent's session, run by `sh` (AGENT_MISSING when it is not cached)."""
+        return ["sh", "-c", RUN_SCRIPT, "sh", agent_file_id(), "session", self._python]
 
     async def _hello(self, channel: AgentChannel) -> int | None:
         """None once the agent said hello; else the exit status of what ran instead."""

@@ -243,10 +243,14 @@ class SSHExecutor:
         finally:
             await conn.close()
 
-    async def connect_all(self, targets: Iterable[Target]) -> dict[str, Connection | HostError]:
+    async def connect_all(self, targets: Iterable[Target], *,
+                          start_agents: bool = False) -> dict[str, Connection | HostError]:
         """Connect to every target concurrently (at most `concurrency` at once).
 
         A host that cannot be reached is recorded as its HostError and never stops the others.
+        `start_agents`: start each host's agent session as soon as its connection is up
+        (`AgentSession.start`), for a caller whose every host gets an agent call next; a
+        host whose agent could not be started stays connected, and its first call says why.
         """
         by_name: dict[str, Target] = {}
         for t in targets:
@@ -255,7 +259,11 @@ class SSHExecutor:
             by_name[t.name] = t
 
         async def one(target: Target) -> Connection:
-            return await self.open(target)
+            conn = await self.open(target)
+            if start_agents:
+                with contextlib.suppress(HostError):
+                    await conn.session.start()
+            return conn
 
         results = await for_each_host(by_name, one, self.options.concurrency)
         return dict(results)

@@ -67,7 +67,8 @@ def selected_hosts(cluster: Cluster, limit: Sequence[str] | None) -> list[str]:
 async def connected(cluster: Cluster, hosts: Sequence[str],
                     options: SSHOptions) -> AsyncIterator[dict[str, Connection | HostError]]:
     executor = SSHExecutor(options)
-    conns = await executor.connect_all(target_of(cluster, h) for h in hosts)
+    # Every command that connects calls each host's agent next: start them while dialling.
+    conns = await executor.connect_all((target_of(cluster, h) for h in hosts), start_agents=True)
     try:
         yield conns
     finally:

@@ -186,6 +186,60 @@ def test_close_ends_the_agent_and_is_safe_twice(home: Path) -> None:
         os.kill(pid, 0)
 
 
+def agent_children() -> list[int]:
+    """This process's live child processes that run an orch agent session."""
+    found = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if b"session" in argv:
+                found.append(int(pid))
+    return found
+
+
+def test_start_opens_the_channel_the_first_call_uses(home: Path) -> None:
+    """`start` spawns the agent without waiting for it; the first call reads its hello and
+    uses that process: still one channel per run, on a cached agent and on a missing one."""
+
+    async def scenario() -> tuple[int, int, int]:
+        conn = LocalConnection(home)
+        try:
+            await conn.session.start()
+            await conn.session.start()  # already started: nothing more
+            started = conn.round_trips
+            assert conn.session.pid is None  # its hello is the first call's to read
+            answer = await conn.agent("run", {"argv": ["sh", "-c", "echo $PPID"]})
+            assert answer["stdout"].strip() == str(conn.session.pid)
+            await conn.agent("facts", {})
+            return started, conn.round_trips, len(agent_children())
+        finally:
+            await conn.close()
+
+    # no agent cached yet: the started shell finds none, the call uploads it and reopens
+    assert asyncio.run(scenario()) == (1, 3, 1)  # started, uploaded, the session
+    assert asyncio.run(scenario()) == (1, 1, 1)  # cached: the started channel is the session
+    assert agent_children() == []
+
+
+def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
+    async def scenario() -> int:
+        conn = LocalConnection(home)
+        await conn.agent("facts", {})  # caches the agent
+        await conn.close()
+        conn = LocalConnection(home)
+        await conn.session.start()
+        assert len(agent_children()) == 1
+        await conn.close()
+        await conn.close()
+        return conn.round_trips
+
+    assert asyncio.run(scenario()) == 1
+    assert agent_children() == []
+
+
 # ------------------------------------------------------------------------------------ batch
 
 
