@@ -84,14 +84,25 @@ RUN_SCRIPT = (
 # directory (and runs the zip) or a complete one. Compiling is best effort: the zip suffices.
 # The directory also keeps the verified sha256 (VERSION), which the agent reports as its
 # version instead of hashing the zip at every start (hashlib alone is ~3 ms to import).
+# An upload killed half way leaves its temporary file or directory behind: each upload removes
+# those at least STALE_UPLOAD seconds old (a younger one may be another run's, in progress).
+STALE_UPLOAD = 3600
 UPLOAD_SCRIPT = f"""\
-import hashlib, os, shutil, sys, tempfile
+import hashlib, os, shutil, sys, tempfile, time
 data = sys.stdin.buffer.read()
 if hashlib.sha256(data).hexdigest() != sys.argv[1]:
     sys.stderr.write("orch agent upload: sha256 mismatch\\n")
     sys.exit(98)
 d = os.path.join(os.path.expanduser("~"), ".orch", "agent")
 os.makedirs(d, mode=0o700, exist_ok=True)
+for name in os.listdir(d):
+    old = os.path.join(d, name)
+    try:
+        if name.startswith((".upload-", ".unpack-")) and \\
+                time.time() - os.lstat(old).st_mtime >= {STALE_UPLOAD}:
+            shutil.rmtree(old) if os.path.isdir(old) else os.unlink(old)
+    except OSError:
+        pass
 fd, tmp = tempfile.mkstemp(dir=d, prefix=".upload-")
 with os.fdopen(fd, "wb") as f:
     f.write(data)

@@ -35,7 +35,7 @@ from orchestrator.agent import (
 )
 from orchestrator.agent import launchd as agent_launchd
 from orchestrator.errors import ActionFailed
-from orchestrator.executor.agentcall import agent_timeout
+from orchestrator.executor.agentcall import STALE_UPLOAD, agent_timeout
 from orchestrator.executor.fake import LocalConnection
 from orchestrator.facts import FactRequest, JobState, parse_facts
 
@@ -677,6 +677,29 @@ def test_agent_is_uploaded_once_then_one_session(home: Path) -> None:
         await fresh.close()
 
     asyncio.run(scenario())
+
+
+def test_an_upload_removes_what_a_killed_upload_left_once_it_is_an_hour_old(home: Path) -> None:
+    cache = home / ".orch" / "agent"
+    (cache / ".unpack-killed").mkdir(parents=True)
+    (cache / ".unpack-killed" / "facts.py").write_text("partial")
+    (cache / ".upload-killed").write_bytes(b"partial zip")
+    (cache / ".unpack-running").mkdir()  # another run's, in progress
+    an_hour_ago = time.time() - STALE_UPLOAD - 1
+    for left in (".unpack-killed", ".upload-killed"):
+        os.utime(cache / left, (an_hour_ago, an_hour_ago))
+
+    async def scenario() -> None:
+        conn = LocalConnection(home, name="n1")
+        try:
+            await conn.agent("facts", {})
+            assert conn.round_trips == 3  # tried, uploaded, ran the session
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [".unpack-running", agent_file_id(), f"{agent_file_id()}.pyz"])
 
 
 @pytest.mark.parametrize("version", ["3.9", "this"])
