@@ -290,6 +290,13 @@ class HostFacts:
             disk=MappingProxyType({**self.disk, **more.disk}),
         )
 
+    @property
+    def pending(self) -> frozenset[str]:
+        """Resources an earlier run set out to change and may not have finished: the managed
+        record lists them (``pending``) from before that run's first change until after its
+        last (`orchestrator.run.apply`), so they are still listed when it was cut or failed."""
+        return frozenset(str(r) for r in self.managed.get("pending", ()))
+
     def file(self, path: str) -> FileFact:
         """The fact for a path exactly as requested; a KeyError names what was not requested."""
         try:

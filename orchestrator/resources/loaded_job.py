@@ -10,10 +10,12 @@ What it converges, exactly:
   `load_cluster` requires to come first) and this plan changes its content → reload it
   (``bootout``, wait until gone, ``bootstrap``): Ansible's template task notifying a
   `launchd: state=reloaded` handler, without the handler;
+* a run set out to change the job and was cut (or failed) before it finished (the managed
+  record still lists it as pending, `HostFacts.pending`) → reload it: the plist may be
+  current while the job still runs the old one, which launchctl would not tell (it does not
+  show the plist a job was loaded from, only some of its keys);
 * anything else is left as it is: a loaded job runs what it was loaded with, and orch does not
-  compare the running job with a plist it did not write (launchctl does not show the plist a
-  job was loaded from, only some of its keys). A run cut between writing the plist and the
-  reload leaves the old job loaded; the next plan does not see it (the file is then current).
+  compare the running job with a plist it did not write.
 
 It does not own the plist: removing the task boots the job out, and the file goes with the
 task that wrote it.
@@ -55,6 +57,10 @@ class LoadedJob:
         if job.state is JobState.NOT_LOADED:
             return Change(self.id, Action.CREATE, (FieldChange("state", "not_loaded", "loaded"),),
                           (bootstrap,), cleanup=self.cleanup())
+        if self.id in facts.pending:
+            fields: tuple[FieldChange, ...] = (
+                FieldChange("reload", None, "an earlier run stopped before it was done"),)
+            return Change(self.id, Action.UPDATE, fields, (bootstrap,), cleanup=self.cleanup())
         sha = self.written_sha256
         if sha is None:
             return None

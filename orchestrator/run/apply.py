@@ -27,6 +27,7 @@ import structlog
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import AgentStep, Connection, FileStream, StepState
 from orchestrator.plan import HostPlan, Plan
+from orchestrator.plan.core import RECORD_ID
 from orchestrator.resources.base import Action, Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
 from orchestrator.run.report import LockLeft, RingCheck, TransferSummary
@@ -112,13 +113,21 @@ async def _bytes(host: str, payload: Payload) -> bytes | FileStream:
 
 
 def _interim_record(host_plan: HostPlan) -> dict[str, Any]:
-    """The final record plus every resource the plan removes: a superset, safe if interrupted."""
+    """The final record plus every resource the plan removes: a superset, safe if interrupted.
+
+    It also lists the resources the plan changes as ``pending`` (the final record has none),
+    for state a host cannot show afterwards: a launchd job reloaded after its plist changed
+    runs what it was loaded with, which launchctl does not tell, so a run cut between the
+    write and the reload would leave the old job running with a current plist. Its next plan
+    reads `HostFacts.pending` and reloads it."""
     record = dict(host_plan.record)
     resources = list(record.get("resources", []))
     # Removals are listed newest first in the plan; kept in creation order in the record.
     removed = [{"id": c.resource, "cleanup": [s.to_json() for s in c.steps]}
                for c in host_plan.changes if c.action is Action.DELETE]
     record["resources"] = list(reversed(removed)) + resources
+    record["pending"] = [c.resource for c in host_plan.changes
+                         if c.action is not Action.DELETE and c.resource != RECORD_ID]
     return record
 
 

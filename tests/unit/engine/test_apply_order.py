@@ -26,6 +26,7 @@ class Recorder:
     def __init__(self, name: str, log: list[tuple[str, str]], fail: bool = False) -> None:
         self.name, self.log, self.fail, self.round_trips = name, log, fail, 0
         self.batches = 0
+        self.records: list[Mapping[str, Any]] = []  # every managed record written, in order
 
     async def run(self, argv: Sequence[str], *, stdin: bytes | None = None,
                   timeout: float | None = None) -> CommandResult:
@@ -46,6 +47,8 @@ class Recorder:
         outcomes: list[StepOutcome] = []
         for step in steps:
             self.log.append((self.name, step.op))
+            if step.op == "managed_write":
+                self.records.append(step.request["record"])
             if step.op == "run" and self.fail and step.request.get("check"):
                 outcomes.append(StepOutcome(step, StepState.FAILED, error="`x` exited 3: boom"))
                 break
@@ -104,8 +107,9 @@ def test_failure_message_names_the_command_and_its_stderr() -> None:
 
 
 def test_a_hosts_steps_go_in_one_batch_between_the_widened_and_the_final_record() -> None:
-    """Three changes, one request: the record widened first, every step in order, the record
-    narrowed last; nothing through single agent calls."""
+    """Three changes, one request: the record widened first (listing the changes as pending),
+    every step in order, the record narrowed last (nothing pending); nothing through single
+    agent calls."""
     log: list[tuple[str, str]] = []
     changes = tuple(Change(f"command:{i}", Action.CREATE, (FieldChange("guard", None, "x"),),
                            (Run((f"c{i}",)), Run((f"d{i}",), check=False))) for i in range(3))
@@ -117,6 +121,9 @@ def test_a_hosts_steps_go_in_one_batch_between_the_widened_and_the_final_record(
     assert report.outcomes[0].applied == ("command:0", "command:1", "command:2")
     assert conn.batches == 1
     assert [op for _, op in log] == ["managed_write", *["run"] * 6, "managed_write"]
+    widened, final = conn.records
+    assert widened["pending"] == ["command:0", "command:1", "command:2"]
+    assert "pending" not in final
 
 
 def test_a_failed_step_ends_the_batch_and_only_whole_changes_count_as_applied() -> None:
@@ -126,8 +133,11 @@ def test_a_failed_step_ends_the_batch_and_only_whole_changes_count_as_applied() 
                Change("command:never", Action.CREATE, (), (Run(("never",)),)))
     plan = Plan("c", "c.yml", (HostPlan("a", changes, {"format": 1, "cluster": "c",
                                                         "resources": []}),))
-    report = asyncio.run(apply_plan(plan, {"a": Recorder("a", log, fail=True)}))
+    conn = Recorder("a", log, fail=True)
+    report = asyncio.run(apply_plan(plan, {"a": conn}))
     [outcome] = report.outcomes
     assert outcome.status is HostStatus.FAILED and outcome.applied == ("command:ok",)
     assert outcome.error is not None and "while applying command:x" in outcome.error
     assert [op for _, op in log] == ["managed_write", "run", "run", "run"]
+    # the host keeps the widened record: the next plan knows what this run left unfinished
+    assert [r["pending"] for r in conn.records] == [["command:ok", "command:x", "command:never"]]
