@@ -186,16 +186,18 @@ def test_close_ends_the_agent_and_is_safe_twice(home: Path) -> None:
         os.kill(pid, 0)
 
 
-def agent_children() -> list[int]:
-    """This process's live child processes that run an orch agent session."""
+def agent_children(home: Path) -> list[int]:
+    """This process's live children that run an agent session for `home` (its HOME: other
+    tests' processes may run sessions of their own beside this one)."""
     found = []
     for task in Path("/proc/self/task").iterdir():
         for pid in (task / "children").read_text().split():
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except FileNotFoundError:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except (FileNotFoundError, ProcessLookupError):
                 continue
-            if b"session" in argv:
+            if b"session" in argv and f"HOME={home}".encode() in env:
                 found.append(int(pid))
     return found
 
@@ -214,14 +216,14 @@ def test_start_opens_the_channel_the_first_call_uses(home: Path) -> None:
             answer = await conn.agent("run", {"argv": ["sh", "-c", "echo $PPID"]})
             assert answer["stdout"].strip() == str(conn.session.pid)
             await conn.agent("facts", {})
-            return started, conn.round_trips, len(agent_children())
+            return started, conn.round_trips, len(agent_children(home))
         finally:
             await conn.close()
 
     # no agent cached yet: the started shell finds none, the call uploads it and reopens
     assert asyncio.run(scenario()) == (1, 3, 1)  # started, uploaded, the session
     assert asyncio.run(scenario()) == (1, 1, 1)  # cached: the started channel is the session
-    assert agent_children() == []
+    assert agent_children(home) == []
 
 
 def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
@@ -231,13 +233,13 @@ def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
         await conn.close()
         conn = LocalConnection(home)
         await conn.session.start()
-        assert len(agent_children()) == 1
+        assert len(agent_children(home)) == 1
         await conn.close()
         await conn.close()
         return conn.round_trips
 
     assert asyncio.run(scenario()) == 1
-    assert agent_children() == []
+    assert agent_children(home) == []
 
 
 # ------------------------------------------------------------------------------------ batch
