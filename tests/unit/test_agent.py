@@ -743,9 +743,12 @@ def test_write_through_connection_before_the_agent_is_cached(home: Path) -> None
         conn = LocalConnection(home)
         data = os.urandom(300_000)
         sha = hashlib.sha256(data).hexdigest()
-        answer = await conn.agent(
-            "write", {"path": "~/w", "mode": 0o600, "sha256": sha}, stdin=data
-        )
+        try:
+            answer = await conn.agent(
+                "write", {"path": "~/w", "mode": 0o600, "sha256": sha}, stdin=data
+            )
+        finally:
+            await conn.close()
         assert answer == {"sha256": sha, "changed": True}
         assert (home / "w").read_bytes() == data
 
@@ -756,7 +759,10 @@ def test_agent_errors_become_action_failed(home: Path) -> None:
     async def scenario() -> None:
         conn = LocalConnection(home, name="n7")
         with pytest.raises(ActionFailed) as info:
-            await conn.agent("mkdir", {"path": "~/x"})
+            try:
+                await conn.agent("mkdir", {"path": "~/x"})
+            finally:
+                await conn.close()
         assert info.value.host == "n7"
         assert "agent mkdir failed: missing request keys: mode" in str(info.value)
 

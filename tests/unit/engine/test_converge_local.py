@@ -39,10 +39,13 @@ def converge(home: Path, resources: Sequence[Resource],
 
     async def go() -> tuple[HostPlan, HostPlan]:
         conn = LocalConnection(home, name="node")
-        first = await plan_for(conn, resources, cluster)
-        outcome = await apply_host(conn, first)
-        assert outcome.status in (HostStatus.CHANGED, HostStatus.OK), outcome.error
-        return first, await plan_for(conn, resources, cluster)
+        try:
+            first = await plan_for(conn, resources, cluster)
+            outcome = await apply_host(conn, first)
+            assert outcome.status in (HostStatus.CHANGED, HostStatus.OK), outcome.error
+            return first, await plan_for(conn, resources, cluster)
+        finally:
+            await conn.close()
 
     return asyncio.run(go())
 
@@ -157,10 +160,13 @@ def test_the_managed_record_lives_under_the_clusters_runtime_dir(tmp_path: Path)
             request = fact_request(resources, "b", ".orch-b")
             return diff_host("b", resources, await read_facts(conn, request))
 
-        first = await plan()
-        outcome = await apply_host(conn, first, state_dir=".orch-b")
-        assert outcome.status is HostStatus.CHANGED, outcome.error
-        return first, await plan()
+        try:
+            first = await plan()
+            outcome = await apply_host(conn, first, state_dir=".orch-b")
+            assert outcome.status is HostStatus.CHANGED, outcome.error
+            return first, await plan()
+        finally:
+            await conn.close()
 
     first, second = asyncio.run(go())
     assert first.changes and not second.changes

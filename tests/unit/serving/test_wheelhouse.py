@@ -176,13 +176,16 @@ def test_run_step_pushes_binary_bytes_verified(tmp_path: Path) -> None:
     step = Write("~/wh/w.whl", 0o644, ControllerFile(str(source), sha))
 
     async def go() -> None:
-        assert (await run_step(conn, step))["changed"] is True
-        await run_step(conn, Mkdir("~/other", 0o755))
-        bad = Write("~/wh/w.whl", 0o644, ControllerFile(str(source), "0" * 64))
-        from orchestrator.errors import ActionFailed
+        try:
+            assert (await run_step(conn, step))["changed"] is True
+            await run_step(conn, Mkdir("~/other", 0o755))
+            bad = Write("~/wh/w.whl", 0o644, ControllerFile(str(source), "0" * 64))
+            from orchestrator.errors import ActionFailed
 
-        with pytest.raises(ActionFailed, match="sha256 mismatch"):
-            await run_step(conn, bad)
+            with pytest.raises(ActionFailed, match="sha256 mismatch"):
+                await run_step(conn, bad)
+        finally:
+            await conn.close()
 
     asyncio.run(go())
     assert (tmp_path / "home" / "wh" / "w.whl").read_bytes() == data

@@ -28,6 +28,7 @@ from orchestrator.resources.base import Action, Change, FieldChange
 from orchestrator.resources.model_files import ModelFiles, model_files_by_host
 from orchestrator.resources.steps import FromPeer, Run, Source
 from orchestrator.run.apply import ApplyReport, HostStatus, apply_plan
+from orchestrator.run.engine import close_all
 from orchestrator.run.progress import EventProgress, Progress, RichProgress, Tracker
 from orchestrator.run.transfers import Peer, TransferContext
 from orchestrator.simulator.faults import Faults
@@ -113,10 +114,13 @@ def make_cluster(tmp_path: Path, model_dir: Path, split: Mapping[str, Sequence[s
         homes = {h: tmp_path / h for h in split}
         conns = {h: LocalConnection(homes[h], name=h) for h in split}
         ports = free_ports(len(split))
-        yield Cluster(hub, manifest, homes, conns,
-                      model_files_by_host(manifest, DIRECTORY, split),
-                      {h: Peer("127.0.0.1", p) for h, p in zip(sorted(split), ports,
-                                                                strict=True)})
+        try:
+            yield Cluster(hub, manifest, homes, conns,
+                          model_files_by_host(manifest, DIRECTORY, split),
+                          {h: Peer("127.0.0.1", p) for h, p in zip(sorted(split), ports,
+                                                                    strict=True)})
+        finally:  # each host's agent session ends with its test, not with the whole run
+            asyncio.run(close_all(conns.values()))
 
 
 @pytest.fixture
