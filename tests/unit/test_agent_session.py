@@ -233,6 +233,10 @@ def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
         await conn.close()
         conn = LocalConnection(home)
         await conn.session.start()
+        # started, not waited for: its exec (argv, environment) may come a moment later
+        deadline = asyncio.get_running_loop().time() + 10
+        while not agent_children(home) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         assert len(agent_children(home)) == 1
         await conn.close()
         await conn.close()
