@@ -33,6 +33,7 @@ from orchestrator.run.engine import RunOptions
 from orchestrator.verify.health import chat_completion
 
 PROBE_INTERVAL = 0.5
+PROBE_TIMEOUT = 5.0  # seconds a probe's completion may take before it counts as no answer
 
 
 @dataclass
@@ -42,16 +43,18 @@ class Probe:
     urls: list[str]
     answers: list[tuple[float, str, bool]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    asked: asyncio.Event = field(default_factory=asyncio.Event)  # every URL answered once
 
     async def run(self) -> None:
         while not self.stop.is_set():
             for url in list(self.urls):
                 try:
-                    await chat_completion(url, "ping", max_tokens=1, timeout=5)
+                    await chat_completion(url, "ping", max_tokens=1, timeout=PROBE_TIMEOUT)
                     ok = True
                 except Exception:
                     ok = False
                 self.answers.append((time.time(), url, ok))
+            self.asked.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), PROBE_INTERVAL)
 
@@ -152,6 +155,10 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
         new_url = api_url(declared, new.placement)
         if new_url not in probe.urls:
             probe.urls.append(new_url)
+        # The outage runs from the old ring's last answer before the cut: wait for the probe's
+        # first answer (at most PROBE_TIMEOUT), else a quick pre-stage cuts before the probe
+        # has heard the old ring at all, and no outage can be told.
+        await probe.asked.wait()
         cut_started = time.time()
         plan, cutover = await engine.apply(declared, options, intent=new,
                                            command=f"orch {'drain' if drain else 'undrain'} "
