@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from orchestrator.drain import PROBE_INTERVAL
 from orchestrator.verify.health import chat_completion
@@ -14,7 +15,16 @@ from tests.e2e.conftest import MAX_TOKENS, PROMPT, Serving
 def test_drain_and_undrain_keep_serving_the_same_tokens(serving: Serving) -> None:
     inventory = serving.directory / "inventory.yml"
     original = inventory.read_text()
+    try:
+        roll_out_and_back(serving, inventory, original)
+    finally:  # a failure half way must not leave the shared ring on two nodes for the rest
+        if inventory.read_text() != original:
+            inventory.write_text(original)
+            restored = serving.orch("apply", "--yes")
+            assert restored.returncode == 0, restored.output
 
+
+def roll_out_and_back(serving: Serving, inventory: Path, original: str) -> None:
     drained = serving.orch("drain", "mac3", "--json")
     assert drained.returncode == 0, drained.output
     report = json.loads(drained.stdout)
