@@ -126,14 +126,22 @@ def parse_completion(raw: bytes) -> Completion:
                       reason if isinstance(reason, str) else None)
 
 
+FIRST_POLL = 0.1  # seconds between wait_ready's first two polls
+
+
 async def wait_ready(api_url: str, model: str = "default_model", timeout: float = 600.0, *,
                      prompt: str = "Say OK.", max_tokens: int = 4, poll_interval: float = 1.0,
                      transport: Transport = urllib_transport) -> ReadyResult:
-    """Poll until rank 0 answers a real chat completion, or ``timeout`` seconds pass."""
+    """Poll until rank 0 answers a real chat completion, or ``timeout`` seconds pass.
+
+    The first polls come FIRST_POLL apart, doubling up to ``poll_interval``: a ring that is
+    up (a no-op apply) or about to be is seen within a fraction of a second instead of at the
+    next whole interval, and one that takes a minute to load is not asked more often."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + timeout
     attempts = 0
+    delay = min(FIRST_POLL, poll_interval)
     stage, detail = ReadyStage.UNREACHABLE, "no attempt made"  # timeout <= 0
     while (remaining := deadline - loop.time()) > 0:
         attempts += 1
@@ -155,7 +163,8 @@ async def wait_ready(api_url: str, model: str = "default_model", timeout: float 
             detail = str(exc)
         except OSError as exc:
             detail = f"{type(exc).__name__}: {exc}"
-        await asyncio.sleep(max(0.0, min(poll_interval, deadline - loop.time())))
+        await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+        delay = min(delay * 2, poll_interval)
     return ReadyResult(stage, loop.time() - started, attempts,
                        f"not ready after {timeout:g} s: {detail}", None)
 

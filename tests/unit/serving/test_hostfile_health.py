@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.plan.ring import RankSnapshot
 from orchestrator.verify.health import (
+    FIRST_POLL,
     ReadyStage,
     Transport,
     explain_not_ready,
@@ -79,6 +80,25 @@ def test_wait_ready_retries_until_a_real_completion() -> None:
     assert result.completion.token_ids == (46, 74)
     assert result.completion.logprobs == (-0.5, -1.25)
     assert seen == ["health", "health", "health", "completions", "health", "completions"]
+
+
+def test_wait_ready_polls_quickly_at_first_then_backs_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring about to answer is seen within a fraction of a second, not at the next whole
+    interval; one still loading is asked once per `poll_interval`. (The waits are read off
+    asyncio.sleep, not timed.)"""
+    waits: list[float] = []
+
+    async def no_wait(delay: float) -> None:
+        waits.append(round(delay, 3))
+
+    monkeypatch.setattr(asyncio, "sleep", no_wait)
+    transport, _ = scripted([ConnectionRefusedError("refused")] * 6
+                            + [(200, b"{}"), (200, COMPLETION.encode())])
+    result = asyncio.run(wait_ready("http://127.0.0.21:8080", timeout=600, poll_interval=1.0,
+                                    transport=transport))
+    assert result.ready and result.attempts == 7
+    assert waits == [FIRST_POLL, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
 def test_wait_ready_times_out_with_the_last_failure() -> None:
