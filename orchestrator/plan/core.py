@@ -47,6 +47,30 @@ def record_for(cluster: str, resources: Sequence[Resource]) -> dict[str, Any]:
     }
 
 
+def widened_record(record: Mapping[str, Any], changes: Sequence[Change]) -> dict[str, Any]:
+    """`record` plus what `changes` leave owed if they are not (all) carried out: a removal
+    keeps its entry (with the steps that remove it), anything else is listed as ``pending``.
+
+    A run writes this before its first change (`orchestrator.run.apply`): if it is cut or
+    fails, the next plan still removes what was to go, and sees what it had set out to change
+    (`HostFacts.pending`) even where the host cannot show it (a launchd job reloaded after its
+    plist changed runs what it was loaded with, which launchctl does not tell). A plan
+    narrowed with `Plan.only` ends with it for the same reason."""
+    widened = dict(record)
+    resources = list(widened.get("resources", []))
+    listed = {entry["id"] for entry in resources}
+    # Removals are listed newest first in a plan; kept in creation order in the record.
+    removed = [{"id": c.resource, "cleanup": [s.to_json() for s in c.steps]}
+               for c in changes if c.action is Action.DELETE and c.resource not in listed]
+    widened["resources"] = list(reversed(removed)) + resources
+    pending = list(dict.fromkeys([*widened.get("pending", ()),
+                                  *(c.resource for c in changes if c.action is not Action.DELETE
+                                    and c.resource != RECORD_ID)]))
+    if pending:
+        widened["pending"] = pending
+    return widened
+
+
 @dataclass(frozen=True)
 class HostPlan:
     host: str
@@ -100,11 +124,15 @@ class Plan:
     preflight: tuple[NodePreflight, ...] = ()
 
     def only(self, keep: Callable[[str, Change], bool]) -> Plan:
-        """The plan restricted to the changes `keep(host, change)` accepts (records stay as
-        planned)."""
-        hosts = tuple(replace(h, changes=tuple(c for c in h.changes if keep(h.host, c)))
-                      for h in self.hosts)
-        return replace(self, hosts=hosts)
+        """The plan restricted to the changes `keep(host, change)` accepts. Each host's record
+        is then what it holds once just those are applied: the changes left out stay owed
+        (`widened_record`), so the next plan still makes them."""
+        hosts = []
+        for h in self.hosts:
+            kept = tuple(c for c in h.changes if keep(h.host, c))
+            left = [c for c in h.changes if c not in kept]
+            hosts.append(replace(h, changes=kept, record=widened_record(h.record, left)))
+        return replace(self, hosts=tuple(hosts))
 
     @property
     def changes(self) -> list[tuple[str, Change]]:

@@ -27,8 +27,8 @@ import structlog
 from orchestrator.errors import ActionFailed, HostError, HostUnreachable
 from orchestrator.executor import AgentStep, Connection, FileStream, StepState
 from orchestrator.plan import HostPlan, Plan
-from orchestrator.plan.core import RECORD_ID
-from orchestrator.resources.base import Action, Change
+from orchestrator.plan.core import widened_record
+from orchestrator.resources.base import Change
 from orchestrator.resources.steps import Fetch, Payload, Run, Step, Text, Write
 from orchestrator.run.report import LockLeft, RingCheck, TransferSummary
 
@@ -112,25 +112,6 @@ async def _bytes(host: str, payload: Payload) -> bytes | FileStream:
         raise ActionFailed(host, f"controller file {payload.path} cannot be read: {exc}") from exc
 
 
-def _interim_record(host_plan: HostPlan) -> dict[str, Any]:
-    """The final record plus every resource the plan removes: a superset, safe if interrupted.
-
-    It also lists the resources the plan changes as ``pending`` (the final record has none),
-    for state a host cannot show afterwards: a launchd job reloaded after its plist changed
-    runs what it was loaded with, which launchctl does not tell, so a run cut between the
-    write and the reload would leave the old job running with a current plist. Its next plan
-    reads `HostFacts.pending` and reloads it."""
-    record = dict(host_plan.record)
-    resources = list(record.get("resources", []))
-    # Removals are listed newest first in the plan; kept in creation order in the record.
-    removed = [{"id": c.resource, "cleanup": [s.to_json() for s in c.steps]}
-               for c in host_plan.changes if c.action is Action.DELETE]
-    record["resources"] = list(reversed(removed)) + resources
-    record["pending"] = [c.resource for c in host_plan.changes
-                         if c.action is not Action.DELETE and c.resource != RECORD_ID]
-    return record
-
-
 async def apply_host(conn: Connection, host_plan: HostPlan, *,
                      transfers: TransferHook | None = None,
                      state_dir: str = ".orch") -> HostOutcome:
@@ -154,7 +135,8 @@ async def _apply_host(conn: Connection, host_plan: HostPlan,
     try:
         cluster = str(host_plan.record["cluster"])
         await batch.add(None, AgentStep("managed_write", {
-            "record": _interim_record(host_plan), "cluster": cluster, "dir": state_dir}))
+            "record": widened_record(host_plan.record, host_plan.changes), "cluster": cluster,
+            "dir": state_dir}))
         for change in host_plan.changes:
             if transfers is not None and transfers.handles(change):
                 await batch.flush()
