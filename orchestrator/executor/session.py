@@ -131,12 +131,18 @@ class AgentSession:
         connection comes up, so the interpreter starts while other hosts are still dialled,
         and the first call (the lock, on the first host alone) does not wait for it.
 
-        Raises what opening a channel raises (HostUnreachable, ActionFailed); a failure to
-        start is otherwise the first call's to report, as without `start`."""
+        Raises what opening a channel raises (HostUnreachable, ActionFailed, also after the
+        command timeout: a host that stalls the exec); a failure to start is otherwise the
+        first call's to report, as without `start`."""
         self._bind_loop()
         async with self._lock:
             if self._channel is None and self._started is None:
-                self._started = await self._spawn(self._run_argv())
+                try:
+                    async with asyncio.timeout(self._command_timeout):
+                        self._started = await self._spawn(self._run_argv())
+                except TimeoutError:
+                    raise ActionFailed(self.host, "the orch agent's channel did not open in "
+                                                  f"{self._command_timeout:g}s") from None
 
     async def call(
         self, op: str, request: Mapping[str, Any], stdin: bytes | FileStream | None
@@ -298,6 +304,9 @@ class AgentSession:
             status = await channel.finish(CLOSE_WAIT)
             channel.kill()
             return -1 if status is None else status
+        except BaseException:  # timed out or cancelled waiting: nothing else holds the channel
+            channel.kill()
+            raise
         if hello.get("hello") != "orch-agent":
             channel.kill()
             raise ActionFailed(self.host, f"the orch agent greeted with {hello!r}")

@@ -22,6 +22,7 @@ import pytest
 
 from orchestrator.agent import AGENT_FILE, agent_source_hash
 from orchestrator.errors import ActionFailed
+from orchestrator.executor import agentcall
 from orchestrator.executor import session as session_mod
 from orchestrator.executor.base import AgentStep, StepState
 from orchestrator.executor.fake import LocalConnection
@@ -234,16 +235,67 @@ def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
         conn = LocalConnection(home)
         await conn.session.start()
         # started, not waited for: its exec (argv, environment) may come a moment later
-        deadline = asyncio.get_running_loop().time() + 10
-        while not agent_children(home) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        assert len(agent_children(home)) == 1
+        assert await agents_settle(home, 1) == 1
         await conn.close()
         await conn.close()
         return conn.round_trips
 
     assert asyncio.run(scenario()) == 1
-    assert agent_children(home) == []
+    assert asyncio.run(agents_settle(home, 0)) == 0
+
+
+async def agents_settle(home: Path, expected: int, within: float = 10.0) -> int:
+    """How many agents run for `home` once that is `expected`, or after `within` seconds:
+    a process appears in /proc as itself only once it has exec'd, and leaves it once reaped."""
+    deadline = asyncio.get_running_loop().time() + within
+    while len(agent_children(home)) != expected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    return len(agent_children(home))
+
+
+def test_an_agent_that_never_says_hello_is_killed_when_the_call_gives_up(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A started (or spawned) agent whose hello never comes is killed at the call's timeout,
+    not left running until the connection closes."""
+    monkeypatch.setattr(agentcall, "AGENT_GRACE", 0.0)  # the call gives up after 0.5 s
+
+    async def cache_agent() -> None:
+        conn = LocalConnection(home)
+        try:
+            await conn.agent("facts", {})
+        finally:
+            await conn.close()
+
+    asyncio.run(cache_agent())
+    pid_file = tmp_path / "mute.pid"
+    mute = tmp_path / "mute-python"
+    mute.write_text(f"#!/bin/sh\necho $$ > '{pid_file}'\nexec sleep 60\n")
+    mute.chmod(0o755)
+
+    async def scenario() -> None:
+        conn = LocalConnection(home, agent_python=str(mute), command_timeout=0.5)
+        try:
+            await conn.session.start()
+            with pytest.raises(ActionFailed, match="timed out"):
+                await conn.agent("facts", {})
+            pid = int(pid_file.read_text())
+            deadline = asyncio.get_running_loop().time() + 10
+            while _alive(pid) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert not _alive(pid), "the mute agent outlived the call that gave up on it"
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
 
 
 # ------------------------------------------------------------------------------------ batch
