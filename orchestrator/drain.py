@@ -158,7 +158,9 @@ async def roll(cluster_file: Path, node: str, options: RunOptions, *, drain: boo
         # The outage runs from the old ring's last answer before the cut: wait for the probe's
         # first answer (at most PROBE_TIMEOUT), else a quick pre-stage cuts before the probe
         # has heard the old ring at all, and no outage can be told.
-        await probe.asked.wait()
+        asked = asyncio.ensure_future(probe.asked.wait())
+        await asyncio.wait({asked, probing}, return_when=asyncio.FIRST_COMPLETED)
+        asked.cancel()  # still waiting only if the probe ended (raised at `await probing`)
         cut_started = time.time()
         plan, cutover = await engine.apply(declared, options, intent=new,
                                            command=f"orch {'drain' if drain else 'undrain'} "
