@@ -13,7 +13,8 @@ What it converges, exactly:
 * a run set out to change the job and was cut (or failed) before it finished (the managed
   record still lists it as pending, `HostFacts.pending`) → reload it: the plist may be
   current while the job still runs the old one, which launchctl would not tell (it does not
-  show the plist a job was loaded from, only some of its keys);
+  show the plist a job was loaded from, only some of its keys). A run that fails after the
+  reload costs one more reload, never a job left on an old plist;
 * anything else is left as it is: a loaded job runs what it was loaded with, and orch does not
   compare the running job with a plist it did not write.
 
