@@ -43,7 +43,7 @@ class Probe:
     urls: list[str]
     answers: list[tuple[float, str, bool]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    asked: asyncio.Event = field(default_factory=asyncio.Event)  # every URL answered once
+    asked: asyncio.Event = field(default_factory=asyncio.Event)  # set once every URL was asked
 
     async def run(self) -> None:
         while not self.stop.is_set():

@@ -117,7 +117,7 @@ def launchctl(
     (a missing NOPASSWD rule fails instead of hanging), and it is harmless when already root."""
     import subprocess
 
-    argv = [_launchctl(), *args]
+    argv = [_launchctl_path(), *args]
     if privileged:
         argv = ["sudo", "-n", *argv]
     return subprocess.run(
@@ -125,7 +125,7 @@ def launchctl(
     )
 
 
-def _launchctl() -> str:
+def _launchctl_path() -> str:
     tool = which("launchctl")
     if tool is None:
         raise AgentError("launchctl not found on this host")
@@ -137,7 +137,7 @@ def launchd_print(target: str, timeout: float = 60.0) -> str | None:
     from .spawn import TimedOut, run
 
     try:
-        returncode, out = run([_launchctl(), "print", target], timeout, capture=True)
+        returncode, out = run([_launchctl_path(), "print", target], timeout, capture=True)
     except TimedOut:
         raise AgentError(f"launchctl print {target} did not answer in {timeout:g}s") from None
     return out.decode("utf-8", "replace") if returncode == 0 else None

@@ -129,9 +129,11 @@ class Plan:
         (`widened_record`), so the next plan still makes them."""
         hosts = []
         for h in self.hosts:
-            kept = tuple(c for c in h.changes if keep(h.host, c))
-            left = [c for c in h.changes if c not in kept]
-            hosts.append(replace(h, changes=kept, record=widened_record(h.record, left)))
+            kept: list[Change] = []
+            left: list[Change] = []
+            for change in h.changes:
+                (kept if keep(h.host, change) else left).append(change)
+            hosts.append(replace(h, changes=tuple(kept), record=widened_record(h.record, left)))
         return replace(self, hosts=tuple(hosts))
 
     @property

@@ -15,6 +15,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,13 +245,18 @@ def test_a_started_agent_never_called_ends_at_close(home: Path) -> None:
     assert asyncio.run(agents_settle(home, 0)) == 0
 
 
-async def agents_settle(home: Path, expected: int, within: float = 10.0) -> int:
-    """How many agents run for `home` once that is `expected`, or after `within` seconds:
-    a process appears in /proc as itself only once it has exec'd, and leaves it once reaped."""
-    deadline = asyncio.get_running_loop().time() + within
-    while len(agent_children(home)) != expected and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
+async def agents_settle(home: Path, expected: int) -> int:
+    """How many agents run for `home` once that is `expected`, or after 10 s: a process
+    appears in /proc as itself only once it has exec'd, and leaves it once reaped."""
+    await eventually(lambda: len(agent_children(home)) == expected)
     return len(agent_children(home))
+
+
+async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Return once `check()` holds, or after `within` seconds (the caller asserts)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
 
 
 def test_an_agent_that_never_says_hello_is_killed_when_the_call_gives_up(
@@ -279,9 +285,7 @@ def test_an_agent_that_never_says_hello_is_killed_when_the_call_gives_up(
             with pytest.raises(ActionFailed, match="timed out"):
                 await conn.agent("facts", {})
             pid = int(pid_file.read_text())
-            deadline = asyncio.get_running_loop().time() + 10
-            while _alive(pid) and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: not _alive(pid))
             assert not _alive(pid), "the mute agent outlived the call that gave up on it"
         finally:
             await conn.close()
