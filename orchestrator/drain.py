@@ -91,6 +91,9 @@ class RollReport:
                 "first_new_answer": self.first_new_answer,
                 "staged_transfers": self.staged.transfers,
                 "cutover_transfers": self.cutover.transfers,
+                # What the outage was spent on, as "host resource action" lines.
+                "cutover_changes": [f"{host} {change.resource} {change.action.value}"
+                                    for host, change in self.cutover_plan.changes],
                 "health": self.cutover.health.to_json() if self.cutover.health else None}
 
 

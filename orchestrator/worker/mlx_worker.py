@@ -36,7 +36,9 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
 3. pipeline: makes mlx-lm apply ``split`` (see `install_split_hook`) and checks after loading
    that this rank holds exactly its layers; both: pins requests to the loaded model (see
    `install_load_guard`) — or exits if this mlx-lm lacks what those hooks rely on;
-4. forms the group with ``mx.distributed.init(strict=True, backend=...)`` (``ring``, or
+4. on the ring backend, waits until every rank is ready to form it (`rendezvous`: at rank 0's
+   ring endpoint, so that no rank's first connect is refused and backs off for seconds), then
+   forms the group with ``mx.distributed.init(strict=True, backend=...)`` (``ring``, or
    ``jaccl`` for both RDMA backends: ``MLX_JACCL_RING`` picks the ring) and checks its size
    (the default backend silently falls back to a group of 1). A one-node service (world size
    1) forms no group and ignores ``MLX_HOSTFILE``;
@@ -68,6 +70,7 @@ from __future__ import annotations
 
 # os.path on purpose, like the agent: paths travel as JSON strings.
 # ruff: noqa: PTH103, PTH105, PTH116, PTH117, PTH118, PTH120, PTH123, PTH208
+import contextlib
 import hashlib
 import inspect
 import json
@@ -316,6 +319,159 @@ def check_coverage(model_dir: str, files: dict[str, Any], start: int, end: int) 
 
 
 # ----------------------------------------------------------------------------------- mlx hooks
+
+
+# Why a rendezvous before mlx's ring forms: mlx's rank N-1 connects to rank 0 first and the
+# others accept first, and a connect that finds no listener is retried only after 1, 2, 4 then
+# 8 s (FACTS.md). Ranks started together reach ``init`` within milliseconds of each other, so
+# about every other ring start lost a second, and a loaded Mac two or three. Rank 0 therefore
+# listens on its own ring endpoint before mlx does; every other rank checks in there, and when
+# all have, rank 0 says go: the ranks that accept first enter ``init`` at once, rank N-1 a
+# moment later (`LAST_RANK_DELAY`), and rank 0 as soon as it has closed its listener. The
+# protocol is three lines, and the joining rank sends nothing until rank 0's hello names the
+# same ring, so a check-in that reaches mlx's own listener (a rank 0 already in ``init``)
+# never puts a byte on a ring connection: it is dropped unanswered and tried again.
+RENDEZVOUS_VERSION = "1"
+RENDEZVOUS_RETRY = 0.05  # seconds between a rank's attempts to reach rank 0's rendezvous
+RENDEZVOUS_HELLO_WAIT = 2.0  # seconds a joining rank waits for rank 0's hello on a connection
+RENDEZVOUS_GIVE_UP = 60.0  # seconds without a word from rank 0 before a rank exits (code 4)
+# Rank N-1's head start for rank 0, which listens once it has closed its own listener: a few
+# milliseconds, unless the machine is so busy that rank 0 waits for a core (a miss costs mlx's 1 s).
+LAST_RANK_DELAY = 0.2
+MESSAGE_LIMIT = 128  # bytes: every message is one short line
+
+
+def ring_digest(endpoints: list[tuple[str, int]]) -> str:
+    """Names one ring (its ranks' endpoints, in order), so that a rank of an older ring — one
+    node fewer before an undrain — never counts as a member of this one."""
+    canonical = json.dumps([f"{ip}:{port}" for ip, port in endpoints]).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One message without its newline; b"" when the peer closed first."""
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            return b""
+        line += byte
+        if len(line) > MESSAGE_LIMIT:
+            raise OSError("rendezvous message too long")
+    return line[:-1]
+
+
+def hello(digest: str) -> bytes:
+    return f"orch-ring {RENDEZVOUS_VERSION} {digest}\n".encode()
+
+
+def gather_ranks(endpoint: tuple[str, int], size: int, digest: str) -> None:
+    """Rank 0: listen on its ring endpoint until ranks 1..size-1 have all checked in, then
+    tell each to go, and free the endpoint for mlx. Waits as long as mlx's rank 0 would: for
+    ever. A rank whose connection closes before go is forgotten until it checks in again."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound_by = time.monotonic() + RENDEZVOUS_GIVE_UP
+    while True:  # a rank 0 that has just been stopped may hold the endpoint for a moment
+        try:
+            listener.bind(endpoint)
+            break
+        except OSError as exc:
+            if time.monotonic() > bound_by:
+                listener.close()
+                raise WorkerError(EXIT_RING, f"cannot listen on {endpoint[0]}:{endpoint[1]} "
+                                             f"for the other ranks: {exc}") from exc
+            time.sleep(RENDEZVOUS_RETRY)
+    listener.listen(size)
+    ready = selectors.DefaultSelector()
+    ready.register(listener, selectors.EVENT_READ)
+    joined: dict[int, socket.socket] = {}
+    unread: dict[socket.socket, bytes] = {}
+    try:
+        while len(joined) < size - 1:
+            for key, _ in ready.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is listener:
+                    conn, _ = listener.accept()
+                    try:
+                        conn.sendall(hello(digest))
+                    except OSError:
+                        conn.close()
+                        continue
+                    unread[conn] = b""
+                    ready.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = sock.recv(MESSAGE_LIMIT)
+                except OSError:
+                    data = b""
+                rank = next((r for r, s in joined.items() if s is sock), None)
+                if rank is not None or not data:  # a member says nothing more until go
+                    ready.unregister(sock)
+                    sock.close()
+                    unread.pop(sock, None)
+                    if rank is not None:
+                        del joined[rank]
+                    continue
+                unread[sock] += data
+                if b"\n" not in unread[sock] and len(unread[sock]) <= MESSAGE_LIMIT:
+                    continue
+                line = unread.pop(sock).partition(b"\n")[0].decode("ascii", "replace")
+                word, _, number = line.partition(" ")
+                if word != "ready" or not number.isdigit() or not 0 < int(number) < size:
+                    ready.unregister(sock)
+                    sock.close()
+                    continue
+                previous = joined.pop(int(number), None)
+                if previous is not None:  # that rank restarted: its new check-in counts
+                    ready.unregister(previous)
+                    previous.close()
+                joined[int(number)] = sock
+        for _, sock in sorted(joined.items()):  # rank N-1, which connects first, last
+            with contextlib.suppress(OSError):  # gone since: it checks in again, too late
+                sock.sendall(b"go\n")
+    finally:
+        for sock in [*joined.values(), *unread]:
+            sock.close()
+        ready.close()
+        listener.close()
+
+
+def check_in(endpoint: tuple[str, int], rank: int, digest: str) -> None:
+    """A rank other than 0: check in at rank 0's rendezvous and return on its go. Exits (code
+    4) after `RENDEZVOUS_GIVE_UP` seconds without a hello from rank 0, as mlx's rank would."""
+    expected = hello(digest)[:-1]
+    give_up = time.monotonic() + RENDEZVOUS_GIVE_UP
+    while True:
+        try:
+            with socket.create_connection(endpoint, timeout=RENDEZVOUS_HELLO_WAIT) as sock:
+                if read_line(sock) == expected:
+                    give_up = time.monotonic() + RENDEZVOUS_GIVE_UP
+                    sock.sendall(f"ready {rank}\n".encode())
+                    sock.settimeout(None)  # rank 0 waits for the others as long as it takes
+                    if read_line(sock) == b"go":
+                        return
+        except OSError:  # not listening yet, mlx's listener (no hello), or rank 0 went away
+            pass
+        if time.monotonic() > give_up:
+            raise WorkerError(EXIT_RING, f"rank 0 at {endpoint[0]}:{endpoint[1]} did not "
+                                         f"answer for {RENDEZVOUS_GIVE_UP:g} s")
+        time.sleep(RENDEZVOUS_RETRY)
+
+
+def rendezvous(endpoints: list[tuple[str, int]], rank: int) -> None:
+    """Hold this rank until every rank is ready to form the ring; see the comment above."""
+    digest, (ip, port) = ring_digest(endpoints), endpoints[0]
+    started = time.monotonic()
+    if rank == 0:
+        log(f"waiting at {ip}:{port} for ranks 1..{len(endpoints) - 1} to be ready")
+        gather_ranks(endpoints[0], len(endpoints), digest)
+    else:
+        check_in(endpoints[0], rank, digest)
+        if rank == len(endpoints) - 1:
+            time.sleep(LAST_RANK_DELAY)
+    log(f"every rank ready after {time.monotonic() - started:.2f} s; forming the ring")
 
 
 def init_ring(expected_world_size: int, rank: int, backend: str = "ring") -> Any:
@@ -601,9 +757,11 @@ def main(argv: list[str]) -> None:
         else:
             status.set(state="ring")
             log(f"verified {len(config['files'])} files; forming a {backend} group of {size}")
-            init_ring(size, rank, backend)
             if backend == "ring":
                 endpoints = hostfile_endpoints(os.environ["MLX_HOSTFILE"])
+                rendezvous(endpoints, rank)
+            init_ring(size, rank, backend)
+            if backend == "ring":
                 socks = ring_sockets(endpoints, endpoints[rank])
                 watch_ring(status, socks)
                 if rank > 0 and install_idle_wait(socks):

@@ -7,7 +7,6 @@ import asyncio
 import json
 from pathlib import Path
 
-from orchestrator.drain import PROBE_INTERVAL
 from orchestrator.verify.health import chat_completion
 from tests.e2e.conftest import MAX_TOKENS, PROMPT, Serving
 
@@ -47,9 +46,12 @@ def roll_out_and_back(serving: Serving, inventory: Path, original: str) -> None:
     assert back["outage_s"] is not None and back["outage_s"] >= 0, back
     print(f"undrain outage: {back['outage_s']:.2f} s")
     # The returning node's environment, wheelhouse and files were staged while the old ring
-    # served (issue #13 item 12): the cut-over only restarts ranks, as a drain's does. The
-    # floor is the probe's own resolution (an answer every PROBE_INTERVAL at best).
-    assert back["outage_s"] <= 2 * max(report["outage_s"], 4 * PROBE_INTERVAL), (report, back)
+    # served (issue #13 item 12): the cut-over only restarts ranks, as a drain's does. Said by
+    # what the outage was spent on, not by its length, which a busy machine stretches.
+    worker = "launchd:system/com.orch.sandbox.worker"
+    configs = [f"file:~/.orch/serve/sandbox/{name}" for name in ("hostfile.json", "worker.json")]
+    restarts = [f"{host} {r} update" for host in ("mac1", "mac2") for r in (*configs, worker)]
+    assert sorted(back["cutover_changes"]) == sorted([*restarts, f"mac3 {worker} create"]), back
     assert back["cutover_transfers"] is None or back["cutover_transfers"]["files"] == 0, back
     assert inventory.read_text() == original, "comments and layout must survive"
     status = json.loads(serving.orch("status", "--json").stdout)
