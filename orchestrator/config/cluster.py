@@ -78,6 +78,7 @@ class Runtime:
     api_port: int = 8080
     ring_port: int = 47100
     sync_port: int = 47300
+    rendezvous_port: int = 47200
     env: tuple[tuple[str, str], ...] = ()  # extra worker environment, sorted
     throttle_interval: int = 10
     dir: str = ".orch"

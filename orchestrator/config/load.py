@@ -94,6 +94,7 @@ def load_cluster(path: Path) -> Cluster:
             api_port=spec.runtime.api_port,
             ring_port=spec.runtime.ring_port,
             sync_port=spec.runtime.sync_port,
+            rendezvous_port=spec.runtime.rendezvous_port,
             env=tuple(sorted(spec.runtime.env.items())),
             throttle_interval=spec.runtime.throttle_interval,
             dir=spec.runtime.dir,

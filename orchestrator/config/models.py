@@ -161,6 +161,8 @@ class RuntimeSection(_Strict):
     api_port: Port = Field(8080, description="port of rank 0's OpenAI-compatible API")
     ring_port: Port = Field(47100, description="port each rank's ring listens on")
     sync_port: Port = Field(47300, description="port nodes serve model files to peers on")
+    rendezvous_port: Port = Field(
+        47200, description="port on rank 0's ring_ip where the ranks meet before the ring forms")
     env: dict[str, str] = Field(default_factory=dict,
                                 description="extra environment for the workers, e.g. "
                                             "MLX_RING_VERBOSE: '1'")
@@ -174,6 +176,18 @@ class RuntimeSection(_Strict):
         "ring", description="MLX's distributed backend: ring (TCP over ring_ip), jaccl (RDMA "
                             "over Thunderbolt 5, a cable between every two nodes), jaccl-ring "
                             "(RDMA, a ring of cables); jaccl needs the hosts' `rdma` devices")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> RuntimeSection:
+        """Two services on one port: the second fails to bind only on the Macs, at run time."""
+        ports = {"api_port": self.api_port, "ring_port": self.ring_port,
+                 "sync_port": self.sync_port, "rendezvous_port": self.rendezvous_port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both {port}; each needs its own")
+            seen[port] = name
+        return self
 
 
 class TemplateTask(_Strict):

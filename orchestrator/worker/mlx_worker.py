@@ -25,7 +25,8 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
         "parallelism": "pipeline" | "tensor",   optional, default pipeline; tensor: every rank
                                                 holds 1/N of every layer, ``split`` is the
                                                 layer count per rank ([L, L, ...])
-        "backend": "ring" | "jaccl" | "jaccl-ring"}   optional, default ring
+        "backend": "ring" | "jaccl" | "jaccl-ring",   optional, default ring
+        "rendezvous": "ip:port"}   optional; ring backend: where rank 0 gathers the ranks
 
 2. verifies every listed file (size, then sha256) — **a missing weight file does not fail
    mlx-lm's load: those layers silently keep random weights**. A verified file gets a stamp in
@@ -36,8 +37,8 @@ It does, in this order, and refuses to go on (exit code below, reason on stderr)
 3. pipeline: makes mlx-lm apply ``split`` (see `install_split_hook`) and checks after loading
    that this rank holds exactly its layers; both: pins requests to the loaded model (see
    `install_load_guard`) — or exits if this mlx-lm lacks what those hooks rely on;
-4. on the ring backend, waits until every rank is ready to form it (`rendezvous`: at rank 0's
-   ring endpoint, so that no rank's first connect is refused and backs off for seconds), then
+4. on the ring backend with a ``rendezvous``, waits until every rank is ready to form it
+   (`rendezvous`, so that no rank's first connect is refused and backs off for seconds), then
    forms the group with ``mx.distributed.init(strict=True, backend=...)`` (``ring``, or
    ``jaccl`` for both RDMA backends: ``MLX_JACCL_RING`` picks the ring) and checks its size
    (the default backend silently falls back to a group of 1). A one-node service (world size
@@ -96,8 +97,9 @@ STAMP_DIR = ".orch-verified"
 INDEX = "model.safetensors.index.json"
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # mlx_lm.utils.sharded_load's rule
 CONFIG_KEYS = {"model_dir", "split", "host", "port", "expected_world_size", "files",
-               "status_path", "server_args", "parallelism", "backend"}
-REQUIRED_KEYS = CONFIG_KEYS - {"status_path", "server_args", "parallelism", "backend"}
+               "status_path", "server_args", "parallelism", "backend", "rendezvous"}
+REQUIRED_KEYS = CONFIG_KEYS - {"status_path", "server_args", "parallelism", "backend",
+                               "rendezvous"}
 PARALLELISMS = ("pipeline", "tensor")
 BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
@@ -193,6 +195,10 @@ def _config_problems(c: dict[str, Any]) -> list[str]:
         problems.append("tensor parallelism: split must give every rank every layer")
     if c.get("backend", "ring") not in BACKENDS:
         problems.append(f"backend must be one of {', '.join(BACKENDS)}")
+    point = c.get("rendezvous")
+    if point is not None and not (isinstance(point, str)
+                                  and re.fullmatch(r"[0-9.]+:[0-9]{1,5}", point)):
+        problems.append("rendezvous must be \"ipv4:port\"")
     return problems
 
 
@@ -324,17 +330,18 @@ def check_coverage(model_dir: str, files: dict[str, Any], start: int, end: int) 
 # Why a rendezvous before mlx's ring forms: mlx's rank N-1 connects to rank 0 first and the
 # others accept first, and a connect that finds no listener is retried only after 1, 2, 4 then
 # 8 s (FACTS.md). Ranks started together reach ``init`` within milliseconds of each other, so
-# about every other ring start lost a second, and a loaded Mac two or three. Rank 0 therefore
-# listens on its own ring endpoint before mlx does; every other rank checks in there, and when
-# all have, rank 0 says go: the ranks that accept first enter ``init`` at once, rank N-1 a
-# moment later (`LAST_RANK_DELAY`), and rank 0 as soon as it has closed its listener. The
-# protocol is three lines, and the joining rank sends nothing until rank 0's hello names the
-# same ring, so a check-in that reaches mlx's own listener (a rank 0 already in ``init``)
-# never puts a byte on a ring connection: it is dropped unanswered and tried again.
+# about every other ring start lost a second, and a loaded Mac two or three. So rank 0 first
+# listens on a port of its own (``rendezvous`` in the config: rank 0's ring IP and
+# ``runtime.rendezvous_port``, never a ring port, so that no check-in can ever reach mlx's
+# listener); every other rank checks in there, and once all have, rank 0 closes it and says
+# go: the ranks that accept first enter ``init`` at once, rank N-1 a moment later
+# (`LAST_RANK_DELAY`), rank 0 right away. Three short lines: rank 0's hello names the ring
+# (`ring_digest`), so a rank of an older ring (one node fewer, before an undrain) never counts.
+# A rank waits for rank 0 as long as it takes, as mlx's ranks that accept first do.
 RENDEZVOUS_VERSION = "1"
 RENDEZVOUS_RETRY = 0.05  # seconds between a rank's attempts to reach rank 0's rendezvous
 RENDEZVOUS_HELLO_WAIT = 2.0  # seconds a joining rank waits for rank 0's hello on a connection
-RENDEZVOUS_GIVE_UP = 60.0  # seconds without a word from rank 0 before a rank exits (code 4)
+RENDEZVOUS_NOTICE = 30.0  # seconds between "still waiting" lines in the worker's log
 # Rank N-1's head start for rank 0, which listens once it has closed its own listener: a few
 # milliseconds, unless the machine is so busy that rank 0 waits for a core (a miss costs mlx's 1 s).
 LAST_RANK_DELAY = 0.2
@@ -342,10 +349,14 @@ MESSAGE_LIMIT = 128  # bytes: every message is one short line
 
 
 def ring_digest(endpoints: list[tuple[str, int]]) -> str:
-    """Names one ring (its ranks' endpoints, in order), so that a rank of an older ring — one
-    node fewer before an undrain — never counts as a member of this one."""
+    """Names one ring: its ranks' endpoints, in order."""
     canonical = json.dumps([f"{ip}:{port}" for ip, port in endpoints]).encode()
     return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def read_line(sock: socket.socket) -> bytes:
@@ -365,110 +376,149 @@ def hello(digest: str) -> bytes:
     return f"orch-ring {RENDEZVOUS_VERSION} {digest}\n".encode()
 
 
-def gather_ranks(endpoint: tuple[str, int], size: int, digest: str) -> None:
-    """Rank 0: listen on its ring endpoint until ranks 1..size-1 have all checked in, then
-    tell each to go, and free the endpoint for mlx. Waits as long as mlx's rank 0 would: for
-    ever. A rank whose connection closes before go is forgotten until it checks in again."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    bound_by = time.monotonic() + RENDEZVOUS_GIVE_UP
-    while True:  # a rank 0 that has just been stopped may hold the endpoint for a moment
-        try:
-            listener.bind(endpoint)
-            break
-        except OSError as exc:
-            if time.monotonic() > bound_by:
-                listener.close()
-                raise WorkerError(EXIT_RING, f"cannot listen on {endpoint[0]}:{endpoint[1]} "
-                                             f"for the other ranks: {exc}") from exc
-            time.sleep(RENDEZVOUS_RETRY)
-    listener.listen(size)
-    ready = selectors.DefaultSelector()
-    ready.register(listener, selectors.EVENT_READ)
-    joined: dict[int, socket.socket] = {}
-    unread: dict[socket.socket, bytes] = {}
+def keep_alive(sock: socket.socket) -> None:
+    """TCP keepalive (`KEEPALIVE`): a peer gone without a FIN (power, cable) is seen in ~25 s."""
     try:
-        while len(joined) < size - 1:
-            for key, _ in ready.select():
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in KEEPALIVE:
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    except OSError:
+        pass
+
+
+class Gathering:
+    """Rank 0's side: who has checked in, on which connection, and what each has sent."""
+
+    def __init__(self, size: int, digest: str) -> None:
+        self.size, self.greeting = size, hello(digest)
+        self.selector = selectors.DefaultSelector()
+        self.joined: dict[int, socket.socket] = {}
+        self.unread: dict[socket.socket, bytes] = {}
+
+    def complete(self) -> bool:
+        return len(self.joined) == self.size - 1
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+            conn.setblocking(True)
+            keep_alive(conn)
+            conn.sendall(self.greeting)
+        except OSError:  # gone between its connect and this accept
+            return
+        self.unread[conn] = b""
+        self.selector.register(conn, selectors.EVENT_READ)
+
+    def drop(self, sock: socket.socket) -> None:
+        self.selector.unregister(sock)
+        sock.close()
+        self.unread.pop(sock, None)
+        for rank, member in list(self.joined.items()):
+            if member is sock:
+                del self.joined[rank]
+
+    def read(self, sock: socket.socket) -> None:
+        """A check-in line, or a member's close (it died, or restarted: it checks in again)."""
+        try:
+            data = sock.recv(MESSAGE_LIMIT)
+        except OSError:
+            data = b""
+        if sock not in self.unread or not data:  # a member says nothing until go
+            self.drop(sock)
+            return
+        self.unread[sock] += data
+        if b"\n" not in self.unread[sock]:
+            if len(self.unread[sock]) > MESSAGE_LIMIT:
+                self.drop(sock)
+            return
+        line = self.unread.pop(sock).partition(b"\n")[0].decode("ascii", "replace")
+        word, _, number = line.partition(" ")
+        if word != "ready" or not number.isdigit() or not 0 < int(number) < self.size:
+            self.drop(sock)
+            return
+        previous = self.joined.get(int(number))
+        if previous is not None:  # that rank restarted: its new check-in counts
+            self.drop(previous)
+        self.joined[int(number)] = sock
+
+    def close(self) -> None:
+        for sock in [*self.joined.values(), *self.unread]:
+            sock.close()
+        self.selector.close()
+
+
+def gather_ranks(point: tuple[str, int], size: int, digest: str) -> None:
+    """Rank 0: listen at the rendezvous until ranks 1..size-1 of this ring have all checked in,
+    close it, and tell each to go. A rank whose connection closes before go is forgotten until
+    it checks in again."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    gathering = Gathering(size, digest)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(point)
+        listener.listen(size)
+        listener.setblocking(False)
+        gathering.selector.register(listener, selectors.EVENT_READ)
+        while not gathering.complete():
+            for key, _ in gathering.selector.select():
                 sock = key.fileobj
                 assert isinstance(sock, socket.socket)
                 if sock is listener:
-                    conn, _ = listener.accept()
-                    try:
-                        conn.sendall(hello(digest))
-                    except OSError:
-                        conn.close()
-                        continue
-                    unread[conn] = b""
-                    ready.register(conn, selectors.EVENT_READ)
-                    continue
-                try:
-                    data = sock.recv(MESSAGE_LIMIT)
-                except OSError:
-                    data = b""
-                rank = next((r for r, s in joined.items() if s is sock), None)
-                if rank is not None or not data:  # a member says nothing more until go
-                    ready.unregister(sock)
-                    sock.close()
-                    unread.pop(sock, None)
-                    if rank is not None:
-                        del joined[rank]
-                    continue
-                unread[sock] += data
-                if b"\n" not in unread[sock] and len(unread[sock]) <= MESSAGE_LIMIT:
-                    continue
-                line = unread.pop(sock).partition(b"\n")[0].decode("ascii", "replace")
-                word, _, number = line.partition(" ")
-                if word != "ready" or not number.isdigit() or not 0 < int(number) < size:
-                    ready.unregister(sock)
-                    sock.close()
-                    continue
-                previous = joined.pop(int(number), None)
-                if previous is not None:  # that rank restarted: its new check-in counts
-                    ready.unregister(previous)
-                    previous.close()
-                joined[int(number)] = sock
-        for _, sock in sorted(joined.items()):  # rank N-1, which connects first, last
-            with contextlib.suppress(OSError):  # gone since: it checks in again, too late
+                    gathering.accept(listener)
+                elif sock.fileno() != -1:  # not dropped earlier in this same batch
+                    gathering.read(sock)
+        gathering.selector.unregister(listener)
+        listener.close()
+        for _, sock in sorted(gathering.joined.items()):  # rank N-1, which connects first, last
+            with contextlib.suppress(OSError):  # gone since: mlx's connect or accept fails
                 sock.sendall(b"go\n")
+    except OSError as exc:
+        raise WorkerError(EXIT_RING, f"the rendezvous at {point[0]}:{point[1]} failed: "
+                                     f"{exc}") from exc
     finally:
-        for sock in [*joined.values(), *unread]:
-            sock.close()
-        ready.close()
+        gathering.close()
         listener.close()
 
 
-def check_in(endpoint: tuple[str, int], rank: int, digest: str) -> None:
-    """A rank other than 0: check in at rank 0's rendezvous and return on its go. Exits (code
-    4) after `RENDEZVOUS_GIVE_UP` seconds without a hello from rank 0, as mlx's rank would."""
+def check_in(point: tuple[str, int], rank: int, digest: str,
+             give_up: float | None = None) -> None:
+    """A rank other than 0: check in at rank 0's rendezvous and return on its go. Waits for
+    rank 0 as long as it takes, unless `give_up` (seconds without a hello) says otherwise."""
     expected = hello(digest)[:-1]
-    give_up = time.monotonic() + RENDEZVOUS_GIVE_UP
+    started = last_hello = last_notice = time.monotonic()
     while True:
         try:
-            with socket.create_connection(endpoint, timeout=RENDEZVOUS_HELLO_WAIT) as sock:
+            with socket.create_connection(point, timeout=RENDEZVOUS_HELLO_WAIT) as sock:
                 if read_line(sock) == expected:
-                    give_up = time.monotonic() + RENDEZVOUS_GIVE_UP
+                    last_hello = time.monotonic()
                     sock.sendall(f"ready {rank}\n".encode())
                     sock.settimeout(None)  # rank 0 waits for the others as long as it takes
+                    keep_alive(sock)
                     if read_line(sock) == b"go":
                         return
-        except OSError:  # not listening yet, mlx's listener (no hello), or rank 0 went away
+        except OSError:  # not listening yet, or rank 0 went away (it restarted, or died)
             pass
-        if time.monotonic() > give_up:
-            raise WorkerError(EXIT_RING, f"rank 0 at {endpoint[0]}:{endpoint[1]} did not "
-                                         f"answer for {RENDEZVOUS_GIVE_UP:g} s")
+        now = time.monotonic()
+        if give_up is not None and now - last_hello > give_up:
+            raise WorkerError(EXIT_RING, f"rank 0's rendezvous at {point[0]}:{point[1]} did "
+                                         f"not answer for {give_up:g} s")
+        if now - last_notice > RENDEZVOUS_NOTICE:
+            last_notice = now
+            log(f"still waiting for rank 0 at {point[0]}:{point[1]} "
+                f"({now - started:.0f} s)")
         time.sleep(RENDEZVOUS_RETRY)
 
 
-def rendezvous(endpoints: list[tuple[str, int]], rank: int) -> None:
+def rendezvous(point: tuple[str, int], endpoints: list[tuple[str, int]], rank: int) -> None:
     """Hold this rank until every rank is ready to form the ring; see the comment above."""
-    digest, (ip, port) = ring_digest(endpoints), endpoints[0]
+    digest = ring_digest(endpoints)
     started = time.monotonic()
     if rank == 0:
-        log(f"waiting at {ip}:{port} for ranks 1..{len(endpoints) - 1} to be ready")
-        gather_ranks(endpoints[0], len(endpoints), digest)
+        log(f"waiting at {point[0]}:{point[1]} for ranks 1..{len(endpoints) - 1} to be ready")
+        gather_ranks(point, len(endpoints), digest)
     else:
-        check_in(endpoints[0], rank, digest)
+        check_in(point, rank, digest)
         if rank == len(endpoints) - 1:
             time.sleep(LAST_RANK_DELAY)
     log(f"every rank ready after {time.monotonic() - started:.2f} s; forming the ring")
@@ -554,13 +604,7 @@ def watch_ring(status: Status, socks: list[socket.socket]) -> None:
         log("no ring connection found to watch; a broken ring will not be noticed")
         return
     for sock in socks:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            for option, value in KEEPALIVE:
-                if hasattr(socket, option):
-                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
-        except OSError:
-            pass
+        keep_alive(sock)
 
     peers = []
     for sock in socks:
@@ -759,7 +803,8 @@ def main(argv: list[str]) -> None:
             log(f"verified {len(config['files'])} files; forming a {backend} group of {size}")
             if backend == "ring":
                 endpoints = hostfile_endpoints(os.environ["MLX_HOSTFILE"])
-                rendezvous(endpoints, rank)
+                if config.get("rendezvous"):
+                    rendezvous(parse_endpoint(config["rendezvous"]), endpoints, rank)
             init_ring(size, rank, backend)
             if backend == "ring":
                 socks = ring_sockets(endpoints, endpoints[rank])

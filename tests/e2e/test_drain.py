@@ -45,6 +45,9 @@ def roll_out_and_back(serving: Serving, inventory: Path, original: str) -> None:
     back = json.loads(undrained.stdout)
     assert back["outage_s"] is not None and back["outage_s"] >= 0, back
     print(f"undrain outage: {back['outage_s']:.2f} s")
+    # Not a speed check: a rank stuck at the rendezvous or a ring that formed only on a retry
+    # (tens of seconds) would still pass the rest. Typical here: 3-5 s.
+    assert back["outage_s"] < 30, back
     # The returning node's environment, wheelhouse and files were staged while the old ring
     # served (issue #13 item 12): the cut-over only restarts ranks, as a drain's does. Said by
     # what the outage was spent on, not by its length, which a busy machine stretches.

@@ -33,10 +33,11 @@ if rank == 0:  # the last: once the others have announced they are ready, and a 
 ready_at = time.monotonic()
 if rank > 0:
     open(os.path.join(flags, str(rank)), "w").close()
-if sys.argv[1] == "rendezvous":
-    mlx_worker.rendezvous(endpoints, rank)
+if sys.argv[1] != "mlx alone":
+    mlx_worker.rendezvous(mlx_worker.parse_endpoint(sys.argv[1]), endpoints, rank)
 group = mlx_worker.init_ring(len(endpoints), rank)
-print(json.dumps({"rank": group.rank(), "ready_at": ready_at}))
+total = mx.distributed.all_sum(mx.array([rank + 1.0]), group=group).item()  # the ring works
+print(json.dumps({"rank": group.rank(), "ready_at": ready_at, "sum": total}))
 """
 
 
@@ -50,21 +51,28 @@ def form_ring(tmp_path: Path, how: str) -> tuple[list[dict[str, float]], list[st
     """Every rank's report and stderr (mlx's verbose ring log), by rank."""
     hostfile = tmp_path / f"hostfile-{how}.json"
     hostfile.write_text(render_hostfile([(ip, free_port(ip)) for ip in IPS]))
+    # rank 0's ring IP, on a port of its own (runtime.rendezvous_port)
+    meet = how if how == "mlx alone" else f"{IPS[0]}:{free_port(IPS[0])}"
     flags = tmp_path / f"ready-{how}"
     flags.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLX_")}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, how, str(RANK_0_LATE),
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, meet, str(RANK_0_LATE),
                                str(flags)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile),
                                    "MLX_RING_VERBOSE": "1"})
              for rank in range(len(IPS))]
     reports, logs = [], []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        reports.append(json.loads(out.strip().splitlines()[-1]))
-        logs.append(err)
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+            logs.append(err)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
     return reports, logs
 
 
@@ -74,6 +82,7 @@ def test_the_last_rank_to_be_ready_costs_no_back_off_with_the_rendezvous(
 ) -> None:
     reports, logs = form_ring(tmp_path, how)
     assert [r["rank"] for r in reports] == [0, 1, 2]
+    assert all(r["sum"] == 6 for r in reports), reports
     rank_0_ready = reports[0]["ready_at"]
     assert all(r["ready_at"] < rank_0_ready for r in reports[1:]), "rank 0 was not the last"
     # Rank 2 connects to rank 0 first (the others accept first). Rank 1's later connect to

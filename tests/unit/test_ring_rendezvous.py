@@ -1,7 +1,6 @@
 """The worker's rendezvous before mlx's ring forms, on plain loopback sockets: rank 0 says go only
 when every other rank of the same ring has checked in, a rank that left before go must check in
-again, and a joining rank never writes a byte to a listener that is not rank 0's rendezvous
-(mlx's own, once rank 0 is inside ``init``)."""
+again, and neither a rank of another ring nor a malformed or repeated check-in counts."""
 
 from __future__ import annotations
 
@@ -64,105 +63,112 @@ def start(call: Callable[[], None]) -> Rank:
 
 
 @pytest.fixture
-def quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short waits, so that the give-up paths end in a fraction of a second."""
-    monkeypatch.setattr(mlx_worker, "RENDEZVOUS_RETRY", 0.01)
-    monkeypatch.setattr(mlx_worker, "RENDEZVOUS_HELLO_WAIT", 0.2)
-    monkeypatch.setattr(mlx_worker, "RENDEZVOUS_GIVE_UP", 0.6)
-
-
-@pytest.fixture
 def ring() -> Iterator[list[Endpoint]]:
     yield [free_endpoint(), free_endpoint(), free_endpoint()]
 
 
-def test_no_rank_goes_before_every_rank_has_checked_in(ring: list[Endpoint]) -> None:
+@pytest.fixture
+def point() -> Endpoint:
+    """Rank 0's rendezvous: its own port, never one of the ring's."""
+    return free_endpoint()
+
+
+def test_no_rank_goes_before_every_rank_has_checked_in(
+    ring: list[Endpoint], point: Endpoint,
+) -> None:
     # The last rank first, rank 0 in between, rank 1 last: the order that cost mlx's rank 2
     # its first connect (refused, then a one-second back-off).
-    last = start(lambda: mlx_worker.rendezvous(ring, 2))
+    last = start(lambda: mlx_worker.rendezvous(point, ring, 2))
     time.sleep(0.2)
-    first = start(lambda: mlx_worker.rendezvous(ring, 0))
+    first = start(lambda: mlx_worker.rendezvous(point, ring, 0))
     time.sleep(0.3)
     assert last.is_alive() and first.is_alive(), "went before rank 1 was ready"
     checked_in_at = time.monotonic()
-    middle = start(lambda: mlx_worker.rendezvous(ring, 1))
+    middle = start(lambda: mlx_worker.rendezvous(point, ring, 1))
     for rank in (first.done(), middle.done(), last.done()):
         assert rank.returned_at >= checked_in_at
-    # rank 2 connects to rank 0 first: it gives rank 0 a head start to be listening.
-    assert last.returned_at - first.returned_at >= mlx_worker.LAST_RANK_DELAY * 0.9
+    # rank 2 connects to rank 0 first: it gives rank 0 a head start (LAST_RANK_DELAY) to be
+    # listening, so it goes after rank 0 and rank 1 (which accept first) have.
+    assert last.returned_at > max(first.returned_at, middle.returned_at)
 
 
-def test_a_rank_that_left_before_go_is_waited_for_again(ring: list[Endpoint]) -> None:
-    gathering = start(lambda: mlx_worker.rendezvous(ring, 0))
+def test_a_rank_that_left_before_go_is_waited_for_again(
+    ring: list[Endpoint], point: Endpoint,
+) -> None:
+    gathering = start(lambda: mlx_worker.rendezvous(point, ring, 0))
     digest = mlx_worker.ring_digest(ring)
-    with connect(ring[0]) as gone:  # rank 1, then its process dies
+    with connect(point) as gone:  # rank 1, then its process dies
         assert mlx_worker.read_line(gone) == mlx_worker.hello(digest)[:-1]
         gone.sendall(b"ready 1\n")
         time.sleep(0.1)
-    last = start(lambda: mlx_worker.rendezvous(ring, 2))
+    last = start(lambda: mlx_worker.rendezvous(point, ring, 2))
     time.sleep(0.5)
     assert gathering.is_alive() and last.is_alive(), "rank 1 counted after it had left"
-    middle = start(lambda: mlx_worker.rendezvous(ring, 1))  # rank 1, restarted by launchd
+    middle = start(lambda: mlx_worker.rendezvous(point, ring, 1))  # rank 1, restarted by launchd
     for rank in (gathering, middle, last):
         rank.done()
 
 
-def test_a_rank_of_another_ring_does_not_count(ring: list[Endpoint], quick: None) -> None:
-    """An undrain's new ring has one rank more than the old one: ranks of the old ring still
-    checking in (the same rank 0 endpoint) are not members of the new one."""
+def test_a_rank_of_another_ring_does_not_count(ring: list[Endpoint], point: Endpoint) -> None:
+    """An undrain's new ring has one rank more than the old one: a rank of the old ring still
+    checking in at the same rendezvous is not a member of the new one."""
     two = ring[:2]
-    gathering = start(lambda: mlx_worker.rendezvous(two, 0))
+    gathering = start(lambda: mlx_worker.rendezvous(point, two, 0))
     with pytest.raises(mlx_worker.WorkerError) as refused:
-        mlx_worker.rendezvous(ring, 1)  # the same rank 0 endpoint, another ring
+        mlx_worker.check_in(point, 1, mlx_worker.ring_digest(ring), give_up=0.5)
     assert refused.value.code == mlx_worker.EXIT_RING
     assert gathering.is_alive()
-    start(lambda: mlx_worker.rendezvous(two, 1)).done()
+    start(lambda: mlx_worker.rendezvous(point, two, 1)).done()
     gathering.done()
 
 
-def test_a_check_in_writes_nothing_to_a_listener_that_sends_no_hello(
-    ring: list[Endpoint], quick: None,
+def test_a_check_in_split_across_reads_and_a_repeated_one_count_once(
+    ring: list[Endpoint], point: Endpoint,
 ) -> None:
-    """mlx's own listener (rank 0 already inside ``init``) accepts and stays silent: a byte
-    written there would be read as tensor data by the ring's first collective."""
-    received: list[bytes] = []
-    listener = socket.create_server(ring[0])
-    listener.settimeout(0.1)
-
-    def mute() -> None:
-        end = time.monotonic() + 2
-        while time.monotonic() < end:
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                conn.settimeout(1.0)
-                try:
-                    while chunk := conn.recv(64):
-                        received.append(chunk)
-                except OSError:
-                    pass
-
-    silent = threading.Thread(target=mute, daemon=True)
-    silent.start()
-    try:
-        with pytest.raises(mlx_worker.WorkerError) as gave_up:
-            mlx_worker.rendezvous(ring, 2)
-        assert "did not answer" in str(gave_up.value)
-    finally:
-        silent.join(5)
-        listener.close()
-    assert received == []
+    gathering = start(lambda: mlx_worker.rendezvous(point, ring, 0))
+    digest = mlx_worker.ring_digest(ring)
+    with connect(point) as first, connect(point) as again:
+        for sock in (first, again):
+            assert mlx_worker.read_line(sock) == mlx_worker.hello(digest)[:-1]
+        first.sendall(b"rea")
+        time.sleep(0.1)
+        first.sendall(b"dy 1\n")
+        time.sleep(0.1)
+        again.sendall(b"ready 1\n")  # rank 1 restarted: its new check-in replaces the old
+        assert mlx_worker.read_line(first) == b"", "the replaced check-in must be closed"
+        time.sleep(0.2)
+        assert gathering.is_alive(), "rank 1 counted twice: rank 2 has not checked in"
+        last = start(lambda: mlx_worker.rendezvous(point, ring, 2))
+        assert mlx_worker.read_line(again) == b"go"
+        gathering.done()
+        last.done()
 
 
-def test_a_malformed_check_in_is_dropped_and_the_ring_still_forms(ring: list[Endpoint]) -> None:
+def test_rank_0_waits_for_a_rank_as_long_as_it_takes(ring: list[Endpoint], point: Endpoint,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlx's ranks that accept first wait for ever; so does a rank waiting for rank 0, saying
+    so in its log now and then."""
+    monkeypatch.setattr(mlx_worker, "RENDEZVOUS_NOTICE", 0.2)
+    said: list[str] = []
+    monkeypatch.setattr(mlx_worker, "log", said.append)
+    waiting = start(lambda: mlx_worker.rendezvous(point, ring[:2], 1))
+    time.sleep(0.7)
+    assert waiting.is_alive()
+    assert any(line.startswith(f"still waiting for rank 0 at {point[0]}:{point[1]}")
+               for line in said), said
+    start(lambda: mlx_worker.rendezvous(point, ring[:2], 0)).done()
+    waiting.done()
+
+
+def test_a_malformed_check_in_is_dropped_and_the_ring_still_forms(
+    ring: list[Endpoint], point: Endpoint,
+) -> None:
     two = ring[:2]
-    gathering = start(lambda: mlx_worker.rendezvous(two, 0))
-    with connect(two[0]) as stranger:
+    gathering = start(lambda: mlx_worker.rendezvous(point, two, 0))
+    with connect(point) as stranger:
         mlx_worker.read_line(stranger)
         stranger.sendall(b"ready 7\n")  # no such rank
         assert mlx_worker.read_line(stranger) == b"", "a bad check-in must be closed"
     assert gathering.is_alive()
-    start(lambda: mlx_worker.rendezvous(two, 1)).done()
+    start(lambda: mlx_worker.rendezvous(point, two, 1)).done()
     gathering.done()

@@ -82,6 +82,8 @@ CASES = [
         "address: 10.0.0.2", "address: »10.0.0.300")), "not a valid IP address"),
     Case("port-out-of-range", _c(inv_yml=INVENTORY + "    port: »70000\n"),
          "less than or equal to 65535", schema=True),
+    Case("ports-shared", _c(cluster_yml=CLUSTER + "runtime:\n  »sync_port: 8080\n"),
+         "sync_port and api_port are both 8080"),
     Case("api-port-zero", _c(cluster_yml=CLUSTER + "runtime:\n  api_port: »0\n"),
          "greater than or equal to 1", schema=True),
     Case("inventory-missing", _c(cluster_yml=CLUSTER.replace("inventory: inv.yml",

@@ -188,6 +188,7 @@ def test_worker_config_has_what_the_worker_reads() -> None:
                   "f2.safetensors": {"sha256": "2" * 64, "size": 102},
                   "model.safetensors.index.json": "a" * 64},
         "status_path": f"{HOME}/.orch/serve/lab/status.json",
+        "rendezvous": "10.0.1.1:47200",  # rank 0's ring IP, runtime.rendezvous_port
     }
     assert api_url(c, p) == "http://10.0.0.1:8080"
 

@@ -116,3 +116,16 @@ def test_a_jaccl_rank_reads_its_ranks_from_the_devices_file(
     assert mlx_worker.rank_from_env(2, "jaccl") == 1
     with pytest.raises(mlx_worker.WorkerError, match="does not list 3 ranks"):
         mlx_worker.rank_from_env(3, "jaccl")
+
+
+def test_config_takes_a_rendezvous_as_ipv4_and_port(tmp_path: Path) -> None:
+    base = {"model_dir": "/m", "split": [4, 4], "host": "127.0.0.1", "port": 8080,
+            "expected_world_size": 2, "files": {"a.safetensors": "a" * 64}}
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps({**base, "rendezvous": "10.0.1.1:47200"}))
+    assert mlx_worker.parse_endpoint(mlx_worker.load_config(str(path))["rendezvous"]) == \
+        ("10.0.1.1", 47200)
+    path.write_text(json.dumps({**base, "rendezvous": "rank0.local:47200"}))
+    with pytest.raises(mlx_worker.WorkerError) as info:
+        mlx_worker.load_config(str(path))
+    assert 'rendezvous must be "ipv4:port"' in str(info.value)
