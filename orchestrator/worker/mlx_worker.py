@@ -342,6 +342,7 @@ RENDEZVOUS_VERSION = "1"
 RENDEZVOUS_RETRY = 0.05  # seconds between a rank's attempts to reach rank 0's rendezvous
 RENDEZVOUS_HELLO_WAIT = 2.0  # seconds a joining rank waits for rank 0's hello on a connection
 RENDEZVOUS_NOTICE = 30.0  # seconds between "still waiting" lines in the worker's log
+RENDEZVOUS_BIND_WAIT = 10.0  # seconds rank 0 tries to bind the rendezvous port before exiting
 # Rank N-1's head start for rank 0, which listens once it has closed its own listener: a few
 # milliseconds, unless the machine is so busy that rank 0 waits for a core (a miss costs mlx's 1 s).
 LAST_RANK_DELAY = 0.2
@@ -456,7 +457,15 @@ def gather_ranks(point: tuple[str, int], size: int, digest: str) -> None:
     gathering = Gathering(size, digest)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(point)
+        bound_by = time.monotonic() + RENDEZVOUS_BIND_WAIT
+        while True:  # the rank 0 just stopped may hold the port for a moment
+            try:
+                listener.bind(point)
+                break
+            except OSError:
+                if time.monotonic() > bound_by:
+                    raise
+                time.sleep(RENDEZVOUS_RETRY)
         listener.listen(size)
         listener.setblocking(False)
         gathering.selector.register(listener, selectors.EVENT_READ)

@@ -172,3 +172,19 @@ def test_a_malformed_check_in_is_dropped_and_the_ring_still_forms(
     assert gathering.is_alive()
     start(lambda: mlx_worker.rendezvous(point, two, 1)).done()
     gathering.done()
+
+
+def test_rank_0_waits_for_its_port_then_says_why_it_cannot_listen(
+    ring: list[Endpoint], point: Endpoint, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rank 0 being replaced may still hold the rendezvous port for a moment."""
+    monkeypatch.setattr(mlx_worker, "RENDEZVOUS_BIND_WAIT", 0.3)
+    with socket.create_server(point), pytest.raises(mlx_worker.WorkerError) as taken:
+        mlx_worker.rendezvous(point, ring[:2], 0)
+    assert taken.value.code == mlx_worker.EXIT_RING
+    assert f"the rendezvous at {point[0]}:{point[1]} failed" in str(taken.value)
+    holder = socket.create_server(point)
+    threading.Timer(0.2, holder.close).start()  # freed while rank 0 still tries
+    gathering = start(lambda: mlx_worker.rendezvous(point, ring[:2], 0))
+    start(lambda: mlx_worker.rendezvous(point, ring[:2], 1)).done()
+    gathering.done()
