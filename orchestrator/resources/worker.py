@@ -150,8 +150,8 @@ def worker_config(cluster: Cluster, placement: Placement, *, home: str, model_di
     if cluster.runtime.backend != "ring":  # absent when default: an upgrade restarts nothing
         config["backend"] = cluster.runtime.backend
     elif len(placement.nodes) > 1:  # where the ranks meet before mlx forms the ring
-        rank0 = cluster.hosts[placement.nodes[0].name]
-        config["rendezvous"] = f"{rank0.ring_address}:{cluster.runtime.rendezvous_port}"
+        rank0_ip = ring_endpoints(cluster, placement)[0][0]
+        config["rendezvous"] = f"{rank0_ip}:{cluster.runtime.rendezvous_port}"
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 

@@ -568,8 +568,7 @@ def hostfile_endpoints(path: str) -> list[tuple[str, int]]:
     endpoints = []
     for entry in entries:
         for address in entry:
-            host, _, port = str(address).rpartition(":")
-            endpoints.append((host.strip("[]"), int(port)))
+            endpoints.append(parse_endpoint(str(address)))
     return endpoints
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from orchestrator.simulator.processes import free_port
 from orchestrator.worker.hostfile import render_hostfile
 
 IPS = ("127.0.0.71", "127.0.0.72", "127.0.0.73")
@@ -39,12 +39,6 @@ group = mlx_worker.init_ring(len(endpoints), rank)
 total = mx.distributed.all_sum(mx.array([rank + 1.0]), group=group).item()  # the ring works
 print(json.dumps({"rank": group.rank(), "ready_at": ready_at, "sum": total}))
 """
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def form_ring(tmp_path: Path, how: str) -> tuple[list[dict[str, float]], list[str]]:

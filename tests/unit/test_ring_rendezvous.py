@@ -11,15 +11,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from orchestrator.simulator.processes import free_port
 from orchestrator.worker import mlx_worker
 
 Endpoint = tuple[str, int]
 
 
 def free_endpoint() -> Endpoint:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return "127.0.0.1", int(s.getsockname()[1])
+    return "127.0.0.1", free_port("127.0.0.1")
 
 
 class Rank(threading.Thread):
